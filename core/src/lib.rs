@@ -1,0 +1,22 @@
+//! PeerStore's sans-IO protocol core.
+//!
+//! A [`Node`] is a value: inputs go in through [`Node::handle`] with the
+//! current logical time in milliseconds, effects come out of
+//! [`Node::poll_output`], and [`Node::poll_timeout`] says when the node next
+//! wants to be woken. No sockets, clocks, threads or OS randomness live here,
+//! so the same code runs in the deterministic simulator and the real daemon.
+
+pub mod config;
+pub mod id;
+pub mod lookup;
+pub mod node;
+pub mod rtt;
+pub mod wire;
+
+pub use config::{Config, Protocol};
+pub use id::{Id, NodeId, ID_BITS};
+pub use lookup::{LookupError, LookupId};
+pub use node::{
+    CmdId, CmdResult, Command, Event, Input, LookupOk, Node, NodeStats, Output, Status,
+};
+pub use wire::{Addr, Message, Peer, ReqId};

@@ -1,0 +1,1310 @@
+//! One Chord node as a value: one door in ([`Node::handle`]), one door out
+//! ([`Node::poll_output`]), time as an argument.
+//!
+//! Ring maintenance follows Zave's corrected Chord: a node adopts a pointer only
+//! after querying it live; stabilize takes `[s] + s.succs` from the live first
+//! successor `s`, then asks `s`'s predecessor `x` (if it lies between) and adopts
+//! `[x] + x.succs` only if `x` answers; rectify takes a notifier as predecessor
+//! if it lies between the old one and self, or if the old one is found dead.
+//! Maintenance is strictly periodic (one stabilize, one predecessor check and one
+//! finger lookup in flight at most), so churn cannot raise a node's message rate.
+
+use crate::config::{Config, Protocol};
+use crate::id::{Id, NodeId, ID_BITS};
+use crate::lookup::{Lookup, LookupError, LookupId, Step};
+use crate::rtt::RttTable;
+use crate::wire::{Message, Peer, ReqId};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A caller-chosen id for a command; its reply carries it back.
+pub type CmdId = u64;
+
+/// Everything that can happen to a node.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A message from a peer (the transport vouches for `from`).
+    Message { from: Peer, msg: Message },
+    /// Time has reached the deadline [`Node::poll_timeout`] asked for (or later).
+    Timeout,
+    /// A request from the application or an operator.
+    Command(CmdId, Command),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Start a new ring with this node as its only member.
+    Create,
+    /// Join the ring `via` belongs to: look up our own id, copy that successor's list.
+    Join { via: Peer },
+    /// Find the node responsible for `key`.
+    Lookup { key: Id },
+    /// Leave gracefully: tell the neighbours, then stop answering.
+    Leave,
+    /// Run one stabilize round now (operators and scripted tests).
+    Stabilize,
+    /// Check the predecessor now (operators and scripted tests).
+    CheckPredecessor,
+    /// Turn periodic maintenance off or on (experiments measuring lookups
+    /// "before any repair").
+    SetMaintenance(bool),
+}
+
+/// Effects for the caller to carry out.
+#[derive(Clone, Debug)]
+pub enum Output {
+    Send { to: Peer, msg: Message },
+    Reply { cmd: CmdId, result: CmdResult },
+    Event(Event),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmdResult {
+    Done,
+    Joined {
+        successor: Peer,
+    },
+    JoinFailed(LookupError),
+    Lookup(Result<LookupOk, LookupError>),
+    /// The command does not apply in the node's current state.
+    Refused(&'static str),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LookupOk {
+    pub key: Id,
+    pub owner: Peer,
+    pub hops: u32,
+    pub timeouts: u32,
+    pub latency_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Joined,
+    /// The node dropped its last live successor candidate and is alone.
+    SuccessorsLost,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Idle,
+    Joining,
+    Joined,
+    Left,
+}
+
+/// Counters for reports; none of them steer behaviour.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStats {
+    pub sent_maintenance: u64,
+    pub sent_lookup: u64,
+    pub sent_replies: u64,
+    pub timeouts: u64,
+    pub dropped_unexpected: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    Stabilize,
+    StabilizeCandidate,
+    CheckPred,
+    RectifyProbe { candidate: Peer },
+    Lookup(LookupId),
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    to: Peer,
+    sent_ms: u64,
+    deadline_ms: u64,
+    wait: Wait,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Purpose {
+    Command(CmdId),
+    Join {
+        cmd: Option<CmdId>,
+        via: Peer,
+        attempt: u32,
+    },
+    Finger(usize),
+}
+
+#[derive(Clone, Debug)]
+struct Running {
+    lookup: Lookup,
+    purpose: Purpose,
+}
+
+pub struct Node {
+    cfg: Config,
+    me: Peer,
+    rng: ChaCha8Rng,
+    status: Status,
+    succs: Vec<Peer>,
+    pred: Option<Peer>,
+    fingers: Vec<Option<Peer>>,
+    /// Lowest finger index whose target lies beyond the successor list.
+    far_low: usize,
+    far_cursor: usize,
+    maintenance: bool,
+    next_stabilize_ms: u64,
+    next_check_pred_ms: u64,
+    next_fix_ms: u64,
+    join_retry: Option<(u64, Purpose)>,
+    stabilizing: bool,
+    checking_pred: bool,
+    probing_pred: bool,
+    fixing_finger: bool,
+    succ_fails: u32,
+    pred_fails: u32,
+    pending: BTreeMap<ReqId, Pending>,
+    deadlines: BTreeSet<(u64, ReqId)>,
+    lookups: BTreeMap<LookupId, Running>,
+    next_req: ReqId,
+    next_lookup: LookupId,
+    rtt: RttTable,
+    out: VecDeque<Output>,
+    ring_version: u64,
+    stats: NodeStats,
+}
+
+impl Node {
+    /// A node that has not joined anything yet. `seed` drives its jitter and
+    /// request ids; nothing else about it is random.
+    pub fn new(cfg: Config, me: Peer, seed: u64) -> Node {
+        assert!(
+            cfg.successors_max >= 1,
+            "successor list length must be >= 1"
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Request ids start at a random point so replies meant for an earlier
+        // incarnation of this node are not mistaken for current ones.
+        let next_req = rng.next_u64() >> 1;
+        let rtt = RttTable::new(
+            cfg.rtt_peers_max,
+            cfg.rto_min_ms,
+            cfg.rto_max_ms,
+            cfg.rto_initial_ms,
+        );
+        Node {
+            cfg,
+            me,
+            rng,
+            status: Status::Idle,
+            succs: Vec::new(),
+            pred: None,
+            fingers: vec![None; ID_BITS],
+            far_low: 0,
+            far_cursor: ID_BITS - 1,
+            maintenance: true,
+            next_stabilize_ms: u64::MAX,
+            next_check_pred_ms: u64::MAX,
+            next_fix_ms: u64::MAX,
+            join_retry: None,
+            stabilizing: false,
+            checking_pred: false,
+            probing_pred: false,
+            fixing_finger: false,
+            succ_fails: 0,
+            pred_fails: 0,
+            pending: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            lookups: BTreeMap::new(),
+            next_req,
+            next_lookup: 0,
+            rtt,
+            out: VecDeque::new(),
+            ring_version: 0,
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// Installs a known-correct ring position (Zave's initialisation: a network
+    /// starts as an ideal ring of at least r+1 members). `fingers`, if given, are
+    /// the exact finger table (index i = successor of id + 2^i).
+    pub fn bootstrap(
+        &mut self,
+        now_ms: u64,
+        succs: Vec<Peer>,
+        pred: Option<Peer>,
+        fingers: Option<Vec<Option<Peer>>>,
+    ) {
+        assert_eq!(self.status, Status::Idle, "bootstrap only a fresh node");
+        let succs = self.sanitize(succs.into_iter());
+        self.set_succs(succs);
+        self.set_pred(pred);
+        if let Some(f) = fingers {
+            assert_eq!(f.len(), ID_BITS);
+            for (i, p) in f.into_iter().enumerate().skip(self.far_low) {
+                self.fingers[i] = p.filter(|p| p.id != self.me.id);
+            }
+        }
+        self.become_joined(now_ms);
+    }
+
+    // ----- the two doors -------------------------------------------------
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        if self.status == Status::Left {
+            return;
+        }
+        match input {
+            Input::Message { from, msg } => self.on_message(now_ms, from, msg),
+            Input::Timeout => self.on_timeout(now_ms),
+            Input::Command(cmd, c) => self.on_command(now_ms, cmd, c),
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The earliest time the node wants [`Input::Timeout`], if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.status == Status::Left {
+            return None;
+        }
+        let mut t = self.deadlines.first().map(|(d, _)| *d).unwrap_or(u64::MAX);
+        if self.status == Status::Joined && self.maintenance {
+            t = t
+                .min(self.next_stabilize_ms)
+                .min(self.next_check_pred_ms)
+                .min(self.next_fix_ms);
+        }
+        if let Some((at, _)) = self.join_retry {
+            t = t.min(at);
+        }
+        (t != u64::MAX).then_some(t)
+    }
+
+    // ----- read-only views (reports, checkers, `peerstore ring`) ---------
+
+    pub fn me(&self) -> Peer {
+        self.me
+    }
+    pub fn status(&self) -> Status {
+        self.status
+    }
+    pub fn is_joined(&self) -> bool {
+        self.status == Status::Joined
+    }
+    pub fn successors(&self) -> &[Peer] {
+        &self.succs
+    }
+    pub fn predecessor(&self) -> Option<Peer> {
+        self.pred
+    }
+    /// Finger `i` targets `id + 2^i`.
+    pub fn fingers(&self) -> &[Option<Peer>] {
+        &self.fingers
+    }
+    /// Bumped whenever the successor list or predecessor changes.
+    pub fn ring_version(&self) -> u64 {
+        self.ring_version
+    }
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    // ----- commands ------------------------------------------------------
+
+    fn on_command(&mut self, now_ms: u64, cmd: CmdId, c: Command) {
+        match c {
+            Command::Create => {
+                if self.status != Status::Idle {
+                    return self.reply(cmd, CmdResult::Refused("node is already in a ring"));
+                }
+                self.become_joined(now_ms);
+                self.reply(cmd, CmdResult::Done);
+            }
+            Command::Join { via } => {
+                if self.status != Status::Idle {
+                    return self.reply(cmd, CmdResult::Refused("node is already in a ring"));
+                }
+                if via.id == self.me.id {
+                    return self.reply(cmd, CmdResult::Refused("cannot join through oneself"));
+                }
+                self.status = Status::Joining;
+                self.start_join(
+                    now_ms,
+                    Purpose::Join {
+                        cmd: Some(cmd),
+                        via,
+                        attempt: 1,
+                    },
+                );
+            }
+            Command::Lookup { key } => {
+                if self.status != Status::Joined {
+                    return self.reply(cmd, CmdResult::Lookup(Err(LookupError::NotJoined)));
+                }
+                if self.lookups.len() >= self.cfg.lookups_max {
+                    return self.reply(cmd, CmdResult::Refused("too many lookups in flight"));
+                }
+                self.start_lookup(now_ms, key, Purpose::Command(cmd));
+            }
+            Command::Leave => {
+                if self.status == Status::Joined {
+                    let mut told = BTreeSet::new();
+                    let targets: Vec<Peer> = self
+                        .pred
+                        .iter()
+                        .chain(self.succs.first())
+                        .copied()
+                        .collect();
+                    for p in targets {
+                        if told.insert(p.id) {
+                            self.send(p, Message::Leaving);
+                        }
+                    }
+                }
+                self.status = Status::Left;
+                self.pending.clear();
+                self.deadlines.clear();
+                self.lookups.clear();
+                self.reply(cmd, CmdResult::Done);
+            }
+            Command::Stabilize => {
+                if self.status == Status::Joined && !self.stabilizing {
+                    self.start_stabilize(now_ms);
+                }
+                self.reply(cmd, CmdResult::Done);
+            }
+            Command::CheckPredecessor => {
+                if self.status == Status::Joined && !self.checking_pred {
+                    self.start_check_pred(now_ms);
+                }
+                self.reply(cmd, CmdResult::Done);
+            }
+            Command::SetMaintenance(on) => {
+                self.maintenance = on;
+                self.reply(cmd, CmdResult::Done);
+            }
+        }
+    }
+
+    fn become_joined(&mut self, now_ms: u64) {
+        self.status = Status::Joined;
+        self.next_stabilize_ms = now_ms + self.jittered(self.cfg.stabilize_ms);
+        self.next_check_pred_ms = now_ms + self.jittered(self.cfg.check_pred_ms);
+        self.next_fix_ms = now_ms + self.jittered(self.cfg.fix_fingers_ms);
+        self.out.push_back(Output::Event(Event::Joined));
+    }
+
+    fn start_join(&mut self, now_ms: u64, purpose: Purpose) {
+        let Purpose::Join { via, .. } = purpose else {
+            unreachable!("start_join takes a join purpose");
+        };
+        let mut lookup = Lookup::new(
+            self.me.id,
+            self.me.id,
+            true,
+            now_ms,
+            self.cfg.lookup_hops_max,
+            self.cfg.lookup_timeouts_max,
+        );
+        lookup.add_start(via);
+        let lid = self.alloc_lookup();
+        self.lookups.insert(lid, Running { lookup, purpose });
+        let step = self
+            .lookups
+            .get_mut(&lid)
+            .expect("just inserted")
+            .lookup
+            .on_next(self.me, &[], &[], true);
+        self.drive(now_ms, lid, step);
+    }
+
+    fn start_lookup(&mut self, now_ms: u64, key: Id, purpose: Purpose) {
+        let lid = self.alloc_lookup();
+        let mut lookup = Lookup::new(
+            key,
+            self.me.id,
+            false,
+            now_ms,
+            self.cfg.lookup_hops_max,
+            self.cfg.lookup_timeouts_max,
+        );
+        // Keys in (pred, me] are ours without asking anyone.
+        let step = match self.pred {
+            Some(p) if key.in_open_closed(p.id, self.me.id) => Step::Done {
+                owner: self.me,
+                owner_state: None,
+            },
+            _ => {
+                let succs = self.succs_or_self();
+                let closer = self.closest_preceding(key);
+                lookup.on_next(self.me, &succs, &closer, true)
+            }
+        };
+        self.lookups.insert(lid, Running { lookup, purpose });
+        self.drive(now_ms, lid, step);
+    }
+
+    fn alloc_lookup(&mut self) -> LookupId {
+        self.next_lookup += 1;
+        self.next_lookup
+    }
+
+    /// Carries out a lookup's next step.
+    fn drive(&mut self, now_ms: u64, lid: LookupId, step: Step) {
+        match step {
+            Step::Ask { to, verify } => {
+                let key = self.lookups[&lid].lookup.key;
+                let maintenance = matches!(self.lookups[&lid].purpose, Purpose::Finger(_));
+                let mk = move |req| {
+                    if verify {
+                        Message::GetState { req }
+                    } else {
+                        Message::FindNext { req, key }
+                    }
+                };
+                self.request(now_ms, to, mk, Wait::Lookup(lid), maintenance);
+            }
+            Step::Done { owner, owner_state } => {
+                let run = self.lookups.remove(&lid).expect("driven lookup exists");
+                self.finish(now_ms, run, Ok((owner, owner_state)));
+            }
+            Step::Failed(e) => {
+                let run = self.lookups.remove(&lid).expect("driven lookup exists");
+                self.finish(now_ms, run, Err(e));
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        now_ms: u64,
+        run: Running,
+        result: Result<(Peer, Option<(Option<Peer>, Vec<Peer>)>), LookupError>,
+    ) {
+        let l = &run.lookup;
+        match run.purpose {
+            Purpose::Command(cmd) => {
+                let r = result.map(|(owner, _)| LookupOk {
+                    key: l.key,
+                    owner,
+                    hops: l.hops,
+                    timeouts: l.timeouts,
+                    latency_ms: now_ms - l.started_ms,
+                });
+                self.reply(cmd, CmdResult::Lookup(r));
+            }
+            Purpose::Finger(i) => {
+                self.fixing_finger = false;
+                if let Ok((owner, _)) = result {
+                    if i >= self.far_low && owner.id != self.me.id {
+                        self.fingers[i] = Some(owner);
+                    }
+                }
+            }
+            Purpose::Join { cmd, via, attempt } => match result {
+                Ok((owner, state)) => {
+                    let succs = match (self.cfg.protocol, state) {
+                        (Protocol::Zave, Some((_, list))) => {
+                            self.sanitize(std::iter::once(owner).chain(list))
+                        }
+                        _ => self.sanitize(std::iter::once(owner)),
+                    };
+                    self.set_succs(succs);
+                    self.become_joined(now_ms);
+                    if let Some(cmd) = cmd {
+                        self.reply(cmd, CmdResult::Joined { successor: owner });
+                    }
+                }
+                Err(e) if attempt >= self.cfg.join_attempts_max => {
+                    self.status = Status::Idle;
+                    if let Some(cmd) = cmd {
+                        self.reply(cmd, CmdResult::JoinFailed(e));
+                    }
+                }
+                Err(_) => {
+                    let retry = Purpose::Join {
+                        cmd,
+                        via,
+                        attempt: attempt + 1,
+                    };
+                    self.join_retry = Some((now_ms + self.cfg.join_retry_ms, retry));
+                }
+            },
+        }
+    }
+
+    // ----- timers ----------------------------------------------------------
+
+    fn on_timeout(&mut self, now_ms: u64) {
+        // Expired requests first: their outcome may change what maintenance does.
+        while let Some(&(deadline, req)) = self.deadlines.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(p) = self.pending.remove(&req) {
+                self.request_timed_out(now_ms, p);
+            }
+        }
+        if let Some((at, purpose)) = self.join_retry {
+            if at <= now_ms && self.status == Status::Joining {
+                self.join_retry = None;
+                self.start_join(now_ms, purpose);
+            }
+        }
+        if self.status != Status::Joined || !self.maintenance {
+            return;
+        }
+        if self.next_stabilize_ms <= now_ms {
+            self.next_stabilize_ms = now_ms + self.jittered(self.cfg.stabilize_ms);
+            if !self.stabilizing {
+                self.start_stabilize(now_ms);
+            }
+        }
+        if self.next_check_pred_ms <= now_ms {
+            self.next_check_pred_ms = now_ms + self.jittered(self.cfg.check_pred_ms);
+            if !self.checking_pred {
+                self.start_check_pred(now_ms);
+            }
+        }
+        if self.next_fix_ms <= now_ms {
+            self.next_fix_ms = now_ms + self.jittered(self.cfg.fix_fingers_ms);
+            if !self.fixing_finger {
+                self.start_fix_finger(now_ms);
+            }
+        }
+    }
+
+    fn request_timed_out(&mut self, now_ms: u64, p: Pending) {
+        self.stats.timeouts += 1;
+        self.forget_finger(p.to.id);
+        match p.wait {
+            Wait::Stabilize => {
+                self.stabilizing = false;
+                if self.succs.first().map(|s| s.id) == Some(p.to.id) {
+                    self.succ_fails += 1;
+                    // Never drop the last entry: with nothing left the node would
+                    // become a ring of its own. A live list entry is the only way back.
+                    if self.succ_fails >= self.cfg.suspect_after && self.succs.len() > 1 {
+                        self.succ_fails = 0;
+                        let mut s = self.succs.clone();
+                        s.remove(0);
+                        self.set_succs(s);
+                    }
+                }
+            }
+            Wait::StabilizeCandidate => {
+                // x did not answer: keep the list we have, notify our successor.
+                self.stabilizing = false;
+                if let Some(s) = self.succs.first().copied() {
+                    self.send_maintenance(s, Message::Notify);
+                }
+            }
+            Wait::CheckPred => {
+                self.checking_pred = false;
+                if self.pred.map(|x| x.id) == Some(p.to.id) {
+                    self.pred_fails += 1;
+                    if self.pred_fails >= self.cfg.suspect_after {
+                        self.pred_fails = 0;
+                        self.set_pred(None);
+                    }
+                }
+            }
+            Wait::RectifyProbe { candidate } => {
+                self.probing_pred = false;
+                if self.pred.map(|x| x.id) == Some(p.to.id) {
+                    self.set_pred(Some(candidate));
+                }
+            }
+            Wait::Lookup(lid) => {
+                if let Some(run) = self.lookups.get_mut(&lid) {
+                    let step = run.lookup.on_timeout(p.to);
+                    self.drive(now_ms, lid, step);
+                }
+            }
+        }
+    }
+
+    // ----- maintenance -------------------------------------------------------
+
+    fn start_stabilize(&mut self, now_ms: u64) {
+        match (self.succs.first().copied(), self.pred) {
+            (Some(s), _) => {
+                self.stabilizing = true;
+                self.request(
+                    now_ms,
+                    s,
+                    |req| Message::GetState { req },
+                    Wait::Stabilize,
+                    true,
+                );
+            }
+            // Alone: our own predecessor is the "x between us and our successor".
+            (None, Some(x)) => match self.cfg.protocol {
+                Protocol::Zave => {
+                    self.stabilizing = true;
+                    self.request(
+                        now_ms,
+                        x,
+                        |req| Message::GetState { req },
+                        Wait::StabilizeCandidate,
+                        true,
+                    );
+                }
+                Protocol::Chord2001 => {
+                    self.set_succs(vec![x]);
+                    self.send_maintenance(x, Message::Notify);
+                }
+            },
+            (None, None) => {}
+        }
+    }
+
+    fn on_stabilize_reply(&mut self, now_ms: u64, s: Peer, x: Option<Peer>, list: Vec<Peer>) {
+        if self.succs.first().map(|p| p.id) != Some(s.id) {
+            // Our list changed while we asked (a Leaving, say): start afresh next tick.
+            self.stabilizing = false;
+            return;
+        }
+        self.succ_fails = 0;
+        let x = x.filter(|x| x.id.in_open(self.me.id, s.id));
+        match self.cfg.protocol {
+            Protocol::Zave => {
+                let list = self.sanitize(std::iter::once(s).chain(list));
+                self.set_succs(list);
+                match x {
+                    Some(x) => self.request(
+                        now_ms,
+                        x,
+                        |req| Message::GetState { req },
+                        Wait::StabilizeCandidate,
+                        true,
+                    ),
+                    None => {
+                        self.stabilizing = false;
+                        self.send_maintenance(s, Message::Notify);
+                    }
+                }
+            }
+            Protocol::Chord2001 => {
+                self.stabilizing = false;
+                match x {
+                    // Adopted on s's word alone; the rest of the list is kept as is.
+                    Some(x) => {
+                        let mut l = self.succs.clone();
+                        l[0] = x;
+                        let l = self.sanitize(l.into_iter());
+                        self.set_succs(l);
+                        self.send_maintenance(x, Message::Notify);
+                    }
+                    None => {
+                        let list = self.sanitize(std::iter::once(s).chain(list));
+                        self.set_succs(list);
+                        self.send_maintenance(s, Message::Notify);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_check_pred(&mut self, now_ms: u64) {
+        if let Some(p) = self.pred {
+            self.checking_pred = true;
+            self.request(
+                now_ms,
+                p,
+                |req| Message::GetState { req },
+                Wait::CheckPred,
+                true,
+            );
+        }
+    }
+
+    fn start_fix_finger(&mut self, now_ms: u64) {
+        if self.far_low >= ID_BITS {
+            return; // the successor list covers every finger
+        }
+        if self.far_cursor < self.far_low || self.far_cursor >= ID_BITS {
+            self.far_cursor = ID_BITS - 1;
+        }
+        let i = self.far_cursor;
+        self.far_cursor = if i == self.far_low {
+            ID_BITS - 1
+        } else {
+            i - 1
+        };
+        self.fixing_finger = true;
+        self.start_lookup(now_ms, self.me.id.add_pow2(i), Purpose::Finger(i));
+    }
+
+    fn rectify(&mut self, now_ms: u64, n: Peer) {
+        if n.id == self.me.id {
+            return;
+        }
+        match self.pred {
+            None => self.set_pred(Some(n)),
+            Some(p) if p.id == n.id => {}
+            Some(p) if n.id.in_open(p.id, self.me.id) => self.set_pred(Some(n)),
+            Some(p) => {
+                // Zave: the old predecessor loses only if it is dead; ask it.
+                if self.cfg.protocol == Protocol::Zave && !self.probing_pred {
+                    self.probing_pred = true;
+                    self.request(
+                        now_ms,
+                        p,
+                        |req| Message::GetState { req },
+                        Wait::RectifyProbe { candidate: n },
+                        true,
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- messages ------------------------------------------------------------
+
+    fn on_message(&mut self, now_ms: u64, from: Peer, msg: Message) {
+        if from.id == self.me.id {
+            self.stats.dropped_unexpected += 1;
+            return;
+        }
+        match msg {
+            Message::GetState { req } => {
+                let (pred, succs) = if self.status == Status::Joined {
+                    (self.pred, self.succs.clone())
+                } else {
+                    (None, Vec::new())
+                };
+                self.stats.sent_replies += 1;
+                self.push_send(from, Message::State { req, pred, succs });
+            }
+            Message::FindNext { req, key } => {
+                let (succs, closer) = if self.status == Status::Joined {
+                    (self.succs_or_self(), self.closest_preceding(key))
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                self.stats.sent_replies += 1;
+                self.push_send(from, Message::Next { req, succs, closer });
+            }
+            Message::Notify => {
+                if self.status == Status::Joined {
+                    self.rectify(now_ms, from);
+                }
+            }
+            Message::Leaving => {
+                self.forget_finger(from.id);
+                if self.succs.iter().any(|s| s.id == from.id) {
+                    let l: Vec<Peer> = self
+                        .succs
+                        .iter()
+                        .copied()
+                        .filter(|s| s.id != from.id)
+                        .collect();
+                    if l.is_empty() {
+                        self.out.push_back(Output::Event(Event::SuccessorsLost));
+                    }
+                    self.set_succs(l);
+                }
+                if self.pred.map(|p| p.id) == Some(from.id) {
+                    self.set_pred(None);
+                }
+            }
+            Message::State { req, pred, succs } => {
+                let Some(p) = self.take_pending(now_ms, req, from) else {
+                    return;
+                };
+                let pred = pred.filter(|x| x.id != from.id);
+                let succs = Self::sanitize_for(from.id, self.cfg.successors_max, succs);
+                match p.wait {
+                    Wait::Stabilize => self.on_stabilize_reply(now_ms, from, pred, succs),
+                    Wait::StabilizeCandidate => {
+                        self.stabilizing = false;
+                        let l = self.sanitize(std::iter::once(from).chain(succs));
+                        self.set_succs(l);
+                        self.send_maintenance(from, Message::Notify);
+                    }
+                    Wait::CheckPred => {
+                        self.checking_pred = false;
+                        self.pred_fails = 0;
+                    }
+                    Wait::RectifyProbe { .. } => self.probing_pred = false,
+                    Wait::Lookup(lid) => {
+                        if let Some(run) = self.lookups.get_mut(&lid) {
+                            let step = run.lookup.on_state(from, pred, succs);
+                            self.drive(now_ms, lid, step);
+                        }
+                    }
+                }
+            }
+            Message::Next { req, succs, closer } => {
+                let Some(p) = self.take_pending(now_ms, req, from) else {
+                    return;
+                };
+                let Wait::Lookup(lid) = p.wait else {
+                    // A Next where we asked for State: a confused or hostile peer.
+                    self.stats.dropped_unexpected += 1;
+                    self.pending.insert(req, p);
+                    return;
+                };
+                let succs = Self::sanitize_for(from.id, self.cfg.successors_max, succs);
+                let mut closer = closer;
+                closer.truncate(self.cfg.closer_max);
+                if let Some(run) = self.lookups.get_mut(&lid) {
+                    let step = run.lookup.on_next(from, &succs, &closer, false);
+                    self.drive(now_ms, lid, step);
+                }
+            }
+        }
+    }
+
+    /// Matches a reply to its request: same request id and same peer. Anything
+    /// else (late, duplicated, forged) is dropped and counted.
+    fn take_pending(&mut self, now_ms: u64, req: ReqId, from: Peer) -> Option<Pending> {
+        match self.pending.get(&req) {
+            Some(p) if p.to.id == from.id => {
+                let p = self.pending.remove(&req).expect("present");
+                self.deadlines.remove(&(p.deadline_ms, req));
+                self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
+                Some(p)
+            }
+            _ => {
+                self.stats.dropped_unexpected += 1;
+                None
+            }
+        }
+    }
+
+    // ----- helpers ---------------------------------------------------------------
+
+    fn request(
+        &mut self,
+        now_ms: u64,
+        to: Peer,
+        mk: impl FnOnce(ReqId) -> Message,
+        wait: Wait,
+        maintenance: bool,
+    ) {
+        debug_assert_ne!(to.id, self.me.id, "a node never sends requests to itself");
+        self.next_req = self.next_req.wrapping_add(1);
+        let req = self.next_req;
+        let deadline_ms = now_ms + self.rtt.timeout_ms(to.id);
+        self.pending.insert(
+            req,
+            Pending {
+                to,
+                sent_ms: now_ms,
+                deadline_ms,
+                wait,
+            },
+        );
+        self.deadlines.insert((deadline_ms, req));
+        if maintenance {
+            self.stats.sent_maintenance += 1;
+        } else {
+            self.stats.sent_lookup += 1;
+        }
+        self.push_send(to, mk(req));
+    }
+
+    fn send_maintenance(&mut self, to: Peer, msg: Message) {
+        self.stats.sent_maintenance += 1;
+        self.push_send(to, msg);
+    }
+
+    fn send(&mut self, to: Peer, msg: Message) {
+        self.stats.sent_maintenance += 1;
+        self.push_send(to, msg);
+    }
+
+    fn push_send(&mut self, to: Peer, msg: Message) {
+        self.out.push_back(Output::Send { to, msg });
+    }
+
+    fn reply(&mut self, cmd: CmdId, result: CmdResult) {
+        self.out.push_back(Output::Reply { cmd, result });
+    }
+
+    fn jittered(&mut self, period_ms: u64) -> u64 {
+        let j = period_ms * self.cfg.jitter_permille / 1000;
+        if j == 0 {
+            return period_ms.max(1);
+        }
+        (period_ms - j + self.rng.next_u64() % (2 * j + 1)).max(1)
+    }
+
+    fn succs_or_self(&self) -> Vec<Peer> {
+        if self.succs.is_empty() {
+            vec![self.me]
+        } else {
+            self.succs.clone()
+        }
+    }
+
+    /// The known nodes that most closely precede `key`, best first.
+    fn closest_preceding(&self, key: Id) -> Vec<Peer> {
+        let mut c: Vec<Peer> = Vec::with_capacity(self.cfg.closer_max * 2);
+        let mut last: Option<NodeId> = None;
+        for p in self
+            .fingers
+            .iter()
+            .rev()
+            .flatten()
+            .chain(self.succs.iter().rev())
+        {
+            if last == Some(p.id) {
+                continue;
+            }
+            last = Some(p.id);
+            if p.id.in_open(self.me.id, key) {
+                c.push(*p);
+            }
+        }
+        c.sort_by_key(|p| p.id.distance_to(key));
+        c.dedup_by_key(|p| p.id);
+        c.truncate(self.cfg.closer_max);
+        c
+    }
+
+    fn sanitize(&self, list: impl Iterator<Item = Peer>) -> Vec<Peer> {
+        Self::sanitize_iter(self.me.id, self.cfg.successors_max, list)
+    }
+
+    fn sanitize_for(origin: NodeId, max: usize, list: Vec<Peer>) -> Vec<Peer> {
+        Self::sanitize_iter(origin, max, list.into_iter())
+    }
+
+    /// Keeps the prefix of `list` that is in strict ring order after `origin`
+    /// (no duplicates, never `origin` itself), at most `max` long. A correct
+    /// peer's list passes whole; a wrapped or forged one is cut where it breaks.
+    fn sanitize_iter(origin: NodeId, max: usize, list: impl Iterator<Item = Peer>) -> Vec<Peer> {
+        let mut out: Vec<Peer> = Vec::with_capacity(max);
+        let mut prev = Id::ZERO;
+        for p in list {
+            if out.len() >= max {
+                break;
+            }
+            let d = origin.distance_to(p.id);
+            if d == Id::ZERO || (!out.is_empty() && d <= prev) {
+                break;
+            }
+            prev = d;
+            out.push(p);
+        }
+        out
+    }
+
+    fn set_succs(&mut self, succs: Vec<Peer>) {
+        debug_assert!(succs.len() <= self.cfg.successors_max);
+        debug_assert!(succs.iter().all(|p| p.id != self.me.id));
+        if succs != self.succs {
+            if self.succs.first().map(|s| s.id) != succs.first().map(|s| s.id) {
+                self.succ_fails = 0;
+            }
+            self.succs = succs;
+            self.ring_version += 1;
+            self.refresh_fingers_from_succs();
+        }
+    }
+
+    fn set_pred(&mut self, pred: Option<Peer>) {
+        let pred = pred.filter(|p| p.id != self.me.id);
+        if pred != self.pred {
+            self.pred = pred;
+            self.pred_fails = 0;
+            self.ring_version += 1;
+        }
+    }
+
+    /// Fingers whose targets fall inside the successor list's span are read off
+    /// the list; only the far ones need lookups.
+    fn refresh_fingers_from_succs(&mut self) {
+        let mut j = 0;
+        let mut prev = self.me.id;
+        let mut i = 0;
+        while i < ID_BITS {
+            let t = self.me.id.add_pow2(i);
+            while j < self.succs.len() && !t.in_open_closed(prev, self.succs[j].id) {
+                prev = self.succs[j].id;
+                j += 1;
+            }
+            if j >= self.succs.len() {
+                break;
+            }
+            self.fingers[i] = Some(self.succs[j]);
+            i += 1;
+        }
+        self.far_low = i;
+        // Far fingers that now point inside the list's span are stale copies.
+        for f in self.fingers[i..].iter_mut() {
+            if f.map(|p| p.id == self.me.id).unwrap_or(false) {
+                *f = None;
+            }
+        }
+    }
+
+    fn forget_finger(&mut self, id: NodeId) {
+        for f in self.fingers.iter_mut() {
+            if f.map(|p| p.id) == Some(id) {
+                *f = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Addr;
+
+    fn peer(v: u128) -> Peer {
+        Peer {
+            id: Id::from_u128(v),
+            addr: Addr::Slot(v as u32),
+        }
+    }
+
+    fn cfg() -> Config {
+        Config {
+            successors_max: 3,
+            ..Config::default()
+        }
+    }
+
+    fn drain(n: &mut Node) -> Vec<Output> {
+        std::iter::from_fn(|| n.poll_output()).collect()
+    }
+
+    #[test]
+    fn sanitize_cuts_at_wrap_duplicates_and_self() {
+        let me = Id::from_u128(10);
+        let l = vec![peer(20), peer(30), peer(30), peer(40)];
+        assert_eq!(
+            Node::sanitize_iter(me, 8, l.into_iter()),
+            vec![peer(20), peer(30)]
+        );
+        // 5 lies past the wrap, so after 20 going clockwise from 10; 40 then breaks order.
+        let l = vec![peer(20), peer(5), peer(40)];
+        assert_eq!(
+            Node::sanitize_iter(me, 8, l.into_iter()),
+            vec![peer(20), peer(5)]
+        );
+        let l = vec![peer(20), peer(10), peer(40)];
+        assert_eq!(Node::sanitize_iter(me, 8, l.into_iter()), vec![peer(20)]);
+        let l = vec![peer(20), peer(30), peer(40), peer(50)];
+        assert_eq!(Node::sanitize_iter(me, 3, l.into_iter()).len(), 3);
+    }
+
+    #[test]
+    fn stabilize_queries_candidate_before_adopting() {
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30), peer(40)], Some(peer(50)), None);
+        drain(&mut n);
+        n.handle(0, Input::Command(1, Command::Stabilize));
+        let out = drain(&mut n);
+        let req = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::GetState { req },
+                } if *to == peer(30) => Some(*req),
+                _ => None,
+            })
+            .expect("asks its successor");
+        // 30 says its predecessor is 20, between us: we must ask 20 first.
+        n.handle(
+            5,
+            Input::Message {
+                from: peer(30),
+                msg: Message::State {
+                    req,
+                    pred: Some(peer(20)),
+                    succs: vec![peer(40), peer(50)],
+                },
+            },
+        );
+        assert_eq!(n.successors(), &[peer(30), peer(40), peer(50)]);
+        let out = drain(&mut n);
+        assert!(out.iter().any(
+            |o| matches!(o, Output::Send { to, msg: Message::GetState { .. } } if *to == peer(20))
+        ));
+        // 20 never answers: the list stays, and 30 is notified.
+        n.handle(100_000, Input::Timeout);
+        assert_eq!(n.successors()[0], peer(30));
+        let out = drain(&mut n);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Send { to, msg: Message::Notify } if *to == peer(30))));
+    }
+
+    #[test]
+    fn chord2001_adopts_unqueried_predecessor() {
+        let mut n = Node::new(
+            Config {
+                protocol: Protocol::Chord2001,
+                ..cfg()
+            },
+            peer(10),
+            1,
+        );
+        n.bootstrap(0, vec![peer(30), peer(40)], Some(peer(50)), None);
+        drain(&mut n);
+        n.handle(0, Input::Command(1, Command::Stabilize));
+        let req = drain(&mut n)
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    msg: Message::GetState { req },
+                    ..
+                } => Some(*req),
+                _ => None,
+            })
+            .unwrap();
+        n.handle(
+            5,
+            Input::Message {
+                from: peer(30),
+                msg: Message::State {
+                    req,
+                    pred: Some(peer(20)),
+                    succs: vec![peer(40)],
+                },
+            },
+        );
+        assert_eq!(n.successors()[0], peer(20));
+    }
+
+    #[test]
+    fn replies_from_the_wrong_peer_are_dropped() {
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30)], Some(peer(50)), None);
+        drain(&mut n);
+        n.handle(0, Input::Command(1, Command::Stabilize));
+        let req = drain(&mut n)
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    msg: Message::GetState { req },
+                    ..
+                } => Some(*req),
+                _ => None,
+            })
+            .unwrap();
+        n.handle(
+            1,
+            Input::Message {
+                from: peer(99),
+                msg: Message::State {
+                    req,
+                    pred: Some(peer(20)),
+                    succs: vec![peer(40)],
+                },
+            },
+        );
+        assert_eq!(n.successors(), &[peer(30)]);
+        assert_eq!(n.stats().dropped_unexpected, 1);
+    }
+
+    #[test]
+    fn rectify_replaces_only_a_dead_predecessor() {
+        let mut n = Node::new(cfg(), peer(100), 1);
+        n.bootstrap(0, vec![peer(200)], Some(peer(90)), None);
+        drain(&mut n);
+        // 50 is not between 90 and 100: probe 90 instead of taking 50.
+        n.handle(
+            1,
+            Input::Message {
+                from: peer(50),
+                msg: Message::Notify,
+            },
+        );
+        assert_eq!(n.predecessor(), Some(peer(90)));
+        let req = drain(&mut n)
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::GetState { req },
+                } if *to == peer(90) => Some(*req),
+                _ => None,
+            })
+            .expect("probes the old predecessor");
+        n.handle(
+            2,
+            Input::Message {
+                from: peer(90),
+                msg: Message::State {
+                    req,
+                    pred: None,
+                    succs: vec![],
+                },
+            },
+        );
+        assert_eq!(n.predecessor(), Some(peer(90)));
+        // Next time 90 stays silent: 50 takes its place.
+        n.handle(
+            3,
+            Input::Message {
+                from: peer(50),
+                msg: Message::Notify,
+            },
+        );
+        drain(&mut n);
+        n.handle(1_000_000, Input::Timeout);
+        assert_eq!(n.predecessor(), Some(peer(50)));
+    }
+
+    #[test]
+    fn fingers_inside_successor_span_come_from_the_list() {
+        let mut n = Node::new(cfg(), peer(0), 1);
+        n.bootstrap(0, vec![peer(3), peer(8), peer(1000)], None, None);
+        let f = n.fingers();
+        assert_eq!(f[0], Some(peer(3))); // target 1
+        assert_eq!(f[1], Some(peer(3))); // target 2
+        assert_eq!(f[2], Some(peer(8))); // target 4
+        assert_eq!(f[3], Some(peer(8))); // target 8
+        assert_eq!(f[4], Some(peer(1000))); // target 16
+        assert_eq!(f[9], Some(peer(1000))); // target 512
+        assert_eq!(f[10], None); // target 1024: beyond the list
+    }
+
+    #[test]
+    fn garbage_replies_never_panic() {
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30)], Some(peer(5)), None);
+        for req in 0..50u64 {
+            for msg in [
+                Message::State {
+                    req,
+                    pred: Some(peer(10)),
+                    succs: vec![peer(10); 100],
+                },
+                Message::Next {
+                    req,
+                    succs: vec![peer(1); 100],
+                    closer: vec![peer(2); 100],
+                },
+                Message::Leaving,
+                Message::Notify,
+            ] {
+                n.handle(
+                    req,
+                    Input::Message {
+                        from: peer(30),
+                        msg,
+                    },
+                );
+            }
+        }
+        assert!(n.successors().len() <= 3);
+        assert!(n.successors().iter().all(|p| p.id != n.me().id));
+    }
+}

@@ -1,0 +1,88 @@
+//! Messages between nodes. The transport authenticates `from`; everything in a
+//! message body is untrusted and sanitised by the receiver before use.
+
+use crate::id::{Id, NodeId};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Where a node can be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Addr {
+    /// A slot in an in-process network (the simulator and core tests).
+    Slot(u32),
+    /// A real TCP endpoint.
+    Tcp(SocketAddr),
+}
+
+/// A node as others refer to it: its ring id and how to reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Peer {
+    pub id: NodeId,
+    pub addr: Addr,
+}
+
+/// A request id chosen by the sender; replies echo it.
+pub type ReqId = u64;
+
+/// The Chord wire protocol. Requests carry a `req` that the reply echoes; the
+/// sender matches replies on (peer, req) and drops anything else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// "Are you alive, and what are your predecessor and successor list?"
+    /// Used by stabilize, the predecessor check, and lookup result checks.
+    GetState { req: ReqId },
+    State {
+        req: ReqId,
+        pred: Option<Peer>,
+        succs: Vec<Peer>,
+    },
+    /// "I believe I am your predecessor." One-way.
+    Notify,
+    /// One step of an iterative lookup for `key`.
+    FindNext { req: ReqId, key: Id },
+    /// The responder's successor list and the nodes it knows that most closely
+    /// precede the key (best first). An unjoined responder sends both empty.
+    Next {
+        req: ReqId,
+        succs: Vec<Peer>,
+        closer: Vec<Peer>,
+    },
+    /// A graceful leave: the sender is going away. One-way.
+    Leaving,
+}
+
+impl Message {
+    /// A short name for traces and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::GetState { .. } => "get_state",
+            Message::State { .. } => "state",
+            Message::Notify => "notify",
+            Message::FindNext { .. } => "find_next",
+            Message::Next { .. } => "next",
+            Message::Leaving => "leaving",
+        }
+    }
+
+    /// A stable small tag for hashing traces.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Message::GetState { .. } => 1,
+            Message::State { .. } => 2,
+            Message::Notify => 3,
+            Message::FindNext { .. } => 4,
+            Message::Next { .. } => 5,
+            Message::Leaving => 6,
+        }
+    }
+
+    pub fn req(&self) -> Option<ReqId> {
+        match self {
+            Message::GetState { req }
+            | Message::State { req, .. }
+            | Message::FindNext { req, .. }
+            | Message::Next { req, .. } => Some(*req),
+            Message::Notify | Message::Leaving => None,
+        }
+    }
+}
