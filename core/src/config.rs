@@ -28,8 +28,10 @@ pub struct Config {
     /// Periods are drawn uniformly from [p*(1-j), p*(1+j)] so nodes do not
     /// synchronise; j in per-mille.
     pub jitter_permille: u64,
-    /// Consecutive timeouts before a successor or predecessor is dropped.
-    pub suspect_after: u32,
+    /// A successor or predecessor is declared dead only after at least two
+    /// consecutive timeouts spanning this long: shorter silences (a brief
+    /// partition, a burst of loss) are ridden out.
+    pub suspect_ms: u64,
     pub rto_min_ms: u64,
     pub rto_max_ms: u64,
     pub rto_initial_ms: u64,
@@ -54,8 +56,8 @@ impl Default for Config {
             check_pred_ms: 2_000,
             fix_fingers_ms: 1_000,
             jitter_permille: 250,
-            suspect_after: 2,
-            rto_min_ms: 50,
+            suspect_ms: 3_000,
+            rto_min_ms: 200,
             rto_max_ms: 5_000,
             rto_initial_ms: 1_000,
             rtt_peers_max: 256,

@@ -10,7 +10,7 @@
 
 use crate::id::{Id, NodeId};
 use crate::wire::Peer;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Identifies one lookup inside a node.
 pub type LookupId = u64;
@@ -44,6 +44,9 @@ impl std::fmt::Display for LookupError {
     }
 }
 
+/// A node's (predecessor, successor list) as it reported them.
+pub(crate) type PeerState = (Option<Peer>, Vec<Peer>);
+
 /// What the lookup wants next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -55,7 +58,7 @@ pub(crate) enum Step {
     /// The key's successor, with its state when we asked it.
     Done {
         owner: Peer,
-        owner_state: Option<(Option<Peer>, Vec<Peer>)>,
+        owner_state: Option<PeerState>,
     },
     Failed(LookupError),
 }
@@ -69,12 +72,25 @@ pub(crate) struct Lookup {
     me: NodeId,
     /// The querier may not be the answer (it is joining and not yet a member).
     exclude_me: bool,
+    /// The querier's predecessor, checked like any answer's when the querier
+    /// itself turns out to be the answer.
+    my_pred: Option<Peer>,
     /// Route candidates, each strictly preceding the key.
     candidates: Vec<Peer>,
-    /// Ids already asked or found dead.
-    tried: BTreeSet<NodeId>,
-    /// Verification queue: the candidate answer first, then its fallbacks.
-    verify: Vec<Peer>,
+    /// Ids asked as route hops (they answered or are pending).
+    asked: BTreeSet<NodeId>,
+    /// Ids that answered a verification.
+    verified: BTreeSet<NodeId>,
+    /// Timeouts per id. One timeout is enough to route around a hop, but a
+    /// live node naming an id as its predecessor earns that id one retry: a
+    /// lost message must not make a join skip a live node.
+    strikes: BTreeMap<NodeId, u32>,
+    /// Verification queue, next target last: (peer, strikes it may have had).
+    verify: Vec<(Peer, u32)>,
+    /// Answer candidates that did not reply. A joiner keeps them in its list:
+    /// silence is not proof of death, and skipping a live node would break
+    /// Zave's invariant; stabilize drops them once the failure detector agrees.
+    unresponsive: Vec<Peer>,
     /// Answers already confirmed alive, most recent (closest to the key) last.
     confirmed: Vec<(Peer, Option<Peer>, Vec<Peer>)>,
     candidates_max: usize,
@@ -98,14 +114,27 @@ impl Lookup {
             timeouts: 0,
             me,
             exclude_me,
+            my_pred: None,
             candidates: Vec::new(),
-            tried: BTreeSet::new(),
+            unresponsive: Vec::new(),
+            asked: BTreeSet::new(),
+            verified: BTreeSet::new(),
+            strikes: BTreeMap::new(),
             verify: Vec::new(),
             confirmed: Vec::new(),
             candidates_max: 48,
             hops_max,
             timeouts_max,
         }
+    }
+
+    /// Answer candidates at or after the key that never replied.
+    pub fn unresponsive(&self) -> &[Peer] {
+        &self.unresponsive
+    }
+
+    pub fn set_my_pred(&mut self, pred: Option<Peer>) {
+        self.my_pred = pred;
     }
 
     /// Seeds the route with a node to start from (a joiner's entry node).
@@ -119,7 +148,7 @@ impl Lookup {
         if !local {
             self.hops += 1;
         }
-        self.tried.insert(from.id);
+        self.asked.insert(from.id);
         if let Some(last) = succs.last() {
             if self.key.in_open_closed(from.id, last.id) {
                 // The list spans the key: the answer is the first entry at or
@@ -133,14 +162,18 @@ impl Lookup {
                     }
                     prev = s.id;
                 }
-                self.verify = succs[start..].iter().rev().copied().collect();
+                self.verify = succs[start..].iter().rev().map(|p| (*p, 0)).collect();
                 return self.next_step();
             }
         }
         let from_dist = from.id.distance_to(self.key);
         for p in succs.iter().chain(closer) {
             let d = p.id.distance_to(self.key);
-            if d < from_dist && d != Id::ZERO && !self.tried.contains(&p.id) {
+            if d < from_dist
+                && d != Id::ZERO
+                && !self.asked.contains(&p.id)
+                && self.strikes(p.id) == 0
+            {
                 self.candidates.push(*p);
             }
         }
@@ -150,54 +183,66 @@ impl Lookup {
     /// The current verification target answered with its state.
     pub fn on_state(&mut self, from: Peer, pred: Option<Peer>, succs: Vec<Peer>) -> Step {
         self.hops += 1;
-        self.tried.insert(from.id);
-        if self.verify.last().map(|p| p.id) == Some(from.id) {
+        self.verified.insert(from.id);
+        if self.verify.last().map(|p| p.0.id) == Some(from.id) {
             self.verify.pop();
         }
-        // A predecessor in [key, from) is a closer answer (a node that joined
-        // after the list we read was made): check it before settling.
+        self.settle(from, pred, succs);
+        self.next_step()
+    }
+
+    /// `from` is alive and at or after the key. A predecessor of it in
+    /// [key, from) is a closer answer (a node that joined after the list we
+    /// read was made, or one whose reply was lost): check it before settling.
+    fn settle(&mut self, from: Peer, pred: Option<Peer>, succs: Vec<Peer>) {
         let closer_pred = pred.filter(|p| {
             p.id != from.id
                 && (p.id == self.key || p.id.in_open(self.key, from.id))
-                && !self.tried.contains(&p.id)
+                && !self.verified.contains(&p.id)
+                && self.strikes(p.id) <= 1
         });
         self.confirmed.push((from, pred, succs));
         self.verify.clear();
         if let Some(p) = closer_pred {
-            self.verify.push(p);
+            self.verify.push((p, 1));
         }
-        self.next_step()
     }
 
     /// The peer we were waiting for did not answer in time.
     pub fn on_timeout(&mut self, to: Peer) -> Step {
         self.timeouts += 1;
-        self.tried.insert(to.id);
-        if self.verify.last().map(|p| p.id) == Some(to.id) {
+        *self.strikes.entry(to.id).or_insert(0) += 1;
+        if self.verify.last().map(|p| p.0.id) == Some(to.id) {
             self.verify.pop();
+            if !self.unresponsive.contains(&to) {
+                self.unresponsive.push(to);
+            }
         }
         self.next_step()
     }
 
-    fn next_step(&mut self) -> Step {
+    fn strikes(&self, id: NodeId) -> u32 {
+        self.strikes.get(&id).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn next_step(&mut self) -> Step {
         if self.hops > self.hops_max || self.timeouts > self.timeouts_max {
             return Step::Failed(LookupError::TooManySteps {
                 hops: self.hops,
                 timeouts: self.timeouts,
             });
         }
-        while let Some(&p) = self.verify.last() {
+        while let Some(&(p, allowed)) = self.verify.last() {
             if p.id == self.me {
+                self.verify.pop();
                 if self.exclude_me {
-                    self.verify.pop();
                     continue;
                 }
-                return Step::Done {
-                    owner: p,
-                    owner_state: None,
-                };
+                self.verified.insert(p.id);
+                self.settle(p, self.my_pred, Vec::new());
+                continue;
             }
-            if self.tried.contains(&p.id) && !self.confirmed.iter().any(|c| c.0.id == p.id) {
+            if self.strikes(p.id) > allowed {
                 self.verify.pop();
                 continue;
             }
@@ -207,13 +252,13 @@ impl Lookup {
             };
         }
         if let Some((owner, pred, succs)) = self.confirmed.pop() {
-            return Step::Done {
-                owner,
-                owner_state: Some((pred, succs)),
-            };
+            let owner_state = (owner.id != self.me).then_some((pred, succs));
+            return Step::Done { owner, owner_state };
         }
         // Route on: closest preceding candidate not yet tried.
-        self.candidates.retain(|p| !self.tried.contains(&p.id));
+        let strikes = &self.strikes;
+        self.candidates
+            .retain(|p| !self.asked.contains(&p.id) && !strikes.contains_key(&p.id));
         self.candidates.sort_by_key(|p| p.id.distance_to(self.key));
         self.candidates.dedup_by_key(|p| p.id);
         self.candidates.truncate(self.candidates_max);
@@ -295,6 +340,37 @@ mod tests {
         // 27 is dead: 30, already confirmed, is the answer.
         let step = l.on_timeout(p(27));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
+    }
+
+    #[test]
+    fn a_lost_reply_does_not_skip_a_live_answer() {
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
+        l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
+        // 30's reply is lost; 40 is asked next and names 30 as its predecessor.
+        assert_eq!(
+            l.on_timeout(p(30)),
+            Step::Ask {
+                to: p(40),
+                verify: true
+            }
+        );
+        let step = l.on_state(p(40), Some(p(30)), vec![]);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+        let step = l.on_state(p(30), Some(p(20)), vec![]);
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
+        // Had 30 timed out twice, 40 would have been the answer.
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
+        l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
+        l.on_timeout(p(30));
+        l.on_state(p(40), Some(p(30)), vec![]);
+        let step = l.on_timeout(p(30));
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(40)));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use crate::config::{Config, Protocol};
 use crate::id::{Id, NodeId, ID_BITS};
-use crate::lookup::{Lookup, LookupError, LookupId, Step};
+use crate::lookup::{Lookup, LookupError, LookupId, PeerState, Step};
 use crate::rtt::RttTable;
 use crate::wire::{Message, Peer, ReqId};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -159,8 +159,10 @@ pub struct Node {
     checking_pred: bool,
     probing_pred: bool,
     fixing_finger: bool,
-    succ_fails: u32,
-    pred_fails: u32,
+    /// (consecutive timeouts, time of the first) for the first successor and
+    /// the predecessor: the failure detector's suspicion state.
+    succ_fails: (u32, u64),
+    pred_fails: (u32, u64),
     pending: BTreeMap<ReqId, Pending>,
     deadlines: BTreeSet<(u64, ReqId)>,
     lookups: BTreeMap<LookupId, Running>,
@@ -209,8 +211,8 @@ impl Node {
             checking_pred: false,
             probing_pred: false,
             fixing_finger: false,
-            succ_fails: 0,
-            pred_fails: 0,
+            succ_fails: (0, 0),
+            pred_fails: (0, 0),
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             lookups: BTreeMap::new(),
@@ -435,6 +437,7 @@ impl Node {
             self.cfg.lookup_hops_max,
             self.cfg.lookup_timeouts_max,
         );
+        lookup.set_my_pred(self.pred);
         // Keys in (pred, me] are ours without asking anyone.
         let step = match self.pred {
             Some(p) if key.in_open_closed(p.id, self.me.id) => Step::Done {
@@ -486,7 +489,7 @@ impl Node {
         &mut self,
         now_ms: u64,
         run: Running,
-        result: Result<(Peer, Option<(Option<Peer>, Vec<Peer>)>), LookupError>,
+        result: Result<(Peer, Option<PeerState>), LookupError>,
     ) {
         let l = &run.lookup;
         match run.purpose {
@@ -512,12 +515,28 @@ impl Node {
                 Ok((owner, state)) => {
                     let succs = match (self.cfg.protocol, state) {
                         (Protocol::Zave, Some((_, list))) => {
-                            self.sanitize(std::iter::once(owner).chain(list))
+                            // Silent candidates between us and the owner stay in
+                            // front: a slow node must not be skipped (Zave's join
+                            // copies the predecessor's list, dead entries and all).
+                            let mut l: Vec<Peer> = run
+                                .lookup
+                                .unresponsive()
+                                .iter()
+                                .copied()
+                                .filter(|p| p.id.in_open(self.me.id, owner.id))
+                                .collect();
+                            l.sort_by_key(|p| self.me.id.distance_to(p.id));
+                            l.push(owner);
+                            self.sanitize(l.into_iter().chain(list))
                         }
                         _ => self.sanitize(std::iter::once(owner)),
                     };
                     self.set_succs(succs);
                     self.become_joined(now_ms);
+                    // Tell the successor at once rather than at the first
+                    // stabilize: lookups checking its predecessor then find us
+                    // a period sooner. Notify is only ever a hint (rectify checks).
+                    self.send_maintenance(owner, Message::Notify);
                     if let Some(cmd) = cmd {
                         self.reply(cmd, CmdResult::Joined { successor: owner });
                     }
@@ -584,16 +603,19 @@ impl Node {
 
     fn request_timed_out(&mut self, now_ms: u64, p: Pending) {
         self.stats.timeouts += 1;
-        self.forget_finger(p.to.id);
+        // One late reply is common on a jittery path; two in a row is a pattern.
+        if self.rtt.missed(p.to.id) >= 2 {
+            self.forget_finger(p.to.id);
+        }
         match p.wait {
             Wait::Stabilize => {
                 self.stabilizing = false;
                 if self.succs.first().map(|s| s.id) == Some(p.to.id) {
-                    self.succ_fails += 1;
                     // Never drop the last entry: with nothing left the node would
                     // become a ring of its own. A live list entry is the only way back.
-                    if self.succ_fails >= self.cfg.suspect_after && self.succs.len() > 1 {
-                        self.succ_fails = 0;
+                    if Self::suspect(&mut self.succ_fails, p.sent_ms, now_ms, self.cfg.suspect_ms)
+                        && self.succs.len() > 1
+                    {
                         let mut s = self.succs.clone();
                         s.remove(0);
                         self.set_succs(s);
@@ -609,12 +631,10 @@ impl Node {
             }
             Wait::CheckPred => {
                 self.checking_pred = false;
-                if self.pred.map(|x| x.id) == Some(p.to.id) {
-                    self.pred_fails += 1;
-                    if self.pred_fails >= self.cfg.suspect_after {
-                        self.pred_fails = 0;
-                        self.set_pred(None);
-                    }
+                if self.pred.map(|x| x.id) == Some(p.to.id)
+                    && Self::suspect(&mut self.pred_fails, p.sent_ms, now_ms, self.cfg.suspect_ms)
+                {
+                    self.set_pred(None);
                 }
             }
             Wait::RectifyProbe { candidate } => {
@@ -630,6 +650,20 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Records one more timeout of a request sent at `sent_ms`; true once the
+    /// peer has been silent for `suspect_ms` across at least two timeouts.
+    fn suspect(state: &mut (u32, u64), sent_ms: u64, now_ms: u64, suspect_ms: u64) -> bool {
+        if state.0 == 0 {
+            state.1 = sent_ms;
+        }
+        state.0 += 1;
+        if state.0 >= 2 && now_ms.saturating_sub(state.1) >= suspect_ms {
+            *state = (0, 0);
+            return true;
+        }
+        false
     }
 
     // ----- maintenance -------------------------------------------------------
@@ -673,7 +707,7 @@ impl Node {
             self.stabilizing = false;
             return;
         }
-        self.succ_fails = 0;
+        self.succ_fails = (0, 0);
         let x = x.filter(|x| x.id.in_open(self.me.id, s.id));
         match self.cfg.protocol {
             Protocol::Zave => {
@@ -833,7 +867,7 @@ impl Node {
                     }
                     Wait::CheckPred => {
                         self.checking_pred = false;
-                        self.pred_fails = 0;
+                        self.pred_fails = (0, 0);
                     }
                     Wait::RectifyProbe { .. } => self.probing_pred = false,
                     Wait::Lookup(lid) => {
@@ -1006,7 +1040,7 @@ impl Node {
         debug_assert!(succs.iter().all(|p| p.id != self.me.id));
         if succs != self.succs {
             if self.succs.first().map(|s| s.id) != succs.first().map(|s| s.id) {
-                self.succ_fails = 0;
+                self.succ_fails = (0, 0);
             }
             self.succs = succs;
             self.ring_version += 1;
@@ -1018,7 +1052,7 @@ impl Node {
         let pred = pred.filter(|p| p.id != self.me.id);
         if pred != self.pred {
             self.pred = pred;
-            self.pred_fails = 0;
+            self.pred_fails = (0, 0);
             self.ring_version += 1;
         }
     }
@@ -1050,8 +1084,10 @@ impl Node {
         }
     }
 
+    /// Drops a silent peer from the far fingers. Fingers read off the successor
+    /// list stay: the list has its own, slower failure detector.
     fn forget_finger(&mut self, id: NodeId) {
-        for f in self.fingers.iter_mut() {
+        for f in self.fingers[self.far_low..].iter_mut() {
             if f.map(|p| p.id) == Some(id) {
                 *f = None;
             }

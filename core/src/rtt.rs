@@ -40,6 +40,8 @@ pub struct RttTable {
     rto_initial_ms: u64,
     /// Monotone counter used to evict the least recently updated entry.
     tick: u64,
+    /// Consecutive timeouts per peer since its last answer (bounded like `peers`).
+    silent: BTreeMap<NodeId, u32>,
 }
 
 impl RttTable {
@@ -53,6 +55,7 @@ impl RttTable {
             rto_max_ms,
             rto_initial_ms,
             tick: 0,
+            silent: BTreeMap::new(),
         }
     }
 
@@ -60,6 +63,7 @@ impl RttTable {
     pub fn sample(&mut self, peer: NodeId, rtt_ms: u64) {
         let s = rtt_ms as f64;
         self.tick += 1;
+        self.silent.remove(&peer);
         match self.global.as_mut() {
             Some(g) => g.update(s),
             None => self.global = Some(Estimator::first(s)),
@@ -81,6 +85,16 @@ impl RttTable {
             self.peers.remove(&stalest);
         }
         self.peers.insert(peer, (Estimator::first(s), self.tick));
+    }
+
+    /// Records a timeout; returns how many in a row `peer` has now missed.
+    pub fn missed(&mut self, peer: NodeId) -> u32 {
+        if self.silent.len() >= self.peers_max && !self.silent.contains_key(&peer) {
+            self.silent.pop_first();
+        }
+        let n = self.silent.entry(peer).or_insert(0);
+        *n += 1;
+        *n
     }
 
     /// How long to wait for `peer` before declaring it unresponsive.

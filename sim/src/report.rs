@@ -1,0 +1,151 @@
+//! What a run reports: JSON for scripts (serde), a summary line for people.
+
+use crate::config::SimConfig;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LookupStats {
+    pub count: u64,
+    pub failed: u64,
+    pub wrong: u64,
+    pub mean_hops: f64,
+    pub p50_hops: u32,
+    pub p99_hops: u32,
+    pub mean_timeouts: f64,
+    #[serde(skip)]
+    pub timeouts_total: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ViolationReport {
+    /// Checks (global states) that broke at least one invariant.
+    pub count: u64,
+    /// The first one, described.
+    pub first: Option<String>,
+}
+
+/// One point of the convergence plot.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    pub members: usize,
+    /// Fraction of members whose successor and predecessor are both right.
+    pub pointer_accuracy: f64,
+    /// Fraction of members whose whole successor list is exact.
+    pub lists_exact: f64,
+    pub violations: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub nodes: usize,
+    pub successors: usize,
+    pub protocol: String,
+    pub events: u64,
+    pub sim_ms: u64,
+    pub wall_ms: u64,
+    pub events_per_s: f64,
+    pub invariant_violations: ViolationReport,
+    pub converged: bool,
+    pub no_liveness: bool,
+    pub converge_ms: Option<u64>,
+    pub converge_bound_ms: u64,
+    pub lookups: LookupStats,
+    pub messages_per_node_per_s: f64,
+    pub maintenance_messages_per_node_per_s: f64,
+    pub messages_dropped: u64,
+    pub timeouts: u64,
+    pub crashes: u64,
+    pub crashes_refused_by_guard: u64,
+    pub joins_failed: u64,
+    pub members_at_end: usize,
+    pub trace_hash: String,
+    pub peak_rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+    pub trace_tail: Vec<String>,
+    pub config: SimConfig,
+}
+
+impl Report {
+    /// True when the run upheld every safety invariant and, if it healed,
+    /// converged within the bound.
+    pub fn passed(&self) -> bool {
+        self.invariant_violations.count == 0 && !self.no_liveness
+    }
+
+    /// A few lines for a person; a failure names the seed and how to replay it.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "seed {} | {} nodes, r={}, {} | {} events in {} ms simulated, {} ms wall ({:.0} events/s)\n",
+            self.seed,
+            self.nodes,
+            self.successors,
+            self.protocol,
+            self.events,
+            self.sim_ms,
+            self.wall_ms,
+            self.events_per_s
+        );
+        s += &format!(
+            "lookups: {} done, {} failed, {} wrong, hops mean {:.2} p50 {} p99 {}, timeouts/lookup {:.3}\n",
+            self.lookups.count,
+            self.lookups.failed,
+            self.lookups.wrong,
+            self.lookups.mean_hops,
+            self.lookups.p50_hops,
+            self.lookups.p99_hops,
+            self.lookups.mean_timeouts
+        );
+        s += &format!(
+            "messages/node/s: {:.2} (maintenance {:.2}); crashes {} (guard refused {}); members at end {}\n",
+            self.messages_per_node_per_s,
+            self.maintenance_messages_per_node_per_s,
+            self.crashes,
+            self.crashes_refused_by_guard,
+            self.members_at_end
+        );
+        match &self.invariant_violations.first {
+            Some(first) => {
+                s += &format!(
+                    "INVARIANT VIOLATED ({} checks failed); first {first}\n",
+                    self.invariant_violations.count
+                )
+            }
+            None => s += "invariants: held after every check\n",
+        }
+        match (self.converged, self.converge_ms) {
+            (true, Some(ms)) => {
+                s += &format!("converged to the ideal ring {ms} ms after healing\n")
+            }
+            _ if self.no_liveness => {
+                s += &format!(
+                    "NO LIVENESS: not ideal within {} ms of healing\n",
+                    self.converge_bound_ms
+                )
+            }
+            _ => s += "did not reach the liveness phase\n",
+        }
+        s += &format!("trace hash {}\n", self.trace_hash);
+        if !self.passed() {
+            s += &format!(
+                "replay with: peerstore-sim --seed {} (same flags)\nconfig: {}\nlast events:\n",
+                self.seed,
+                serde_json::to_string(&self.config).unwrap_or_default()
+            );
+            for l in &self.trace_tail {
+                s += &format!("  {l}\n");
+            }
+        }
+        s
+    }
+}
+
+/// Peak resident set size of this process (Linux), if it can be read.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,1208 @@
+//! The deterministic simulator: one event queue ordered by (time, sequence),
+//! independent seeded RNG streams (network, faults, workload, one per node),
+//! the real `peerstore_core::Node` for every node, and checkers on the global
+//! state. Same seed and same code give the same run, event for event.
+
+use crate::check::{self, View, Violation};
+use crate::config::{CheckMode, Cut, Fault, FaultKind, Session, SimConfig, Start};
+use crate::net::{Fate, Network};
+use crate::report::{LookupStats, Report, Sample, ViolationReport};
+use peerstore_core::{
+    Addr, CmdId, CmdResult, Command, Event, Id, Input, Message, Node, NodeStats, Output, Peer,
+    ID_BITS,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp, Weibull};
+use sha2::{Digest, Sha256};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Deliver { to: u32, from: Peer, msg: Message },
+    Wake { node: u32 },
+    Fault(FaultKind),
+    Restart { node: u32, incarnation: u32 },
+    PartitionEnd { id: u64 },
+    Depart { node: u32, incarnation: u32 },
+    Arrive,
+    StartJoin { node: u32, incarnation: u32 },
+    Lookup,
+    FailLookup,
+    Sample,
+    SafetyTick,
+    Heal,
+}
+
+impl Ev {
+    fn tag(&self) -> u8 {
+        match self {
+            Ev::Deliver { .. } => 1,
+            Ev::Wake { .. } => 2,
+            Ev::Fault(_) => 3,
+            Ev::Restart { .. } => 4,
+            Ev::PartitionEnd { .. } => 5,
+            Ev::Depart { .. } => 6,
+            Ev::Arrive => 7,
+            Ev::StartJoin { .. } => 8,
+            Ev::Lookup => 9,
+            Ev::FailLookup => 10,
+            Ev::Sample => 11,
+            Ev::SafetyTick => 12,
+            Ev::Heal => 13,
+        }
+    }
+}
+
+struct Queued {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest first.
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// One node in a picture of the ring.
+#[derive(Clone, Copy, Debug)]
+pub struct RingPoint {
+    pub id: Id,
+    /// Live and joined.
+    pub member: bool,
+    pub succ: Option<Id>,
+    pub pred: Option<Id>,
+}
+
+struct Slot {
+    peer: Peer,
+    node: Option<Node>,
+    incarnation: u32,
+    paused_until: u64,
+    wake_at: u64,
+    member: bool,
+    /// Churn departures are for good; crashed nodes may restart.
+    departed: bool,
+}
+
+/// One line of the failure trace.
+#[derive(Clone, Debug)]
+struct TraceRec {
+    at: u64,
+    node: u32,
+    what: String,
+}
+
+pub struct World {
+    cfg: SimConfig,
+    r: usize,
+    node_cfg: peerstore_core::Config,
+    now: u64,
+    seq: u64,
+    events: u64,
+    queue: BinaryHeap<Queued>,
+    slots: Vec<Slot>,
+    /// The oracle: members (live and joined) by id.
+    members: BTreeMap<Id, u32>,
+    member_list: Vec<u32>,
+    member_pos: Vec<usize>,
+    net: Network,
+    rng_net: ChaCha8Rng,
+    rng_fault: ChaCha8Rng,
+    rng_work: ChaCha8Rng,
+    next_cut: u64,
+    trace: Sha256,
+    tail: VecDeque<TraceRec>,
+    outbuf: Vec<Output>,
+    dirty: bool,
+    // workload
+    next_cmd: CmdId,
+    lookups: BTreeMap<CmdId, (u64, Id)>,
+    lookup_stats: LookupStats,
+    hops: Vec<u32>,
+    fail_lookups_left: u64,
+    frozen: bool,
+    // outcome
+    violations: u64,
+    first_violation: Option<(u64, Violation)>,
+    healed_at: Option<u64>,
+    converged_at: Option<u64>,
+    no_liveness: bool,
+    stop: bool,
+    samples: Vec<Sample>,
+    node_ms: u128,
+    last_sample_at: u64,
+    retired_stats: NodeStats,
+    crashes: u64,
+    crashes_refused: u64,
+    joins_failed: u64,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A seeded RNG for one named stream of a run.
+fn stream(seed: u64, name: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(splitmix(seed ^ splitmix(name)))
+}
+
+impl World {
+    pub fn new(mut cfg: SimConfig) -> World {
+        let mut rng_fault = stream(cfg.seed, 2);
+        if cfg.swarm {
+            // Swarm testing: the fault mix itself comes from the seed.
+            cfg.net.loss = rng_fault.gen_range(0.0..0.08);
+            cfg.net.duplicate = rng_fault.gen_range(0.0..0.05);
+            cfg.net.reorder = rng_fault.gen_range(0.0..0.3);
+            cfg.net.latency_sigma = rng_fault.gen_range(0.1..1.0);
+            cfg.rates.crash_per_s = rng_fault.gen_range(0.0..0.05);
+            cfg.rates.pause_per_s = rng_fault.gen_range(0.0..0.05);
+            cfg.rates.partition_per_s = rng_fault.gen_range(0.0..0.03);
+            cfg.rates.clog_per_s = rng_fault.gen_range(0.0..0.05);
+        }
+        let r = cfg.r();
+        let node_cfg = cfg.node_config();
+        let net = Network::new(cfg.net.clone());
+        World {
+            r,
+            node_cfg,
+            now: 0,
+            seq: 0,
+            events: 0,
+            queue: BinaryHeap::new(),
+            slots: Vec::new(),
+            members: BTreeMap::new(),
+            member_list: Vec::new(),
+            member_pos: Vec::new(),
+            net,
+            rng_net: stream(cfg.seed, 1),
+            rng_fault,
+            rng_work: stream(cfg.seed, 3),
+            next_cut: 0,
+            trace: Sha256::new(),
+            tail: VecDeque::new(),
+            outbuf: Vec::new(),
+            dirty: false,
+            next_cmd: 0,
+            lookups: BTreeMap::new(),
+            lookup_stats: LookupStats::default(),
+            hops: Vec::new(),
+            fail_lookups_left: 0,
+            frozen: false,
+            violations: 0,
+            first_violation: None,
+            healed_at: None,
+            converged_at: None,
+            no_liveness: false,
+            stop: false,
+            samples: Vec::new(),
+            node_ms: 0,
+            last_sample_at: 0,
+            retired_stats: NodeStats::default(),
+            crashes: 0,
+            crashes_refused: 0,
+            joins_failed: 0,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Queued {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    // ----- population ----------------------------------------------------------
+
+    fn new_slot(&mut self) -> u32 {
+        let k = self.slots.len() as u32;
+        let id = Id::hash(format!("peerstore-sim/{}/node/{k}", self.cfg.seed).as_bytes());
+        self.slots.push(Slot {
+            peer: Peer {
+                id,
+                addr: Addr::Slot(k),
+            },
+            node: None,
+            incarnation: 0,
+            paused_until: 0,
+            wake_at: u64::MAX,
+            member: false,
+            departed: false,
+        });
+        self.member_pos.push(usize::MAX);
+        k
+    }
+
+    fn fresh_node(&mut self, k: u32) {
+        let slot = &mut self.slots[k as usize];
+        slot.incarnation += 1;
+        let seed = splitmix(self.cfg.seed ^ splitmix(((k as u64) << 20) | slot.incarnation as u64));
+        slot.node = Some(Node::new(self.node_cfg.clone(), slot.peer, seed));
+        slot.wake_at = u64::MAX;
+        slot.paused_until = 0;
+    }
+
+    fn add_member(&mut self, k: u32) {
+        let s = &mut self.slots[k as usize];
+        if s.member {
+            return;
+        }
+        s.member = true;
+        self.members.insert(s.peer.id, k);
+        self.member_pos[k as usize] = self.member_list.len();
+        self.member_list.push(k);
+        self.dirty = true;
+    }
+
+    fn remove_member(&mut self, k: u32) {
+        let s = &mut self.slots[k as usize];
+        if !s.member {
+            return;
+        }
+        s.member = false;
+        self.members.remove(&s.peer.id);
+        let pos = self.member_pos[k as usize];
+        self.member_list.swap_remove(pos);
+        if pos < self.member_list.len() {
+            let moved = self.member_list[pos];
+            self.member_pos[moved as usize] = pos;
+        }
+        self.member_pos[k as usize] = usize::MAX;
+        self.dirty = true;
+    }
+
+    fn random_member(&mut self) -> Option<u32> {
+        if self.member_list.is_empty() {
+            return None;
+        }
+        let i = self.rng_work.gen_range(0..self.member_list.len());
+        Some(self.member_list[i])
+    }
+
+    fn oracle_successor(&self, key: Id) -> Option<Id> {
+        self.members
+            .range(key..)
+            .next()
+            .or_else(|| self.members.iter().next())
+            .map(|(id, _)| *id)
+    }
+
+    /// Removes a node's state (crash, departure), keeping its counters.
+    fn retire(&mut self, k: u32) {
+        self.remove_member(k);
+        let s = &mut self.slots[k as usize];
+        if let Some(n) = s.node.take() {
+            let st = n.stats();
+            self.retired_stats.sent_maintenance += st.sent_maintenance;
+            self.retired_stats.sent_lookup += st.sent_lookup;
+            self.retired_stats.sent_replies += st.sent_replies;
+            self.retired_stats.timeouts += st.timeouts;
+            self.retired_stats.dropped_unexpected += st.dropped_unexpected;
+        }
+        s.wake_at = u64::MAX;
+        self.dirty = true;
+    }
+
+    fn session_ms(&mut self) -> u64 {
+        let live = self.cfg.nodes.max(1) as f64;
+        let mean_ms = live / self.cfg.churn_per_s * 1000.0;
+        let ms = match self.cfg.session {
+            Session::Exp => Exp::new(1.0 / mean_ms)
+                .expect("positive rate")
+                .sample(&mut self.rng_work),
+            // Weibull(k = 0.5) has mean scale * Gamma(1 + 1/k) = 2 * scale.
+            Session::Weibull => Weibull::new(mean_ms / 2.0, 0.5)
+                .expect("valid weibull")
+                .sample(&mut self.rng_work),
+        };
+        ms.max(1.0) as u64
+    }
+
+    // ----- set-up -----------------------------------------------------------------
+
+    fn setup(&mut self) {
+        let n = self.cfg.nodes.max(1);
+        for _ in 0..n {
+            self.new_slot();
+        }
+        let base = match self.cfg.start {
+            Start::Ideal => n,
+            Start::Join => (self.r + 1).min(n),
+        };
+        // The base ring: ideal pointers, installed directly (Zave's initialisation).
+        let mut ids: Vec<(Id, u32)> = (0..base as u32)
+            .map(|k| (self.slots[k as usize].peer.id, k))
+            .collect();
+        ids.sort_unstable();
+        let sorted: Vec<Id> = ids.iter().map(|x| x.0).collect();
+        let by_pos: Vec<Peer> = ids
+            .iter()
+            .map(|&(_, k)| self.slots[k as usize].peer)
+            .collect();
+        let m = by_pos.len();
+        for (pos, &(_, k)) in ids.iter().enumerate() {
+            self.fresh_node(k);
+            let me = by_pos[pos];
+            let succs: Vec<Peer> = (1..=self.r.min(m - 1))
+                .map(|d| by_pos[(pos + d) % m])
+                .collect();
+            let pred = (m > 1).then(|| by_pos[(pos + m - 1) % m]);
+            let fingers: Vec<Option<Peer>> = (0..ID_BITS)
+                .map(|i| {
+                    let t = me.id.add_pow2(i);
+                    let j = match sorted.binary_search(&t) {
+                        Ok(j) => j,
+                        Err(j) => j % m,
+                    };
+                    Some(by_pos[j]).filter(|p| p.id != me.id)
+                })
+                .collect();
+            self.slots[k as usize]
+                .node
+                .as_mut()
+                .expect("fresh")
+                .bootstrap(0, succs, pred, Some(fingers));
+            self.after_handle(k);
+        }
+        for k in base as u32..n as u32 {
+            self.fresh_node(k);
+            let at = self.rng_work.gen_range(0..=self.cfg.join_spread_ms.max(1));
+            self.push(
+                at,
+                Ev::StartJoin {
+                    node: k,
+                    incarnation: 1,
+                },
+            );
+        }
+        if self.cfg.churn_per_s > 0.0 {
+            for k in 0..n as u32 {
+                let at = self.session_ms();
+                self.push(
+                    at,
+                    Ev::Depart {
+                        node: k,
+                        incarnation: 1,
+                    },
+                );
+            }
+            let gap = self.arrival_gap();
+            self.push(gap, Ev::Arrive);
+        }
+        self.plan_faults();
+        if self.cfg.lookups_per_node_per_min > 0.0 {
+            let gap = self.lookup_gap();
+            self.push(gap, Ev::Lookup);
+        }
+        self.push(self.cfg.sample_ms, Ev::Sample);
+        if let CheckMode::EveryMs(ms) = self.cfg.check {
+            self.push(ms.max(1), Ev::SafetyTick);
+        }
+        self.push(self.cfg.duration_ms, Ev::Heal);
+        if self.dirty {
+            self.check_safety_now();
+        }
+    }
+
+    fn plan_faults(&mut self) {
+        let mut plan = self.cfg.plan.clone();
+        let rates = self.cfg.rates.clone();
+        let dur = self.cfg.duration_ms;
+        let n = self.cfg.nodes.max(1) as u32;
+        let draw = |rate: f64,
+                    rng: &mut ChaCha8Rng,
+                    f: &mut dyn FnMut(&mut ChaCha8Rng, u64) -> FaultKind| {
+            let mut out = Vec::new();
+            if rate <= 0.0 {
+                return out;
+            }
+            let exp = Exp::new(rate / 1000.0).expect("positive");
+            let mut t = 0.0;
+            for _ in 0..1_000_000 {
+                t += exp.sample(rng);
+                if t as u64 >= dur {
+                    break;
+                }
+                out.push(Fault {
+                    at_ms: t as u64,
+                    kind: f(rng, t as u64),
+                });
+            }
+            out
+        };
+        let stab = self.cfg.stabilize_ms;
+        let pmax = if rates.partition_max_ms > 0 {
+            rates.partition_max_ms
+        } else {
+            self.cfg.suspect_ms / 2
+        };
+        let rng = &mut self.rng_fault;
+        plan.extend(draw(rates.crash_per_s, rng, &mut |r, _| FaultKind::Crash {
+            node: r.gen_range(0..n),
+            down_ms: r.gen_range(stab..stab * 30),
+        }));
+        // Pauses, like partitions, stay inside the failure detector's window;
+        // a longer one is a failure to the protocol and goes through the guard.
+        plan.extend(draw(rates.pause_per_s, rng, &mut |r, _| FaultKind::Pause {
+            node: r.gen_range(0..n),
+            for_ms: r.gen_range(100..pmax.max(101)),
+        }));
+        plan.extend(draw(rates.partition_per_s, rng, &mut |r, _| {
+            let cut = match r.gen_range(0..3) {
+                0 => Cut::Symmetric {
+                    fraction: r.gen_range(0.2..0.8),
+                },
+                1 => Cut::OneWay {
+                    fraction: r.gen_range(0.2..0.8),
+                },
+                _ => Cut::Isolate {
+                    node: r.gen_range(0..n),
+                },
+            };
+            // An isolated node may stay cut off long: the ring routes around it.
+            let for_ms = match cut {
+                Cut::Isolate { .. } => r.gen_range(100..stab * 20),
+                _ => r.gen_range(100..pmax.max(101)),
+            };
+            FaultKind::Partition { cut, for_ms }
+        }));
+        plan.extend(draw(rates.clog_per_s, rng, &mut |r, _| FaultKind::Clog {
+            a: r.gen_range(0..n),
+            b: r.gen_range(0..n),
+            for_ms: r.gen_range(100..stab * 10),
+        }));
+        if self.cfg.fail_fraction > 0.0 {
+            plan.push(Fault {
+                at_ms: self.cfg.fail_at_ms,
+                kind: FaultKind::MassFail {
+                    fraction: self.cfg.fail_fraction,
+                },
+            });
+        }
+        plan.sort_by_key(|f| f.at_ms);
+        for f in plan {
+            if f.at_ms < self.cfg.duration_ms {
+                self.push(f.at_ms, Ev::Fault(f.kind));
+            }
+        }
+    }
+
+    fn arrival_gap(&mut self) -> u64 {
+        let exp = Exp::new(self.cfg.churn_per_s / 1000.0).expect("positive churn");
+        (exp.sample(&mut self.rng_work) as u64).max(1)
+    }
+
+    fn lookup_gap(&mut self) -> u64 {
+        let rate_per_ms =
+            self.member_list.len().max(1) as f64 * self.cfg.lookups_per_node_per_min / 60_000.0;
+        let exp = Exp::new(rate_per_ms).expect("positive");
+        (exp.sample(&mut self.rng_work) as u64).max(1)
+    }
+
+    // ----- the loop -------------------------------------------------------------
+
+    /// Runs to completion and reports.
+    pub fn run(mut self) -> Report {
+        let wall = std::time::Instant::now();
+        self.setup();
+        self.run_loop();
+        self.report(wall.elapsed().as_millis() as u64)
+    }
+
+    fn record(&mut self, q: &Queued) {
+        let (node, msg_tag, req, from) = match &q.ev {
+            Ev::Deliver { to, from, msg } => {
+                (*to, msg.tag(), msg.req().unwrap_or(0), from.id.top_u64())
+            }
+            Ev::Wake { node } | Ev::Restart { node, .. } | Ev::Depart { node, .. } => {
+                (*node, 0, 0, 0)
+            }
+            Ev::StartJoin { node, .. } => (*node, 0, 0, 0),
+            _ => (u32::MAX, 0, 0, 0),
+        };
+        let mut buf = [0u8; 30];
+        buf[..8].copy_from_slice(&q.at.to_le_bytes());
+        buf[8] = q.ev.tag();
+        buf[9..13].copy_from_slice(&node.to_le_bytes());
+        buf[13] = msg_tag;
+        buf[14..22].copy_from_slice(&req.to_le_bytes());
+        buf[22..30].copy_from_slice(&from.to_le_bytes());
+        self.trace.update(buf);
+        if self.cfg.trace_tail > 0 {
+            if self.tail.len() >= self.cfg.trace_tail {
+                self.tail.pop_front();
+            }
+            let what = match &q.ev {
+                Ev::Deliver { from, msg, .. } => {
+                    format!("deliver {} from {:?}", msg.kind(), from.id)
+                }
+                other => format!("{:?}", other),
+            };
+            self.tail.push_back(TraceRec {
+                at: q.at,
+                node,
+                what,
+            });
+        }
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { to, from, msg } => {
+                let Some(s) = self.slots.get(to as usize) else {
+                    return;
+                };
+                if s.node.is_none() {
+                    return;
+                }
+                if s.paused_until > self.now {
+                    let at = s.paused_until;
+                    self.push(at, Ev::Deliver { to, from, msg });
+                    return;
+                }
+                self.handle(to, Input::Message { from, msg });
+            }
+            Ev::Wake { node } => {
+                let s = &mut self.slots[node as usize];
+                if s.wake_at != self.now || s.node.is_none() {
+                    return;
+                }
+                if s.paused_until > self.now {
+                    s.wake_at = s.paused_until;
+                    let at = s.paused_until;
+                    self.push(at, Ev::Wake { node });
+                    return;
+                }
+                s.wake_at = u64::MAX;
+                self.handle(node, Input::Timeout);
+            }
+            Ev::Fault(kind) => {
+                if self.healed_at.is_none() {
+                    self.fault(kind);
+                }
+            }
+            Ev::Restart { node, incarnation } => {
+                let s = &self.slots[node as usize];
+                if s.incarnation == incarnation && s.node.is_none() && !s.departed {
+                    self.fresh_node(node);
+                    let inc = self.slots[node as usize].incarnation;
+                    self.start_join(node, inc);
+                }
+            }
+            Ev::PartitionEnd { id } => self.net.end_cut(id),
+            Ev::Depart { node, incarnation } => {
+                if self.healed_at.is_none() {
+                    self.depart(node, incarnation);
+                }
+            }
+            Ev::Arrive => {
+                if self.healed_at.is_none() {
+                    let k = self.new_slot();
+                    self.fresh_node(k);
+                    self.start_join(k, 1);
+                    let at = self.now + self.session_ms();
+                    self.push(
+                        at,
+                        Ev::Depart {
+                            node: k,
+                            incarnation: 1,
+                        },
+                    );
+                    let at = self.now + self.arrival_gap();
+                    self.push(at, Ev::Arrive);
+                }
+            }
+            Ev::StartJoin { node, incarnation } => self.start_join(node, incarnation),
+            Ev::Lookup => {
+                if self.healed_at.is_none() && !self.frozen {
+                    if let Some(k) = self.random_member() {
+                        let key = Id(self.rng_work.gen());
+                        self.issue_lookup(k, key);
+                    }
+                    let at = self.now + self.lookup_gap();
+                    self.push(at, Ev::Lookup);
+                }
+            }
+            Ev::FailLookup => {
+                if let Some(k) = self.random_member() {
+                    let key = Id(self.rng_work.gen());
+                    self.issue_lookup(k, key);
+                }
+            }
+            Ev::Sample => self.sample(),
+            Ev::SafetyTick => {
+                if let CheckMode::EveryMs(ms) = self.cfg.check {
+                    self.check_safety_now();
+                    self.push(self.now + ms.max(1), Ev::SafetyTick);
+                }
+            }
+            Ev::Heal => self.heal(),
+        }
+    }
+
+    fn handle(&mut self, k: u32, input: Input) {
+        let now = self.now;
+        let Some(node) = self.slots[k as usize].node.as_mut() else {
+            return;
+        };
+        let v0 = node.ring_version();
+        node.handle(now, input);
+        if node.ring_version() != v0 {
+            self.dirty = true;
+        }
+        self.after_handle(k);
+    }
+
+    /// Drains a node's outputs and (re)arms its timer.
+    fn after_handle(&mut self, k: u32) {
+        let mut out = std::mem::take(&mut self.outbuf);
+        let s = &mut self.slots[k as usize];
+        let Some(node) = s.node.as_mut() else { return };
+        while let Some(o) = node.poll_output() {
+            out.push(o);
+        }
+        if let Some(t) = node.poll_timeout() {
+            let t = t.max(self.now);
+            if t < s.wake_at {
+                s.wake_at = t;
+                self.push(t, Ev::Wake { node: k });
+            }
+        }
+        let from = self.slots[k as usize].peer;
+        for o in out.drain(..) {
+            match o {
+                Output::Send { to, msg } => self.send(from, k, to, msg),
+                Output::Reply { cmd, result } => self.on_reply(k, cmd, result),
+                Output::Event(Event::Joined) => self.add_member(k),
+                Output::Event(Event::SuccessorsLost) => {}
+            }
+        }
+        self.outbuf = out;
+    }
+
+    fn send(&mut self, from: Peer, a: u32, to: Peer, msg: Message) {
+        let Addr::Slot(b) = to.addr else { return };
+        match self.net.route(&mut self.rng_net, self.now, a, b) {
+            Fate::Dropped => {}
+            Fate::Deliver(d1, d2) => {
+                if let Some(d2) = d2 {
+                    self.push(
+                        self.now + d2,
+                        Ev::Deliver {
+                            to: b,
+                            from,
+                            msg: msg.clone(),
+                        },
+                    );
+                }
+                self.push(self.now + d1, Ev::Deliver { to: b, from, msg });
+            }
+        }
+    }
+
+    fn on_reply(&mut self, k: u32, cmd: CmdId, result: CmdResult) {
+        match result {
+            CmdResult::Lookup(r) => {
+                let Some((_, key)) = self.lookups.remove(&cmd) else {
+                    return;
+                };
+                self.lookup_stats.count += 1;
+                match r {
+                    Ok(ok) => {
+                        self.hops.push(ok.hops);
+                        self.lookup_stats.timeouts_total += ok.timeouts as u64;
+                        if Some(ok.owner.id) != self.oracle_successor(key) {
+                            if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                                eprintln!(
+                                    "wrong lookup at {} ms by {:?}: key {:?} -> {:?}, true owner {:?} ({} hops, {} timeouts)",
+                                    self.now,
+                                    self.slots[k as usize].peer.id,
+                                    key,
+                                    ok.owner.id,
+                                    self.oracle_successor(key),
+                                    ok.hops,
+                                    ok.timeouts
+                                );
+                            }
+                            self.lookup_stats.wrong += 1;
+                        }
+                    }
+                    Err(_) => self.lookup_stats.failed += 1,
+                }
+            }
+            CmdResult::JoinFailed(_) => {
+                self.joins_failed += 1;
+                // Try again later through someone else, as an operator would.
+                let inc = self.slots[k as usize].incarnation;
+                let at = self.now + 5_000;
+                self.push(
+                    at,
+                    Ev::StartJoin {
+                        node: k,
+                        incarnation: inc,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn command(&mut self, k: u32, c: Command) -> CmdId {
+        self.next_cmd += 1;
+        let id = self.next_cmd;
+        self.handle(k, Input::Command(id, c));
+        id
+    }
+
+    fn issue_lookup(&mut self, k: u32, key: Id) {
+        self.next_cmd += 1;
+        let id = self.next_cmd;
+        self.lookups.insert(id, (self.now, key));
+        self.handle(k, Input::Command(id, Command::Lookup { key }));
+    }
+
+    fn start_join(&mut self, k: u32, incarnation: u32) {
+        let s = &self.slots[k as usize];
+        if s.incarnation != incarnation || s.node.is_none() || s.member {
+            return;
+        }
+        if s.node.as_ref().map(|n| n.status()) != Some(peerstore_core::Status::Idle) {
+            return;
+        }
+        let Some(via) = self.random_member() else {
+            return;
+        };
+        let via = self.slots[via as usize].peer;
+        self.command(k, Command::Join { via });
+    }
+
+    // ----- faults -------------------------------------------------------------------
+
+    fn pick_live(&mut self, n: u32) -> Option<u32> {
+        if self.member_list.is_empty() {
+            return None;
+        }
+        // Node numbers in plans are taken modulo the live population, in
+        // member order, so they stay meaningful as membership changes.
+        let mut ids: Vec<(Id, u32)> = self.members.iter().map(|(id, k)| (*id, *k)).collect();
+        ids.sort_unstable();
+        Some(ids[n as usize % ids.len()].1)
+    }
+
+    fn views(&self) -> Vec<View<'_>> {
+        self.slots
+            .iter()
+            .filter(|s| s.member)
+            .filter_map(|s| s.node.as_ref())
+            .map(|n| View {
+                id: n.me().id,
+                succs: n.successors(),
+                pred: n.predecessor(),
+                fingers: n.fingers(),
+            })
+            .collect()
+    }
+
+    /// Zave's operating assumption for a failure: no member is left without a
+    /// live successor, and a principal fails only while principals exceed r+1.
+    fn may_fail(&self, k: u32) -> bool {
+        if !self.cfg.fail_guard {
+            return true;
+        }
+        let f = self.slots[k as usize].peer.id;
+        for s in self.slots.iter().filter(|s| s.member && s.peer.id != f) {
+            let n = s.node.as_ref().expect("members have state");
+            if n.successors().iter().any(|p| p.id == f)
+                && !n
+                    .successors()
+                    .iter()
+                    .any(|p| p.id != f && self.members.contains_key(&p.id))
+            {
+                return false;
+            }
+        }
+        let views = self.views();
+        let principals = check::principals(&views);
+        !(principals.contains(&f) && principals.len() <= self.r + 1)
+    }
+
+    fn crash(&mut self, k: u32, guarded: bool) -> bool {
+        if guarded && self.slots[k as usize].member && !self.may_fail(k) {
+            self.crashes_refused += 1;
+            return false;
+        }
+        self.crashes += 1;
+        self.retire(k);
+        true
+    }
+
+    fn fault(&mut self, kind: FaultKind) {
+        match kind {
+            FaultKind::Crash { node, down_ms } => {
+                if let Some(k) = self.pick_live(node) {
+                    if self.crash(k, true) {
+                        let inc = self.slots[k as usize].incarnation;
+                        self.push(
+                            self.now + down_ms,
+                            Ev::Restart {
+                                node: k,
+                                incarnation: inc,
+                            },
+                        );
+                    }
+                }
+            }
+            FaultKind::Kill { node } => {
+                if let Some(k) = self.pick_live(node) {
+                    if self.crash(k, true) {
+                        self.slots[k as usize].departed = true;
+                    }
+                }
+            }
+            FaultKind::Pause { node, for_ms } => {
+                if let Some(k) = self.pick_live(node) {
+                    if for_ms >= self.cfg.suspect_ms / 2 && !self.may_fail(k) {
+                        self.crashes_refused += 1;
+                        return;
+                    }
+                    let s = &mut self.slots[k as usize];
+                    s.paused_until = s.paused_until.max(self.now + for_ms);
+                }
+            }
+            FaultKind::Partition { cut, for_ms } => {
+                let cut = match cut {
+                    Cut::Isolate { node } => match self.pick_live(node) {
+                        Some(k) => Cut::Isolate { node: k },
+                        None => return,
+                    },
+                    c => c,
+                };
+                self.next_cut += 1;
+                let id = self.next_cut;
+                let slots = self.slots.len();
+                self.net.cut(&mut self.rng_fault, id, cut, slots);
+                self.push(self.now + for_ms, Ev::PartitionEnd { id });
+            }
+            FaultKind::Clog { a, b, for_ms } => {
+                if let (Some(a), Some(b)) = (self.pick_live(a), self.pick_live(b)) {
+                    self.net.clog(a, b, self.now + for_ms);
+                }
+            }
+            FaultKind::MassFail { fraction } => {
+                let mut live = self.member_list.clone();
+                live.sort_unstable();
+                let kill = ((live.len() as f64) * fraction).round() as usize;
+                // A seeded shuffle picks who dies; the guard does not apply: this
+                // experiment is about what happens when the assumption breaks.
+                for i in 0..kill.min(live.len()) {
+                    let j = self.rng_fault.gen_range(i..live.len());
+                    live.swap(i, j);
+                    self.crash(live[i], false);
+                    self.slots[live[i] as usize].departed = true;
+                }
+                if self.cfg.lookups_after_fail > 0 {
+                    self.frozen = true;
+                    for k in self.member_list.clone() {
+                        self.command(k, Command::SetMaintenance(false));
+                    }
+                    self.fail_lookups_left = self.cfg.lookups_after_fail;
+                    // Issue them over ten simulated seconds.
+                    for i in 0..self.cfg.lookups_after_fail {
+                        let at = self.now + 1 + i * 10_000 / self.cfg.lookups_after_fail;
+                        self.push(at, Ev::FailLookup);
+                    }
+                }
+            }
+        }
+    }
+
+    fn depart(&mut self, k: u32, incarnation: u32) {
+        let s = &self.slots[k as usize];
+        if s.incarnation != incarnation || s.node.is_none() || s.departed {
+            return;
+        }
+        let graceful = self
+            .rng_work
+            .gen_bool(self.cfg.graceful_fraction.clamp(0.0, 1.0));
+        if graceful && s.member {
+            self.command(k, Command::Leave);
+            self.slots[k as usize].departed = true;
+            self.retire(k);
+        } else if self.crash(k, true) {
+            self.slots[k as usize].departed = true;
+        } else {
+            // The guard refused: try this departure again a little later.
+            let at = self.now + self.cfg.stabilize_ms * 5;
+            self.push(
+                at,
+                Ev::Depart {
+                    node: k,
+                    incarnation,
+                },
+            );
+        }
+    }
+
+    fn heal(&mut self) {
+        self.net.heal();
+        for s in self.slots.iter_mut() {
+            s.paused_until = s.paused_until.min(self.now);
+        }
+        if self.frozen {
+            self.frozen = false;
+            for k in self.member_list.clone() {
+                self.command(k, Command::SetMaintenance(true));
+            }
+        }
+        self.healed_at = Some(self.now);
+    }
+
+    // ----- checkers --------------------------------------------------------------------
+
+    fn check_safety_now(&mut self) {
+        let views = self.views();
+        let v = check::check_safety(&views, self.r);
+        drop(views);
+        if let Some(first) = v.into_iter().next() {
+            if self.first_violation.is_none() && std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                self.dump_ring();
+            }
+            self.violations += 1;
+            if self.first_violation.is_none() {
+                self.first_violation = Some((self.now, first));
+            }
+            if self.cfg.stop_on_violation {
+                self.stop = true;
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        let dt = self.now - self.last_sample_at;
+        self.node_ms += dt as u128 * self.member_list.len() as u128;
+        self.last_sample_at = self.now;
+        let views = self.views();
+        let rep = check::check_ideal(&views, self.r, false);
+        let mut ideal = false;
+        if let Some(healed) = self.healed_at {
+            if rep.is_ideal() {
+                ideal = check::check_ideal(&views, self.r, true).is_ideal();
+            }
+            drop(views);
+            if ideal && self.converged_at.is_none() {
+                self.converged_at = Some(self.now);
+                self.stop = true;
+            } else if self.now > healed + self.cfg.converge_bound_ms {
+                if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                    self.dump_ring();
+                    self.dump_fingers();
+                }
+                self.no_liveness = true;
+                self.stop = true;
+            }
+        } else {
+            drop(views);
+        }
+        self.samples.push(Sample {
+            t_ms: self.now,
+            members: rep.members,
+            pointer_accuracy: rep.pointer_accuracy(),
+            lists_exact: 1.0 - rep.list_wrong as f64 / rep.members.max(1) as f64,
+            violations: self.violations,
+        });
+        self.push(self.now + self.cfg.sample_ms, Ev::Sample);
+    }
+
+    /// Prints every node's pointers (set PEERSTORE_SIM_DUMP=1 when replaying a
+    /// failing seed to see the state the checker rejected).
+    fn dump_ring(&self) {
+        let mut rows: Vec<_> = self.slots.iter().enumerate().collect();
+        rows.sort_by_key(|(_, s)| s.peer.id);
+        eprintln!("ring at {} ms:", self.now);
+        for (k, s) in rows {
+            match &s.node {
+                Some(n) => eprintln!(
+                    "  {:?} slot={k} member={} pending={} status={:?} pred={:?} succs={:?}",
+                    s.peer.id,
+                    n.pending_requests(),
+                    s.member,
+                    n.status(),
+                    n.predecessor().map(|p| p.id),
+                    n.successors().iter().map(|p| p.id).collect::<Vec<_>>()
+                ),
+                None => eprintln!("  {:?} slot={k} down", s.peer.id),
+            }
+        }
+    }
+
+    fn dump_fingers(&self) {
+        let members = check::Members::new(self.members.keys().copied().collect());
+        for s in self.slots.iter().filter(|s| s.member) {
+            let n = s.node.as_ref().expect("member");
+            for i in 0..ID_BITS {
+                let want = members
+                    .successor(n.me().id.add_pow2(i))
+                    .filter(|w| *w != n.me().id);
+                let have = n.fingers()[i].map(|p| p.id);
+                if have != want {
+                    eprintln!(
+                        "  finger {:?}[{i}] = {:?}, want {:?}",
+                        n.me().id,
+                        have,
+                        want
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- results ---------------------------------------------------------------------
+
+    /// Ring state for pictures.
+    pub fn ring_snapshot(&self) -> Vec<RingPoint> {
+        self.slots
+            .iter()
+            .map(|s| RingPoint {
+                id: s.peer.id,
+                member: s.member,
+                succ: s.node.as_ref().and_then(|n| n.successors().first().map(|p| p.id)),
+                pred: s.node.as_ref().and_then(|n| n.predecessor().map(|p| p.id)),
+            })
+            .collect()
+    }
+
+    fn report(self, wall_ms: u64) -> Report {
+        let mut st = self.retired_stats.clone();
+        for n in self.slots.iter().filter_map(|s| s.node.as_ref()) {
+            let x = n.stats();
+            st.sent_maintenance += x.sent_maintenance;
+            st.sent_lookup += x.sent_lookup;
+            st.sent_replies += x.sent_replies;
+            st.timeouts += x.timeouts;
+            st.dropped_unexpected += x.dropped_unexpected;
+        }
+        let node_s = (self.node_ms as f64 / 1000.0).max(1e-9);
+        let mut hops = self.hops.clone();
+        hops.sort_unstable();
+        let pct = |p: f64| -> u32 {
+            if hops.is_empty() {
+                0
+            } else {
+                hops[((hops.len() as f64 - 1.0) * p).round() as usize]
+            }
+        };
+        let ok = hops.len().max(1) as f64;
+        let mut lookups = self.lookup_stats.clone();
+        lookups.mean_hops = hops.iter().map(|h| *h as f64).sum::<f64>() / ok;
+        lookups.p50_hops = pct(0.5);
+        lookups.p99_hops = pct(0.99);
+        lookups.mean_timeouts = lookups.timeouts_total as f64 / ok;
+        let trace_hash = self.trace.clone().finalize();
+        let trace_tail = self
+            .tail
+            .iter()
+            .map(|t| format!("t={}ms node={} {}", t.at, t.node, t.what))
+            .collect();
+        let converge_ms = match (self.healed_at, self.converged_at) {
+            (Some(h), Some(c)) => Some(c - h),
+            _ => None,
+        };
+        Report {
+            seed: self.cfg.seed,
+            nodes: self.cfg.nodes,
+            successors: self.r,
+            protocol: format!("{:?}", self.cfg.protocol).to_lowercase(),
+            events: self.events,
+            sim_ms: self.now,
+            wall_ms,
+            events_per_s: self.events as f64 / (wall_ms.max(1) as f64 / 1000.0),
+            invariant_violations: ViolationReport {
+                count: self.violations,
+                first: self
+                    .first_violation
+                    .as_ref()
+                    .map(|(t, v)| format!("at {t} ms: {v}")),
+            },
+            converged: self.converged_at.is_some(),
+            no_liveness: self.no_liveness,
+            converge_ms,
+            converge_bound_ms: self.cfg.converge_bound_ms,
+            lookups,
+            messages_per_node_per_s: self.net.sent as f64 / node_s,
+            maintenance_messages_per_node_per_s: st.sent_maintenance as f64 / node_s,
+            messages_dropped: self.net.dropped,
+            timeouts: st.timeouts,
+            crashes: self.crashes,
+            crashes_refused_by_guard: self.crashes_refused,
+            joins_failed: self.joins_failed,
+            members_at_end: self.member_list.len(),
+            trace_hash: trace_hash.iter().map(|b| format!("{b:02x}")).collect(),
+            peak_rss_bytes: crate::report::peak_rss_bytes(),
+            samples: self.samples,
+            trace_tail,
+            config: self.cfg,
+        }
+    }
+}
+
+/// Runs one simulation and also hands back the final ring for pictures.
+pub fn run_with_ring(cfg: SimConfig) -> (Report, Vec<RingPoint>) {
+    let mut w = World::new(cfg);
+    let wall = std::time::Instant::now();
+    w.setup();
+    w.run_loop();
+    let ring = w.ring_snapshot();
+    let rep = w.report(wall.elapsed().as_millis() as u64);
+    (rep, ring)
+}
+
+impl World {
+    fn run_loop(&mut self) {
+        let limit = self.cfg.duration_ms + self.cfg.converge_bound_ms + self.cfg.sample_ms;
+        while let Some(q) = self.queue.pop() {
+            if q.at > limit || self.stop {
+                break;
+            }
+            self.now = q.at;
+            self.events += 1;
+            self.record(&q);
+            self.dispatch(q.ev);
+            if self.dirty {
+                self.dirty = false;
+                if self.cfg.check == CheckMode::EveryChange {
+                    self.check_safety_now();
+                }
+            }
+        }
+        if self.healed_at.is_some() && self.converged_at.is_none() && self.first_violation.is_none()
+        {
+            self.no_liveness = true;
+        }
+    }
+}
