@@ -208,6 +208,15 @@ impl Lookup {
         }
     }
 
+    /// The peer answered that it is not in a ring: never an answer or a hop.
+    pub fn on_not_member(&mut self, to: Peer) -> Step {
+        *self.strikes.entry(to.id).or_insert(0) += 2;
+        if self.verify.last().map(|p| p.0.id) == Some(to.id) {
+            self.verify.pop();
+        }
+        self.next_step()
+    }
+
     /// The peer we were waiting for did not answer in time.
     pub fn on_timeout(&mut self, to: Peer) -> Step {
         self.timeouts += 1;
@@ -417,6 +426,60 @@ mod tests {
         );
         // A stale list still naming the joiner's old self: skip to the next.
         let step = l.on_next(p(10), &[p(20), p(25), p(30)], &[], false);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+    }
+
+    #[test]
+    fn querier_as_answer_still_checks_its_predecessor() {
+        // The list says 30 then us (40); 30's reply is lost; our predecessor is 30.
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(40), false, 0, 32, 32);
+        l.set_my_pred(Some(p(30)));
+        assert_eq!(
+            l.on_next(p(20), &[p(30), p(40)], &[], false),
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+        assert_eq!(
+            l.on_timeout(p(30)),
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+        let step = l.on_state(p(30), Some(p(20)), vec![]);
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
+        assert_eq!(l.unresponsive(), &[p(30)]);
+    }
+
+    #[test]
+    fn entry_node_can_still_be_the_answer() {
+        // The joiner enters through 30, which turns out to be its successor.
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(25), true, 0, 32, 32);
+        l.add_start(p(30));
+        assert_eq!(
+            l.next_step(),
+            Step::Ask {
+                to: p(30),
+                verify: false
+            }
+        );
+        let step = l.on_next(p(30), &[p(40), p(10)], &[p(20)], false);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(20),
+                verify: false
+            }
+        );
+        let step = l.on_next(p(20), &[p(30), p(40)], &[], false);
         assert_eq!(
             step,
             Step::Ask {

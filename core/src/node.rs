@@ -108,9 +108,20 @@ pub struct NodeStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wait {
     Stabilize,
+    /// Before dropping a silent first successor, ask the node after it whether
+    /// it still counts the suspect as its predecessor: a second opinion over a
+    /// different path. Only a positive answer ("my predecessor is no longer the
+    /// suspect or anything after it") drops the suspect; silence keeps it, so a
+    /// node cut off from everyone keeps its list instead of skipping live nodes.
+    ConfirmDead {
+        suspect: Peer,
+        hops: u8,
+    },
     StabilizeCandidate,
     CheckPred,
-    RectifyProbe { candidate: Peer },
+    RectifyProbe {
+        candidate: Peer,
+    },
     Lookup(LookupId),
 }
 
@@ -536,7 +547,9 @@ impl Node {
                     // Tell the successor at once rather than at the first
                     // stabilize: lookups checking its predecessor then find us
                     // a period sooner. Notify is only ever a hint (rectify checks).
-                    self.send_maintenance(owner, Message::Notify);
+                    if let Some(first) = self.succs.first().copied() {
+                        self.send_maintenance(first, Message::Notify);
+                    }
                     if let Some(cmd) = cmd {
                         self.reply(cmd, CmdResult::Joined { successor: owner });
                     }
@@ -616,10 +629,23 @@ impl Node {
                     if Self::suspect(&mut self.succ_fails, p.sent_ms, now_ms, self.cfg.suspect_ms)
                         && self.succs.len() > 1
                     {
-                        let mut s = self.succs.clone();
-                        s.remove(0);
-                        self.set_succs(s);
+                        let witness = self.succs[1];
+                        self.confirm_dead(now_ms, p.to, witness, 1);
                     }
+                }
+            }
+            Wait::ConfirmDead { suspect, hops } => {
+                // The witness is silent too: ask the next entry after it, or
+                // give up without evidence (and keep the suspect).
+                self.stabilizing = false;
+                let after = self
+                    .succs
+                    .iter()
+                    .position(|x| x.id == p.to.id)
+                    .and_then(|i| self.succs.get(i + 1))
+                    .copied();
+                if let Some(next) = after.filter(|_| (hops as usize) < self.cfg.successors_max) {
+                    self.confirm_dead(now_ms, suspect, next, hops + 1);
                 }
             }
             Wait::StabilizeCandidate => {
@@ -638,8 +664,12 @@ impl Node {
                 }
             }
             Wait::RectifyProbe { candidate } => {
+                // The old predecessor loses only once the failure detector
+                // agrees it is dead (one timeout is one lost message).
                 self.probing_pred = false;
-                if self.pred.map(|x| x.id) == Some(p.to.id) {
+                if self.pred.map(|x| x.id) == Some(p.to.id)
+                    && Self::suspect(&mut self.pred_fails, p.sent_ms, now_ms, self.cfg.suspect_ms)
+                {
                     self.set_pred(Some(candidate));
                 }
             }
@@ -649,6 +679,61 @@ impl Node {
                     self.drive(now_ms, lid, step);
                 }
             }
+        }
+    }
+
+    /// The peer answered, but it is not in a ring (it restarted, or is still
+    /// joining): as good as dead for ring pointers, and known at once.
+    fn not_a_member(&mut self, now_ms: u64, p: Pending) {
+        match p.wait {
+            Wait::Stabilize => {
+                self.stabilizing = false;
+                self.drop_first_successor(p.to);
+            }
+            Wait::CheckPred => {
+                self.checking_pred = false;
+                if self.pred.map(|x| x.id) == Some(p.to.id) {
+                    self.set_pred(None);
+                }
+            }
+            Wait::RectifyProbe { candidate } => {
+                self.probing_pred = false;
+                if self.pred.map(|x| x.id) == Some(p.to.id) {
+                    self.set_pred(Some(candidate));
+                }
+            }
+            Wait::Lookup(lid) => {
+                if let Some(run) = self.lookups.get_mut(&lid) {
+                    let step = run.lookup.on_not_member(p.to);
+                    self.drive(now_ms, lid, step);
+                }
+            }
+            // A witness or candidate outside the ring tells us nothing.
+            Wait::StabilizeCandidate | Wait::ConfirmDead { .. } => {
+                self.request_timed_out(now_ms, p)
+            }
+        }
+    }
+
+    fn confirm_dead(&mut self, now_ms: u64, suspect: Peer, witness: Peer, hops: u8) {
+        if witness.id == self.me.id || witness.id == suspect.id {
+            return;
+        }
+        self.stabilizing = true;
+        self.request(
+            now_ms,
+            witness,
+            |req| Message::GetState { req },
+            Wait::ConfirmDead { suspect, hops },
+            true,
+        );
+    }
+
+    fn drop_first_successor(&mut self, suspect: Peer) {
+        if self.succs.len() > 1 && self.succs[0].id == suspect.id {
+            let mut s = self.succs.clone();
+            s.remove(0);
+            self.set_succs(s);
         }
     }
 
@@ -811,13 +896,22 @@ impl Node {
         }
         match msg {
             Message::GetState { req } => {
-                let (pred, succs) = if self.status == Status::Joined {
+                let member = self.status == Status::Joined;
+                let (pred, succs) = if member {
                     (self.pred, self.succs.clone())
                 } else {
                     (None, Vec::new())
                 };
                 self.stats.sent_replies += 1;
-                self.push_send(from, Message::State { req, pred, succs });
+                self.push_send(
+                    from,
+                    Message::State {
+                        req,
+                        member,
+                        pred,
+                        succs,
+                    },
+                );
             }
             Message::FindNext { req, key } => {
                 let (succs, closer) = if self.status == Status::Joined {
@@ -851,10 +945,18 @@ impl Node {
                     self.set_pred(None);
                 }
             }
-            Message::State { req, pred, succs } => {
+            Message::State {
+                req,
+                member,
+                pred,
+                succs,
+            } => {
                 let Some(p) = self.take_pending(now_ms, req, from) else {
                     return;
                 };
+                if !member {
+                    return self.not_a_member(now_ms, p);
+                }
                 let pred = pred.filter(|x| x.id != from.id);
                 let succs = Self::sanitize_for(from.id, self.cfg.successors_max, succs);
                 match p.wait {
@@ -868,6 +970,28 @@ impl Node {
                     Wait::CheckPred => {
                         self.checking_pred = false;
                         self.pred_fails = (0, 0);
+                    }
+                    Wait::ConfirmDead { suspect, hops } => {
+                        self.stabilizing = false;
+                        match pred {
+                            Some(x) if x.id == suspect.id => {} // alive to its successor
+                            // A node between the suspect and the witness: it is
+                            // the one to ask.
+                            Some(x)
+                                if x.id.in_open(suspect.id, from.id)
+                                    && (hops as usize) < self.cfg.successors_max =>
+                            {
+                                self.confirm_dead(now_ms, suspect, x, hops + 1)
+                            }
+                            Some(x) if x.id.in_open(suspect.id, from.id) => {}
+                            // The witness has lost its predecessor: no evidence
+                            // yet. Offer ourselves; if the suspect is alive it
+                            // will win the witness back with its own notify.
+                            None => self.send_maintenance(from, Message::Notify),
+                            // The witness's predecessor now lies before the
+                            // suspect: it has replaced the suspect.
+                            Some(_) => self.drop_first_successor(suspect),
+                        }
                     }
                     Wait::RectifyProbe { .. } => self.probing_pred = false,
                     Wait::Lookup(lid) => {
@@ -888,7 +1012,13 @@ impl Node {
                     self.pending.insert(req, p);
                     return;
                 };
-                let succs = Self::sanitize_for(from.id, self.cfg.successors_max, succs);
+                // A responder alone in its ring names itself as its successor.
+                let alone = succs.len() == 1 && succs[0].id == from.id;
+                let succs = if alone {
+                    succs
+                } else {
+                    Self::sanitize_for(from.id, self.cfg.successors_max, succs)
+                };
                 let mut closer = closer;
                 closer.truncate(self.cfg.closer_max);
                 if let Some(run) = self.lookups.get_mut(&lid) {
@@ -1162,6 +1292,7 @@ mod tests {
                 from: peer(30),
                 msg: Message::State {
                     req,
+                    member: true,
                     pred: Some(peer(20)),
                     succs: vec![peer(40), peer(50)],
                 },
@@ -1210,6 +1341,7 @@ mod tests {
                 from: peer(30),
                 msg: Message::State {
                     req,
+                    member: true,
                     pred: Some(peer(20)),
                     succs: vec![peer(40)],
                 },
@@ -1240,6 +1372,7 @@ mod tests {
                 from: peer(99),
                 msg: Message::State {
                     req,
+                    member: true,
                     pred: Some(peer(20)),
                     succs: vec![peer(40)],
                 },
@@ -1253,6 +1386,8 @@ mod tests {
     fn rectify_replaces_only_a_dead_predecessor() {
         let mut n = Node::new(cfg(), peer(100), 1);
         n.bootstrap(0, vec![peer(200)], Some(peer(90)), None);
+        // Only the probes of this test, no periodic checks.
+        n.handle(0, Input::Command(9, Command::SetMaintenance(false)));
         drain(&mut n);
         // 50 is not between 90 and 100: probe 90 instead of taking 50.
         n.handle(
@@ -1279,13 +1414,14 @@ mod tests {
                 from: peer(90),
                 msg: Message::State {
                     req,
+                    member: true,
                     pred: None,
                     succs: vec![],
                 },
             },
         );
         assert_eq!(n.predecessor(), Some(peer(90)));
-        // Next time 90 stays silent: 50 takes its place.
+        // Now 90 stays silent. One timeout is not enough (a lost message)...
         n.handle(
             3,
             Input::Message {
@@ -1294,7 +1430,18 @@ mod tests {
             },
         );
         drain(&mut n);
-        n.handle(1_000_000, Input::Timeout);
+        n.handle(10_000, Input::Timeout);
+        assert_eq!(n.predecessor(), Some(peer(90)));
+        // ...but silence across the suspicion window is: 50 takes its place.
+        n.handle(
+            20_000,
+            Input::Message {
+                from: peer(50),
+                msg: Message::Notify,
+            },
+        );
+        drain(&mut n);
+        n.handle(30_000, Input::Timeout);
         assert_eq!(n.predecessor(), Some(peer(50)));
     }
 
@@ -1320,6 +1467,7 @@ mod tests {
             for msg in [
                 Message::State {
                     req,
+                    member: true,
                     pred: Some(peer(10)),
                     succs: vec![peer(10); 100],
                 },

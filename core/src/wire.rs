@@ -33,6 +33,10 @@ pub enum Message {
     GetState { req: ReqId },
     State {
         req: ReqId,
+        /// False from a node that is not (or no longer) in a ring: a restarted
+        /// node rejoining, or one that has not finished joining. Its empty
+        /// pointers must not be adopted.
+        member: bool,
         pred: Option<Peer>,
         succs: Vec<Peer>,
     },

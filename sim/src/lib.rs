@@ -6,6 +6,7 @@ pub mod check;
 pub mod config;
 pub mod net;
 pub mod report;
+pub mod script;
 pub mod svg;
 pub mod world;
 

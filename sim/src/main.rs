@@ -120,6 +120,9 @@ struct Args {
     converge_bound: Duration,
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     stabilize: Duration,
+    /// Events kept and printed when a run fails.
+    #[arg(long, default_value_t = 24)]
+    trace_tail: usize,
     /// Keep running after a violation (counts them all).
     #[arg(long)]
     keep_going: bool,
@@ -209,6 +212,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         stabilize_ms: a.stabilize.as_millis().max(1) as u64,
         stop_on_violation: !a.keep_going,
         plan: a.partition.clone(),
+        trace_tail: a.trace_tail,
         ..SimConfig::default()
     };
     if c.r() >= c.nodes {

@@ -897,7 +897,13 @@ impl World {
             }
             FaultKind::Partition { cut, for_ms } => {
                 let cut = match cut {
+                    // Cut off for longer than the failure detector's window, a
+                    // node is failed as far as anyone can tell: guard it.
                     Cut::Isolate { node } => match self.pick_live(node) {
+                        Some(k) if for_ms >= self.cfg.suspect_ms / 2 && !self.may_fail(k) => {
+                            self.crashes_refused += 1;
+                            return;
+                        }
                         Some(k) => Cut::Isolate { node: k },
                         None => return,
                     },
@@ -947,17 +953,14 @@ impl World {
         if s.incarnation != incarnation || s.node.is_none() || s.departed {
             return;
         }
+        let member = s.member;
         let graceful = self
             .rng_work
             .gen_bool(self.cfg.graceful_fraction.clamp(0.0, 1.0));
-        if graceful && s.member {
-            self.command(k, Command::Leave);
-            self.slots[k as usize].departed = true;
-            self.retire(k);
-        } else if self.crash(k, true) {
-            self.slots[k as usize].departed = true;
-        } else {
-            // The guard refused: try this departure again a little later.
+        // A leave, like a crash, must not break Zave's operating assumption:
+        // when the guard refuses, the departure is tried again a little later.
+        if member && !self.may_fail(k) {
+            self.crashes_refused += 1;
             let at = self.now + self.cfg.stabilize_ms * 5;
             self.push(
                 at,
@@ -966,7 +969,15 @@ impl World {
                     incarnation,
                 },
             );
+            return;
         }
+        if graceful && member {
+            self.command(k, Command::Leave);
+        } else {
+            self.crashes += 1;
+        }
+        self.slots[k as usize].departed = true;
+        self.retire(k);
     }
 
     fn heal(&mut self) {
@@ -1091,7 +1102,10 @@ impl World {
             .map(|s| RingPoint {
                 id: s.peer.id,
                 member: s.member,
-                succ: s.node.as_ref().and_then(|n| n.successors().first().map(|p| p.id)),
+                succ: s
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.successors().first().map(|p| p.id)),
                 pred: s.node.as_ref().and_then(|n| n.predecessor().map(|p| p.id)),
             })
             .collect()
