@@ -87,10 +87,8 @@ pub(crate) struct Lookup {
     strikes: BTreeMap<NodeId, u32>,
     /// Verification queue, next target last: (peer, strikes it may have had).
     verify: Vec<(Peer, u32)>,
-    /// Answer candidates that did not reply. A joiner keeps them in its list:
-    /// silence is not proof of death, and skipping a live node would break
-    /// Zave's invariant; stabilize drops them once the failure detector agrees.
-    unresponsive: Vec<Peer>,
+    /// Join: the predecessor being asked for its list.
+    join_pred: Option<Peer>,
     /// Answers already confirmed alive, most recent (closest to the key) last.
     confirmed: Vec<(Peer, Option<Peer>, Vec<Peer>)>,
     candidates_max: usize,
@@ -116,7 +114,7 @@ impl Lookup {
             exclude_me,
             my_pred: None,
             candidates: Vec::new(),
-            unresponsive: Vec::new(),
+            join_pred: None,
             asked: BTreeSet::new(),
             verified: BTreeSet::new(),
             strikes: BTreeMap::new(),
@@ -126,11 +124,6 @@ impl Lookup {
             hops_max,
             timeouts_max,
         }
-    }
-
-    /// Answer candidates at or after the key that never replied.
-    pub fn unresponsive(&self) -> &[Peer] {
-        &self.unresponsive
     }
 
     pub fn set_my_pred(&mut self, pred: Option<Peer>) {
@@ -149,6 +142,12 @@ impl Lookup {
             self.hops += 1;
         }
         self.asked.insert(from.id);
+        if self.exclude_me {
+            let list: Vec<Peer> = succs.iter().copied().filter(|p| p.id != self.me).collect();
+            if let Some(start) = self.span_start(from.id, &list) {
+                return self.join_from_list(from, list, start);
+            }
+        }
         if let Some(last) = succs.last() {
             if self.key.in_open_closed(from.id, last.id) {
                 // The list spans the key: the answer is the first entry at or
@@ -180,9 +179,60 @@ impl Lookup {
         self.next_step()
     }
 
+    /// Index of the first entry of `list` (held by `holder`) at or after the
+    /// key, if the list spans the key.
+    fn span_start(&self, holder: NodeId, list: &[Peer]) -> Option<usize> {
+        let last = list.last()?;
+        if !self.key.in_open_closed(holder, last.id) {
+            return None;
+        }
+        let mut prev = holder;
+        for (i, s) in list.iter().enumerate() {
+            if self.key.in_open_closed(prev, s.id) {
+                return Some(i);
+            }
+            prev = s.id;
+        }
+        None
+    }
+
+    /// Zave's join: copy the successor list of the key's predecessor `m`, a
+    /// node with key in (m, m.succ[0]]. When the list we hold names a node
+    /// after `holder` but still before the key, that node is the better
+    /// predecessor: ask it. Only a list its holder just gave us is copied: it
+    /// skips nothing its (live) holder does not skip and holds a live entry,
+    /// so the join keeps Zave's invariant.
+    fn join_from_list(&mut self, holder: Peer, list: Vec<Peer>, start: usize) -> Step {
+        if start == 0 {
+            self.join_pred = None;
+            return Step::Done {
+                owner: list[0],
+                owner_state: Some((Some(holder), list[1..].to_vec())),
+            };
+        }
+        if self.hops > self.hops_max || self.timeouts > self.timeouts_max {
+            return Step::Failed(LookupError::TooManySteps {
+                hops: self.hops,
+                timeouts: self.timeouts,
+            });
+        }
+        let m = list[start - 1];
+        self.join_pred = Some(m);
+        Step::Ask {
+            to: m,
+            verify: true,
+        }
+    }
+
     /// The current verification target answered with its state.
     pub fn on_state(&mut self, from: Peer, pred: Option<Peer>, succs: Vec<Peer>) -> Step {
         self.hops += 1;
+        if self.join_pred.map(|p| p.id) == Some(from.id) {
+            self.join_pred = None;
+            // Its list either spans the key (copy it or step closer) or stops
+            // short of it (route on from there, counted as this hop).
+            return self.on_next(from, &succs, &[], true);
+        }
         self.verified.insert(from.id);
         if self.verify.last().map(|p| p.0.id) == Some(from.id) {
             self.verify.pop();
@@ -204,12 +254,20 @@ impl Lookup {
         self.confirmed.push((from, pred, succs));
         self.verify.clear();
         if let Some(p) = closer_pred {
+            // Named by a live node, a silent candidate earns one retry.
             self.verify.push((p, 1));
         }
     }
 
     /// The peer answered that it is not in a ring: never an answer or a hop.
     pub fn on_not_member(&mut self, to: Peer) -> Step {
+        if self.join_pred.map(|p| p.id) == Some(to.id) {
+            self.join_pred = None;
+            return Step::Failed(LookupError::NoRoute {
+                hops: self.hops,
+                timeouts: self.timeouts,
+            });
+        }
         *self.strikes.entry(to.id).or_insert(0) += 2;
         if self.verify.last().map(|p| p.0.id) == Some(to.id) {
             self.verify.pop();
@@ -220,13 +278,23 @@ impl Lookup {
     /// The peer we were waiting for did not answer in time.
     pub fn on_timeout(&mut self, to: Peer) -> Step {
         self.timeouts += 1;
-        *self.strikes.entry(to.id).or_insert(0) += 1;
-        if self.verify.last().map(|p| p.0.id) == Some(to.id) {
-            self.verify.pop();
-            if !self.unresponsive.contains(&to) {
-                self.unresponsive.push(to);
+        if self.join_pred.map(|p| p.id) == Some(to.id) {
+            // The predecessor may only be slow: ask once more, then give this
+            // join attempt up (the node retries later). Copying some other
+            // list instead could leave the joiner with nothing but dead entries.
+            *self.strikes.entry(to.id).or_insert(0) += 1;
+            if self.strikes(to.id) <= 1 {
+                return Step::Ask { to, verify: true };
             }
+            self.join_pred = None;
+            return Step::Failed(LookupError::NoRoute {
+                hops: self.hops,
+                timeouts: self.timeouts,
+            });
         }
+        // A verification target out of retries is given up on by next_step;
+        // one with retries left is asked again.
+        *self.strikes.entry(to.id).or_insert(0) += 1;
         self.next_step()
     }
 
@@ -346,7 +414,16 @@ mod tests {
                 verify: true
             }
         );
-        // 27 is dead: 30, already confirmed, is the answer.
+        // 27 is silent: named by a live node, it gets a second try...
+        let step = l.on_timeout(p(27));
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(27),
+                verify: true
+            }
+        );
+        // ...then 30, already confirmed, is the answer.
         let step = l.on_timeout(p(27));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
     }
@@ -424,15 +501,66 @@ mod tests {
                 verify: false
             }
         );
-        // A stale list still naming the joiner's old self: skip to the next.
-        let step = l.on_next(p(10), &[p(20), p(25), p(30)], &[], false);
+        // A stale list still naming the joiner's old self: it is left out.
+        let step = l.on_next(p(10), &[p(25), p(30)], &[], false);
+        assert_eq!(
+            step,
+            Step::Done {
+                owner: p(30),
+                owner_state: Some((Some(p(10)), vec![]))
+            }
+        );
+    }
+
+    #[test]
+    fn join_copies_the_list_of_the_keys_predecessor() {
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(25), true, 0, 32, 32);
+        l.add_start(p(10));
+        l.next_step();
+        // 10's list spans the key, but 20 lies between 10 and the key: ask 20.
+        let step = l.on_next(p(10), &[p(20), p(30), p(40)], &[], false);
         assert_eq!(
             step,
             Step::Ask {
-                to: p(30),
+                to: p(20),
                 verify: true
             }
         );
+        // 20 knows 22, a newer node still before the key: ask 22 in turn.
+        let step = l.on_state(p(20), Some(p(10)), vec![p(22), p(30), p(40)]);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(22),
+                verify: true
+            }
+        );
+        // 22 is the predecessor: its list is copied as is.
+        let step = l.on_state(p(22), Some(p(20)), vec![p(28), p(30)]);
+        assert_eq!(
+            step,
+            Step::Done {
+                owner: p(28),
+                owner_state: Some((Some(p(22)), vec![p(30)]))
+            }
+        );
+    }
+
+    #[test]
+    fn join_gives_up_rather_than_copy_a_silent_nodes_list() {
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(25), true, 0, 32, 32);
+        l.add_start(p(10));
+        l.next_step();
+        l.on_next(p(10), &[p(20), p(30), p(40)], &[], false);
+        // 20 is silent: asked once more, then this attempt fails.
+        assert_eq!(
+            l.on_timeout(p(20)),
+            Step::Ask {
+                to: p(20),
+                verify: true
+            }
+        );
+        assert!(matches!(l.on_timeout(p(20)), Step::Failed(_)));
     }
 
     #[test]
@@ -456,7 +584,6 @@ mod tests {
         );
         let step = l.on_state(p(30), Some(p(20)), vec![]);
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
-        assert_eq!(l.unresponsive(), &[p(30)]);
     }
 
     #[test]
@@ -482,9 +609,9 @@ mod tests {
         let step = l.on_next(p(20), &[p(30), p(40)], &[], false);
         assert_eq!(
             step,
-            Step::Ask {
-                to: p(30),
-                verify: true
+            Step::Done {
+                owner: p(30),
+                owner_state: Some((Some(p(20)), vec![p(40)]))
             }
         );
     }

@@ -18,6 +18,10 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// Longest chain of witnesses asked about one suspect successor (each hop
+/// walks from a witness to its predecessor, towards the suspect).
+const CONFIRM_HOPS_MAX: u8 = 16;
+
 /// A caller-chosen id for a command; its reply carries it back.
 pub type CmdId = u64;
 
@@ -174,6 +178,8 @@ pub struct Node {
     /// the predecessor: the failure detector's suspicion state.
     succ_fails: (u32, u64),
     pred_fails: (u32, u64),
+    /// When the first successor last went silent (cleared when it answers).
+    succ_silent_since: Option<u64>,
     pending: BTreeMap<ReqId, Pending>,
     deadlines: BTreeSet<(u64, ReqId)>,
     lookups: BTreeMap<LookupId, Running>,
@@ -224,6 +230,7 @@ impl Node {
             fixing_finger: false,
             succ_fails: (0, 0),
             pred_fails: (0, 0),
+            succ_silent_since: None,
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             lookups: BTreeMap::new(),
@@ -525,20 +532,9 @@ impl Node {
             Purpose::Join { cmd, via, attempt } => match result {
                 Ok((owner, state)) => {
                     let succs = match (self.cfg.protocol, state) {
+                        // Zave: the copied list of the key's predecessor.
                         (Protocol::Zave, Some((_, list))) => {
-                            // Silent candidates between us and the owner stay in
-                            // front: a slow node must not be skipped (Zave's join
-                            // copies the predecessor's list, dead entries and all).
-                            let mut l: Vec<Peer> = run
-                                .lookup
-                                .unresponsive()
-                                .iter()
-                                .copied()
-                                .filter(|p| p.id.in_open(self.me.id, owner.id))
-                                .collect();
-                            l.sort_by_key(|p| self.me.id.distance_to(p.id));
-                            l.push(owner);
-                            self.sanitize(l.into_iter().chain(list))
+                            self.sanitize(std::iter::once(owner).chain(list))
                         }
                         _ => self.sanitize(std::iter::once(owner)),
                     };
@@ -624,6 +620,7 @@ impl Node {
             Wait::Stabilize => {
                 self.stabilizing = false;
                 if self.succs.first().map(|s| s.id) == Some(p.to.id) {
+                    self.succ_silent_since.get_or_insert(p.sent_ms);
                     // Never drop the last entry: with nothing left the node would
                     // become a ring of its own. A live list entry is the only way back.
                     if Self::suspect(&mut self.succ_fails, p.sent_ms, now_ms, self.cfg.suspect_ms)
@@ -644,7 +641,7 @@ impl Node {
                     .position(|x| x.id == p.to.id)
                     .and_then(|i| self.succs.get(i + 1))
                     .copied();
-                if let Some(next) = after.filter(|_| (hops as usize) < self.cfg.successors_max) {
+                if let Some(next) = after.filter(|_| hops < CONFIRM_HOPS_MAX) {
                     self.confirm_dead(now_ms, suspect, next, hops + 1);
                 }
             }
@@ -793,6 +790,7 @@ impl Node {
             return;
         }
         self.succ_fails = (0, 0);
+        self.succ_silent_since = None;
         let x = x.filter(|x| x.id.in_open(self.me.id, s.id));
         match self.cfg.protocol {
             Protocol::Zave => {
@@ -978,12 +976,22 @@ impl Node {
                             // A node between the suspect and the witness: it is
                             // the one to ask.
                             Some(x)
-                                if x.id.in_open(suspect.id, from.id)
-                                    && (hops as usize) < self.cfg.successors_max =>
+                                if x.id.in_open(suspect.id, from.id) && hops < CONFIRM_HOPS_MAX =>
                             {
                                 self.confirm_dead(now_ms, suspect, x, hops + 1)
                             }
-                            Some(x) if x.id.in_open(suspect.id, from.id) => {}
+                            // The walk from the witness back towards the suspect
+                            // is longer than we will go: our list is badly stale.
+                            // A suspect silent for three suspicion windows goes
+                            // (the alternative, keeping it, would stall repair).
+                            Some(x) if x.id.in_open(suspect.id, from.id) => {
+                                let silent_ms = self
+                                    .succ_silent_since
+                                    .map_or(0, |t| now_ms.saturating_sub(t));
+                                if silent_ms >= 3 * self.cfg.suspect_ms {
+                                    self.drop_first_successor(suspect);
+                                }
+                            }
                             // The witness has lost its predecessor: no evidence
                             // yet. Offer ourselves; if the suspect is alive it
                             // will win the witness back with its own notify.
@@ -1171,6 +1179,7 @@ impl Node {
         if succs != self.succs {
             if self.succs.first().map(|s| s.id) != succs.first().map(|s| s.id) {
                 self.succ_fails = (0, 0);
+                self.succ_silent_since = None;
             }
             self.succs = succs;
             self.ring_version += 1;

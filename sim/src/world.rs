@@ -98,6 +98,9 @@ struct Slot {
     member: bool,
     /// Churn departures are for good; crashed nodes may restart.
     departed: bool,
+    /// Paused or cut off past the suspicion window until then (the fail
+    /// guard counts the node as failed meanwhile).
+    suspended_until: u64,
 }
 
 /// One line of the failure trace.
@@ -151,6 +154,9 @@ pub struct World {
     crashes: u64,
     crashes_refused: u64,
     joins_failed: u64,
+    /// Slot whose every output is printed (PEERSTORE_SIM_WATCH=slot), for
+    /// replaying a failing seed.
+    watch: Option<u32>,
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -221,6 +227,9 @@ impl World {
             crashes: 0,
             crashes_refused: 0,
             joins_failed: 0,
+            watch: std::env::var("PEERSTORE_SIM_WATCH")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             cfg,
         }
     }
@@ -254,6 +263,7 @@ impl World {
             wake_at: u64::MAX,
             member: false,
             departed: false,
+            suspended_until: 0,
         });
         self.member_pos.push(usize::MAX);
         k
@@ -695,6 +705,11 @@ impl World {
             }
         }
         let from = self.slots[k as usize].peer;
+        if self.watch == Some(k) {
+            for o in &out {
+                eprintln!("t={} node={k} out {:?}", self.now, o);
+            }
+        }
         for o in out.drain(..) {
             match o {
                 Output::Send { to, msg } => self.send(from, k, to, msg),
@@ -835,20 +850,27 @@ impl World {
         if !self.cfg.fail_guard {
             return true;
         }
+        // Nodes cut off or paused past the failure detector's window count as
+        // failed already: the protocol cannot tell them from dead ones.
+        let live = |id: &Id| {
+            self.members
+                .get(id)
+                .is_some_and(|&j| self.slots[j as usize].suspended_until <= self.now)
+        };
         let f = self.slots[k as usize].peer.id;
         for s in self.slots.iter().filter(|s| s.member && s.peer.id != f) {
             let n = s.node.as_ref().expect("members have state");
             if n.successors().iter().any(|p| p.id == f)
-                && !n
-                    .successors()
-                    .iter()
-                    .any(|p| p.id != f && self.members.contains_key(&p.id))
+                && !n.successors().iter().any(|p| p.id != f && live(&p.id))
             {
                 return false;
             }
         }
         let views = self.views();
-        let principals = check::principals(&views);
+        let principals: Vec<Id> = check::principals(&views)
+            .into_iter()
+            .filter(|p| live(p))
+            .collect();
         !(principals.contains(&f) && principals.len() <= self.r + 1)
     }
 
@@ -887,9 +909,12 @@ impl World {
             }
             FaultKind::Pause { node, for_ms } => {
                 if let Some(k) = self.pick_live(node) {
-                    if for_ms >= self.cfg.suspect_ms / 2 && !self.may_fail(k) {
-                        self.crashes_refused += 1;
-                        return;
+                    if for_ms >= self.cfg.suspect_ms / 2 {
+                        if !self.may_fail(k) {
+                            self.crashes_refused += 1;
+                            return;
+                        }
+                        self.slots[k as usize].suspended_until = self.now + for_ms;
                     }
                     let s = &mut self.slots[k as usize];
                     s.paused_until = s.paused_until.max(self.now + for_ms);
@@ -903,6 +928,10 @@ impl World {
                         Some(k) if for_ms >= self.cfg.suspect_ms / 2 && !self.may_fail(k) => {
                             self.crashes_refused += 1;
                             return;
+                        }
+                        Some(k) if for_ms >= self.cfg.suspect_ms / 2 => {
+                            self.slots[k as usize].suspended_until = self.now + for_ms;
+                            Cut::Isolate { node: k }
                         }
                         Some(k) => Cut::Isolate { node: k },
                         None => return,
