@@ -42,6 +42,10 @@ pub struct Config {
     pub lookups_max: usize,
     /// Closer nodes returned in one `Next` reply.
     pub closer_max: usize,
+    /// Let lookups jump along successor lists (a responder whose list spans
+    /// the key ends the route). Off, routing uses fingers and the first
+    /// successor only, as in the Chord paper's path-length figures.
+    pub route_via_successor_lists: bool,
     /// Wait before retrying a failed join.
     pub join_retry_ms: u64,
     pub join_attempts_max: u32,
@@ -57,7 +61,7 @@ impl Default for Config {
             fix_fingers_ms: 1_000,
             jitter_permille: 250,
             suspect_ms: 3_000,
-            rto_min_ms: 200,
+            rto_min_ms: 500,
             rto_max_ms: 5_000,
             rto_initial_ms: 1_000,
             rtt_peers_max: 256,
@@ -65,6 +69,7 @@ impl Default for Config {
             lookup_timeouts_max: 32,
             lookups_max: 1_024,
             closer_max: 4,
+            route_via_successor_lists: true,
             join_retry_ms: 2_000,
             join_attempts_max: 8,
         }

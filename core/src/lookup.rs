@@ -162,6 +162,13 @@ impl Lookup {
                     prev = s.id;
                 }
                 self.verify = succs[start..].iter().rev().map(|p| (*p, 0)).collect();
+                // If every answer candidate is dead, route on from the live
+                // entries before the key: their lists reach further.
+                for p in succs[..start].iter().chain(closer) {
+                    if p.id.in_open(from.id, self.key) && self.strikes(p.id) == 0 {
+                        self.candidates.push(*p);
+                    }
+                }
                 return self.next_step();
             }
         }
@@ -310,6 +317,10 @@ impl Lookup {
             });
         }
         while let Some(&(p, allowed)) = self.verify.last() {
+            debug_assert!(
+                self.verify.len() <= 4 * 64,
+                "verify queue is bounded by list lengths"
+            );
             if p.id == self.me {
                 self.verify.pop();
                 if self.exclude_me {
@@ -614,5 +625,30 @@ mod tests {
                 owner_state: Some((Some(p(20)), vec![p(40)]))
             }
         );
+    }
+
+    #[test]
+    fn dead_last_entry_routes_on_from_live_ones() {
+        // The key falls on the last entry of our list, which is dead: ask the
+        // live entry before it, whose own list reaches further.
+        let mut l = Lookup::new(Id::from_u128(35), Id::from_u128(10), false, 0, 32, 32);
+        l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
+        assert_eq!(
+            l.on_timeout(p(40)),
+            Step::Ask {
+                to: p(30),
+                verify: false
+            }
+        );
+        let step = l.on_next(p(30), &[p(40), p(50)], &[], false);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(50),
+                verify: true
+            }
+        );
+        let step = l.on_state(p(50), Some(p(30)), vec![]);
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(50)));
     }
 }

@@ -463,7 +463,10 @@ impl Node {
                 owner_state: None,
             },
             _ => {
-                let succs = self.succs_or_self();
+                let mut succs = self.succs_or_self();
+                if !self.cfg.route_via_successor_lists {
+                    succs.truncate(1);
+                }
                 let closer = self.closest_preceding(key);
                 lookup.on_next(self.me, &succs, &closer, true)
             }
@@ -1029,7 +1032,13 @@ impl Node {
                 };
                 let mut closer = closer;
                 closer.truncate(self.cfg.closer_max);
+                let mut succs = succs;
                 if let Some(run) = self.lookups.get_mut(&lid) {
+                    if !self.cfg.route_via_successor_lists
+                        && !matches!(run.purpose, Purpose::Join { .. })
+                    {
+                        succs.truncate(1);
+                    }
                     let step = run.lookup.on_next(from, &succs, &closer, false);
                     self.drive(now_ms, lid, step);
                 }
@@ -1122,15 +1131,15 @@ impl Node {
 
     /// The known nodes that most closely precede `key`, best first.
     fn closest_preceding(&self, key: Id) -> Vec<Peer> {
-        let mut c: Vec<Peer> = Vec::with_capacity(self.cfg.closer_max * 2);
+        let max = self.cfg.closer_max;
+        let mut c: Vec<Peer> = Vec::with_capacity(2 * max);
+        // Fingers from the farthest down: the first in (me, key) is the best
+        // finger, and the next distinct ones follow in order.
         let mut last: Option<NodeId> = None;
-        for p in self
-            .fingers
-            .iter()
-            .rev()
-            .flatten()
-            .chain(self.succs.iter().rev())
-        {
+        for p in self.fingers.iter().rev().flatten() {
+            if c.len() >= max {
+                break;
+            }
             if last == Some(p.id) {
                 continue;
             }
@@ -1139,9 +1148,21 @@ impl Node {
                 c.push(*p);
             }
         }
+        let from_list = if self.cfg.route_via_successor_lists {
+            &self.succs[..]
+        } else {
+            &self.succs[..self.succs.len().min(1)]
+        };
+        for p in from_list.iter().rev() {
+            if p.id.in_open(self.me.id, key) && !c.iter().any(|x| x.id == p.id) {
+                c.push(*p);
+                if c.len() >= 2 * max {
+                    break;
+                }
+            }
+        }
         c.sort_by_key(|p| p.id.distance_to(key));
-        c.dedup_by_key(|p| p.id);
-        c.truncate(self.cfg.closer_max);
+        c.truncate(max);
         c
     }
 

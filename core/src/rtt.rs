@@ -3,12 +3,19 @@
 //! an estimator fed by every sample, so a new peer gets a realistic timeout.
 
 use crate::id::NodeId;
-use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+/// Fixed-key hashing: the table's order never reaches an output (eviction
+/// picks by age), and a fixed key keeps runs reproducible all the same.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
 #[derive(Clone, Copy, Debug)]
 struct Estimator {
     srtt_ms: f64,
     rttvar_ms: f64,
+    samples: u32,
 }
 
 impl Estimator {
@@ -16,10 +23,12 @@ impl Estimator {
         Estimator {
             srtt_ms: sample_ms,
             rttvar_ms: sample_ms / 2.0,
+            samples: 1,
         }
     }
 
     fn update(&mut self, sample_ms: f64) {
+        self.samples = self.samples.saturating_add(1);
         self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * (self.srtt_ms - sample_ms).abs();
         self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * sample_ms;
     }
@@ -32,7 +41,7 @@ impl Estimator {
 /// Per-peer round-trip estimators with a bounded table.
 #[derive(Clone, Debug)]
 pub struct RttTable {
-    peers: BTreeMap<NodeId, (Estimator, u64)>,
+    peers: Map<NodeId, (Estimator, u64)>,
     global: Option<Estimator>,
     peers_max: usize,
     rto_min_ms: u64,
@@ -41,21 +50,21 @@ pub struct RttTable {
     /// Monotone counter used to evict the least recently updated entry.
     tick: u64,
     /// Consecutive timeouts per peer since its last answer (bounded like `peers`).
-    silent: BTreeMap<NodeId, u32>,
+    silent: Map<NodeId, u32>,
 }
 
 impl RttTable {
     pub fn new(peers_max: usize, rto_min_ms: u64, rto_max_ms: u64, rto_initial_ms: u64) -> Self {
         assert!(peers_max > 0 && rto_min_ms <= rto_max_ms);
         RttTable {
-            peers: BTreeMap::new(),
+            peers: Map::default(),
             global: None,
             peers_max,
             rto_min_ms,
             rto_max_ms,
             rto_initial_ms,
             tick: 0,
-            silent: BTreeMap::new(),
+            silent: Map::default(),
         }
     }
 
@@ -74,15 +83,13 @@ impl RttTable {
             return;
         }
         if self.peers.len() >= self.peers_max {
-            // Evict the stalest entry; a linear scan is fine at this size and keeps
-            // the table free of a second index.
-            let stalest = self
-                .peers
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k)
-                .expect("table is full, so not empty");
-            self.peers.remove(&stalest);
+            // Evict the stalest quarter in one pass, so a node talking to many
+            // peers pays for eviction rarely rather than on every sample.
+            let mut ticks: Vec<u64> = self.peers.values().map(|(_, t)| *t).collect();
+            let cut = ticks.len() / 4;
+            let (_, nth, _) = ticks.select_nth_unstable(cut);
+            let cutoff = *nth;
+            self.peers.retain(|_, (_, t)| *t > cutoff);
         }
         self.peers.insert(peer, (Estimator::first(s), self.tick));
     }
@@ -90,7 +97,9 @@ impl RttTable {
     /// Records a timeout; returns how many in a row `peer` has now missed.
     pub fn missed(&mut self, peer: NodeId) -> u32 {
         if self.silent.len() >= self.peers_max && !self.silent.contains_key(&peer) {
-            self.silent.pop_first();
+            // Forget the lot: these are counts of consecutive misses, and a
+            // peer that matters will miss again.
+            self.silent.clear();
         }
         let n = self.silent.entry(peer).or_insert(0);
         *n += 1;
@@ -100,7 +109,11 @@ impl RttTable {
     /// How long to wait for `peer` before declaring it unresponsive.
     pub fn timeout_ms(&self, peer: NodeId) -> u64 {
         let rto = match (self.peers.get(&peer), self.global.as_ref()) {
-            (Some((e, _)), _) => e.rto_ms(),
+            // A peer's own estimate is trusted once it rests on a few samples;
+            // a single fast sample would otherwise set a hair trigger.
+            (Some((e, _)), _) if e.samples >= 3 => e.rto_ms(),
+            (Some((e, _)), Some(g)) => e.rto_ms().max(2.0 * g.rto_ms()),
+            (Some((e, _)), None) => e.rto_ms(),
             // Unknown peer: a generous multiple of what we see elsewhere.
             (None, Some(g)) => 2.0 * g.rto_ms(),
             (None, None) => self.rto_initial_ms as f64,

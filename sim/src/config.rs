@@ -156,6 +156,8 @@ pub struct SimConfig {
     /// Draw network and fault rates from the seed (swarm testing).
     pub swarm: bool,
     pub lookups_per_node_per_min: f64,
+    /// Lookups may jump along successor lists (off: fingers only).
+    pub route_via_successor_lists: bool,
     pub check: CheckMode,
     /// Crashes that would break Zave's operating assumption (leave a member
     /// with no live successor, or drop principals to r+1) are refused.
@@ -182,7 +184,7 @@ impl Default for SimConfig {
             join_spread_ms: 30_000,
             stabilize_ms: 1_000,
             check_pred_ms: 2_000,
-            fix_fingers_ms: 1_000,
+            fix_fingers_ms: 5_000,
             suspect_ms: 3_000,
             churn_per_s: 0.0,
             session: Session::Exp,
@@ -195,6 +197,7 @@ impl Default for SimConfig {
             plan: Vec::new(),
             swarm: false,
             lookups_per_node_per_min: 1.0,
+            route_via_successor_lists: true,
             check: CheckMode::EveryChange,
             fail_guard: true,
             converge_bound_ms: 300_000,
@@ -222,6 +225,7 @@ impl SimConfig {
             check_pred_ms: self.check_pred_ms,
             fix_fingers_ms: self.fix_fingers_ms,
             suspect_ms: self.suspect_ms,
+            route_via_successor_lists: self.route_via_successor_lists,
             ..peerstore_core::Config::default()
         }
     }

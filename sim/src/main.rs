@@ -109,6 +109,10 @@ struct Args {
     swarm: bool,
     #[arg(long, default_value_t = 1.0, value_name = "K")]
     lookups_per_node_per_min: f64,
+    /// Route lookups with fingers and the first successor only (the Chord
+    /// paper's setting); by default they also jump along successor lists.
+    #[arg(long)]
+    fingers_only: bool,
     /// Safety checks: every (after each ring change), sampled (every second), off.
     #[arg(long, default_value = "auto")]
     check: String,
@@ -118,8 +122,13 @@ struct Args {
     /// The ring must be ideal this long after healing, or the run fails.
     #[arg(long, default_value = "5min", value_parser = parse_duration)]
     converge_bound: Duration,
+    /// Period of stabilize (check predecessor runs at twice this).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     stabilize: Duration,
+    /// Period of finger repair: one far finger per tick. Fingers only speed
+    /// lookups up; correctness rests on successor lists.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    fix_fingers: Duration,
     /// Events kept and printed when a run fails.
     #[arg(long, default_value_t = 24)]
     trace_tail: usize,
@@ -213,6 +222,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         stop_on_violation: !a.keep_going,
         plan: a.partition.clone(),
         trace_tail: a.trace_tail,
+        route_via_successor_lists: !a.fingers_only,
         ..SimConfig::default()
     };
     if c.r() >= c.nodes {
@@ -223,7 +233,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         );
     }
     c.check_pred_ms = c.stabilize_ms * 2;
-    c.fix_fingers_ms = c.stabilize_ms;
+    c.fix_fingers_ms = a.fix_fingers.as_millis().max(1) as u64;
     c.suspect_ms = c.stabilize_ms * 3;
     c.net.loss = a.loss;
     c.net.duplicate = a.duplicate;

@@ -14,8 +14,7 @@ use peerstore_core::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Weibull};
-use sha2::{Digest, Sha256};
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 #[derive(Clone, Debug)]
@@ -36,6 +35,24 @@ enum Ev {
 }
 
 impl Ev {
+    fn name(&self) -> &'static str {
+        match self {
+            Ev::Deliver { .. } => "deliver",
+            Ev::Wake { .. } => "wake",
+            Ev::Fault(_) => "fault",
+            Ev::Restart { .. } => "restart",
+            Ev::PartitionEnd { .. } => "partition ends",
+            Ev::Depart { .. } => "depart",
+            Ev::Arrive => "arrive",
+            Ev::StartJoin { .. } => "start join",
+            Ev::Lookup => "lookup",
+            Ev::FailLookup => "lookup after failure",
+            Ev::Sample => "sample",
+            Ev::SafetyTick => "safety check",
+            Ev::Heal => "heal",
+        }
+    }
+
     fn tag(&self) -> u8 {
         match self {
             Ev::Deliver { .. } => 1,
@@ -55,28 +72,11 @@ impl Ev {
     }
 }
 
+/// A popped event. The heap holds only (time, seq, slab index), 24 bytes,
+/// so sifting does not move whole messages around.
 struct Queued {
     at: u64,
-    seq: u64,
     ev: Ev,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    // Reversed: BinaryHeap is a max-heap and we want the earliest first.
-    fn cmp(&self, o: &Self) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
 }
 
 /// One node in a picture of the ring.
@@ -103,12 +103,33 @@ struct Slot {
     suspended_until: u64,
 }
 
-/// One line of the failure trace.
+/// One line of the failure trace, kept compact and formatted only on failure.
 #[derive(Clone, Debug)]
 struct TraceRec {
     at: u64,
     node: u32,
-    what: String,
+    what: TraceWhat,
+}
+
+#[derive(Clone, Debug)]
+enum TraceWhat {
+    Deliver { kind: &'static str, from: Id },
+    Fault(FaultKind),
+    Event(&'static str),
+}
+
+impl std::fmt::Display for TraceRec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "t={}ms ", self.at)?;
+        if self.node != u32::MAX {
+            write!(f, "node={} ", self.node)?;
+        }
+        match &self.what {
+            TraceWhat::Deliver { kind, from } => write!(f, "deliver {kind} from {from:?}"),
+            TraceWhat::Fault(k) => write!(f, "fault {k:?}"),
+            TraceWhat::Event(name) => write!(f, "{name}"),
+        }
+    }
 }
 
 pub struct World {
@@ -118,7 +139,9 @@ pub struct World {
     now: u64,
     seq: u64,
     events: u64,
-    queue: BinaryHeap<Queued>,
+    queue: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<Ev>>,
+    slab_free: Vec<u32>,
     slots: Vec<Slot>,
     /// The oracle: members (live and joined) by id.
     members: BTreeMap<Id, u32>,
@@ -129,7 +152,7 @@ pub struct World {
     rng_fault: ChaCha8Rng,
     rng_work: ChaCha8Rng,
     next_cut: u64,
-    trace: Sha256,
+    trace: TraceHash,
     tail: VecDeque<TraceRec>,
     outbuf: Vec<Output>,
     dirty: bool,
@@ -157,6 +180,34 @@ pub struct World {
     /// Slot whose every output is printed (PEERSTORE_SIM_WATCH=slot), for
     /// replaying a failing seed.
     watch: Option<u32>,
+}
+
+/// A running 128-bit digest of every event (two independent 64-bit lanes).
+/// Not cryptographic: it only has to tell two traces apart.
+#[derive(Clone, Default)]
+struct TraceHash {
+    a: u64,
+    b: u64,
+    n: u64,
+}
+
+impl TraceHash {
+    fn add(&mut self, word: u64) {
+        self.n += 1;
+        self.a = splitmix(self.a ^ word).rotate_left(17);
+        self.b = splitmix(
+            self.b
+                .wrapping_add(word ^ self.n.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        );
+    }
+
+    fn finish(&self) -> String {
+        format!(
+            "{:016x}{:016x}",
+            splitmix(self.a ^ self.n),
+            splitmix(self.b)
+        )
+    }
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -195,6 +246,8 @@ impl World {
             seq: 0,
             events: 0,
             queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            slab_free: Vec::new(),
             slots: Vec::new(),
             members: BTreeMap::new(),
             member_list: Vec::new(),
@@ -204,7 +257,7 @@ impl World {
             rng_fault,
             rng_work: stream(cfg.seed, 3),
             next_cut: 0,
-            trace: Sha256::new(),
+            trace: TraceHash::default(),
             tail: VecDeque::new(),
             outbuf: Vec::new(),
             dirty: false,
@@ -240,11 +293,26 @@ impl World {
 
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Queued {
-            at,
-            seq: self.seq,
-            ev,
-        });
+        let idx = match self.slab_free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.queue.push(Reverse((at, self.seq, idx)));
+    }
+
+    fn pop(&mut self) -> Option<Queued> {
+        let Reverse((at, _, idx)) = self.queue.pop()?;
+        let ev = self.slab[idx as usize]
+            .take()
+            .expect("queued events are in the slab");
+        self.slab_free.push(idx);
+        Some(Queued { at, ev })
     }
 
     // ----- population ----------------------------------------------------------
@@ -556,23 +624,22 @@ impl World {
             Ev::StartJoin { node, .. } => (*node, 0, 0, 0),
             _ => (u32::MAX, 0, 0, 0),
         };
-        let mut buf = [0u8; 30];
-        buf[..8].copy_from_slice(&q.at.to_le_bytes());
-        buf[8] = q.ev.tag();
-        buf[9..13].copy_from_slice(&node.to_le_bytes());
-        buf[13] = msg_tag;
-        buf[14..22].copy_from_slice(&req.to_le_bytes());
-        buf[22..30].copy_from_slice(&from.to_le_bytes());
-        self.trace.update(buf);
+        self.trace.add(q.at);
+        self.trace
+            .add(((q.ev.tag() as u64) << 40) | ((msg_tag as u64) << 32) | node as u64);
+        self.trace.add(req);
+        self.trace.add(from);
         if self.cfg.trace_tail > 0 {
             if self.tail.len() >= self.cfg.trace_tail {
                 self.tail.pop_front();
             }
             let what = match &q.ev {
-                Ev::Deliver { from, msg, .. } => {
-                    format!("deliver {} from {:?}", msg.kind(), from.id)
-                }
-                other => format!("{:?}", other),
+                Ev::Deliver { from, msg, .. } => TraceWhat::Deliver {
+                    kind: msg.kind(),
+                    from: from.id,
+                },
+                Ev::Fault(f) => TraceWhat::Fault(*f),
+                other => TraceWhat::Event(other.name()),
             };
             self.tail.push_back(TraceRec {
                 at: q.at,
@@ -755,7 +822,7 @@ impl World {
                         if Some(ok.owner.id) != self.oracle_successor(key) {
                             if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
                                 eprintln!(
-                                    "wrong lookup at {} ms by {:?}: key {:?} -> {:?}, true owner {:?} ({} hops, {} timeouts)",
+                                    "wrong lookup at {} ms by slot {k} {:?}: key {:?} -> {:?}, true owner {:?} ({} hops, {} timeouts)",
                                     self.now,
                                     self.slots[k as usize].peer.id,
                                     key,
@@ -768,7 +835,15 @@ impl World {
                             self.lookup_stats.wrong += 1;
                         }
                     }
-                    Err(_) => self.lookup_stats.failed += 1,
+                    Err(e) => {
+                        if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                            eprintln!(
+                                "failed lookup at {} ms by {:?}: key {:?}: {e}",
+                                self.now, self.slots[k as usize].peer.id, key
+                            );
+                        }
+                        self.lookup_stats.failed += 1
+                    }
                 }
             }
             CmdResult::JoinFailed(_) => {
@@ -1166,12 +1241,8 @@ impl World {
         lookups.p50_hops = pct(0.5);
         lookups.p99_hops = pct(0.99);
         lookups.mean_timeouts = lookups.timeouts_total as f64 / ok;
-        let trace_hash = self.trace.clone().finalize();
-        let trace_tail = self
-            .tail
-            .iter()
-            .map(|t| format!("t={}ms node={} {}", t.at, t.node, t.what))
-            .collect();
+        let trace_hash = self.trace.finish();
+        let trace_tail = self.tail.iter().map(|t| t.to_string()).collect();
         let converge_ms = match (self.healed_at, self.converged_at) {
             (Some(h), Some(c)) => Some(c - h),
             _ => None,
@@ -1205,7 +1276,7 @@ impl World {
             crashes_refused_by_guard: self.crashes_refused,
             joins_failed: self.joins_failed,
             members_at_end: self.member_list.len(),
-            trace_hash: trace_hash.iter().map(|b| format!("{b:02x}")).collect(),
+            trace_hash,
             peak_rss_bytes: crate::report::peak_rss_bytes(),
             samples: self.samples,
             trace_tail,
@@ -1228,7 +1299,7 @@ pub fn run_with_ring(cfg: SimConfig) -> (Report, Vec<RingPoint>) {
 impl World {
     fn run_loop(&mut self) {
         let limit = self.cfg.duration_ms + self.cfg.converge_bound_ms + self.cfg.sample_ms;
-        while let Some(q) = self.queue.pop() {
+        while let Some(q) = self.pop() {
             if q.at > limit || self.stop {
                 break;
             }

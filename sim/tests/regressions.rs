@@ -1,0 +1,33 @@
+//! Seeds that once broke the ring, kept so they never break it again. Each
+//! found a real bug (see the commit history): a joiner settling on a later
+//! node, a lost reply skipping a live node, a graceful leave below r+1
+//! principals, a long witness chain stalling repair, a wrapped list sending a
+//! join the wrong way.
+
+mod common;
+
+fn replay(nodes: usize, successors: usize, seed: u64, minutes: u64) {
+    let mut cfg = common::swarm(nodes, successors, seed);
+    cfg.duration_ms = minutes * 60_000;
+    let rep = peerstore_sim::run(cfg);
+    assert!(
+        rep.passed(),
+        "regression seed {seed} (nodes {nodes}, r {successors}):\n{}",
+        rep.summary()
+    );
+}
+
+#[test]
+fn swarm_seeds_that_once_failed() {
+    for seed in [
+        1, 3, 5, 6, 9, 10, 11, 14, 1554, 1591, 1733, 1265, 1272, 1284,
+    ] {
+        replay(24, 0, seed, 2);
+    }
+    for seed in [5018, 5083, 5111, 5121, 5125, 5214] {
+        replay(40, 3, seed, 3);
+    }
+    for seed in [20, 29, 89, 9022, 9063, 9073] {
+        replay(24, 2, seed, 2);
+    }
+}
