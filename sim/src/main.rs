@@ -113,7 +113,8 @@ struct Args {
     /// paper's setting); by default they also jump along successor lists.
     #[arg(long)]
     fingers_only: bool,
-    /// Safety checks: every (after each ring change), sampled (every second), off.
+    /// Safety checks: every (after each ring change), sampled (every second),
+    /// sampled:PERIOD, or off. auto = every up to 512 nodes, else sampled.
     #[arg(long, default_value = "auto")]
     check: String,
     /// Refuse crashes that break Zave's operating assumption (r+1 principals).
@@ -246,9 +247,15 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
     c.check = match a.check.as_str() {
         "auto" if a.nodes <= 512 => CheckMode::EveryChange,
         "auto" | "sampled" => CheckMode::EveryMs(1_000),
+        s if s.starts_with("sampled:") => CheckMode::EveryMs(
+            parse_duration(&s["sampled:".len()..])
+                .map_err(anyhow::Error::msg)?
+                .as_millis()
+                .max(1) as u64,
+        ),
         "every" => CheckMode::EveryChange,
         "off" => CheckMode::Off,
-        other => bail!("--check takes auto, every, sampled or off, not {other:?}"),
+        other => bail!("--check takes auto, every, sampled, sampled:PERIOD (e.g. sampled:10s) or off, not {other:?}"),
     };
     c.sample_ms = if a.nodes > 20_000 { 10_000 } else { 1_000 };
     Ok(c)
@@ -301,7 +308,7 @@ fn real_main() -> Result<bool> {
             failed_seeds.push(seed);
         }
     }
-    if a.seeds > 1 {
+    if a.seeds > 1 && !a.json {
         println!(
             "{} of {} seeds passed{}",
             a.seeds as usize - failed_seeds.len(),

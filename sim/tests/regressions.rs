@@ -31,3 +31,15 @@ fn swarm_seeds_that_once_failed() {
         replay(24, 2, seed, 2);
     }
 }
+
+/// Still failing, kept visible. Rare (about 1 in 10,000 swarm seeds): a node
+/// cut off for 12 s (counted as failed by the fail guard) was the first
+/// successor of a joiner holding a stale copied list; the joiner could not
+/// refresh through it, and a departure the guard then allowed left 10
+/// principals where r+1 = 11. Whether the guard's accounting or the witness
+/// rule is at fault is not yet known.
+#[test]
+#[ignore = "known rare principal-count violation, seed 109064; see the comment"]
+fn isolated_successor_of_a_stale_joiner() {
+    replay(24, 0, 109_064, 2);
+}

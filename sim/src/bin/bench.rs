@@ -1,1 +1,484 @@
-fn main() {}
+//! `peerstore-bench`: the simulator's experiments at full size, printed as
+//! figures beside their targets. Each experiment runs `peerstore-sim --json`
+//! in its own process so wall time and peak memory are that run's alone.
+//!
+//!   cargo run --release -p peerstore-sim --bin peerstore-bench            # everything (~20 min)
+//!   cargo run --release -p peerstore-sim --bin peerstore-bench -- --quick # smaller sizes
+//!   cargo run --release -p peerstore-sim --bin peerstore-bench -- hops churn
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+const QUIET: &[&str] = &[
+    "--loss",
+    "0",
+    "--reorder",
+    "0",
+    "--crash-rate",
+    "0",
+    "--pause-rate",
+    "0",
+    "--partition-rate",
+    "0",
+    "--clog-rate",
+    "0",
+];
+
+fn sim_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.with_file_name(format!("peerstore-sim{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Runs one simulation and returns its JSON report(s).
+fn run(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(sim_path())
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (build it: cargo build --release -p peerstore-sim)",
+                sim_path().display()
+            )
+        });
+    let text = String::from_utf8_lossy(&out.stdout);
+    // --json prints one pretty document per seed; split on top-level braces.
+    let mut docs = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(&text).into_iter::<Value>();
+    while let Some(Ok(v)) = de.next() {
+        docs.push(v);
+    }
+    if docs.is_empty() {
+        panic!(
+            "peerstore-sim {args:?} printed no report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    docs
+}
+
+struct Verdicts {
+    lines: Vec<(String, bool)>,
+}
+
+impl Verdicts {
+    fn check(&mut self, what: String, ok: bool) {
+        println!("  {} {what}", if ok { "PASS" } else { "FAIL" });
+        self.lines.push((what, ok));
+    }
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = &cur[k];
+    }
+    cur.as_f64().unwrap_or(f64::NAN)
+}
+
+fn mib(v: &Value) -> f64 {
+    f(v, "peak_rss_bytes") / (1024.0 * 1024.0)
+}
+
+fn hops(v: &mut Verdicts, quick: bool) {
+    println!("\n== 1. Stable ring path length (Chord SIGCOMM'01 Fig. 10: about 0.5*log2 N) ==");
+    println!(
+        "  {:>6} {:>14} {:>8} {:>8} {:>14} {:>8}",
+        "N", "fingers: mean", "p50", "p99", "with lists", "p99"
+    );
+    let top = if quick { 12 } else { 14 };
+    for exp in 3..=top {
+        let n = (1u64 << exp).to_string();
+        let base = [
+            "--nodes",
+            &n,
+            "--start",
+            "ideal",
+            "--churn",
+            "0",
+            "--duration",
+            "30s",
+            "--seed",
+            "1",
+            "--check",
+            "off",
+        ];
+        let k = if exp >= 12 { "2" } else { "8" };
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend_from_slice(QUIET);
+        a.extend_from_slice(&["--lookups-per-node-per-min", k]);
+        let mut fo = a.clone();
+        fo.push("--fingers-only");
+        let r_fo = &run(&fo)[0];
+        let r_wl = &run(&a)[0];
+        println!(
+            "  {:>6} {:>14.2} {:>8} {:>8} {:>14.2} {:>8}",
+            n,
+            f(r_fo, "lookups.mean_hops"),
+            f(r_fo, "lookups.p50_hops"),
+            f(r_fo, "lookups.p99_hops"),
+            f(r_wl, "lookups.mean_hops"),
+            f(r_wl, "lookups.p99_hops")
+        );
+        let log = exp as f64;
+        let ok = f(r_fo, "lookups.mean_hops") <= 0.5 * log + 1.0
+            && f(r_fo, "lookups.p99_hops") <= log + 2.0
+            && f(r_fo, "lookups.failed") == 0.0
+            && f(r_fo, "lookups.wrong") == 0.0;
+        v.check(
+            format!(
+                "N={n} fingers only: mean {:.2} <= {:.1}, p99 {} <= {}, {} lookups, 0 failed/wrong",
+                f(r_fo, "lookups.mean_hops"),
+                0.5 * log + 1.0,
+                f(r_fo, "lookups.p99_hops"),
+                log + 2.0,
+                f(r_fo, "lookups.count")
+            ),
+            ok,
+        );
+    }
+}
+
+fn mass_failure(v: &mut Verdicts) {
+    println!("\n== 2. Half of 1,000 nodes fail at once; 10,000 lookups before any repair (ToN'03: ~5.1 hops, none failed) ==");
+    let mut a = vec![
+        "--nodes",
+        "1000",
+        "--successors",
+        "20",
+        "--start",
+        "ideal",
+        "--churn",
+        "0",
+        "--fail-fraction",
+        "0.5",
+        "--fail-at",
+        "30s",
+        "--lookups-after-fail",
+        "10000",
+        "--duration",
+        "60s",
+        "--lookups-per-node-per-min",
+        "0",
+        "--seed",
+        "1",
+    ];
+    a.extend_from_slice(QUIET);
+    let r = &run(&a)[0];
+    println!(
+        "  lookups {} wrong {} failed {} mean hops {:.2} p99 {} timeouts/lookup {:.2}; ideal again {} ms after repair resumed",
+        f(r, "lookups.count"),
+        f(r, "lookups.wrong"),
+        f(r, "lookups.failed"),
+        f(r, "lookups.mean_hops"),
+        f(r, "lookups.p99_hops"),
+        f(r, "lookups.mean_timeouts"),
+        f(r, "converge_ms")
+    );
+    v.check(
+        format!(
+            "mass failure: 0 wrong ({}), 0 failed ({}), mean hops {:.2} <= 6, ideal after repair ({})",
+            f(r, "lookups.wrong"),
+            f(r, "lookups.failed"),
+            f(r, "lookups.mean_hops"),
+            r["converged"]
+        ),
+        f(r, "lookups.wrong") == 0.0
+            && f(r, "lookups.failed") == 0.0
+            && f(r, "lookups.mean_hops") <= 6.0
+            && r["converged"] == true,
+    );
+}
+
+fn churn(v: &mut Verdicts, quick: bool) {
+    let dur = if quick { "10min" } else { "1h" };
+    println!(
+        "\n== 3. Churn: 1,000 nodes, r=20, 0.4 joins/s and 0.4 leaves/s for {dur} (ToN'03) =="
+    );
+    let mut a = vec![
+        "--nodes",
+        "1000",
+        "--successors",
+        "20",
+        "--start",
+        "ideal",
+        "--churn",
+        "0.4",
+        "--duration",
+        dur,
+        "--lookups-per-node-per-min",
+        "1",
+        "--seed",
+        "1",
+    ];
+    a.extend_from_slice(QUIET);
+    let r = &run(&a)[0];
+    let failed = f(r, "lookups.failed") / f(r, "lookups.count");
+    println!(
+        "  lookups {} failed {} ({:.3}%) wrong {} mean hops {:.2} p99 {}; msgs/node/s {:.2}; {:.0} events in {:.1} s wall ({:.0} events/s), peak {:.0} MiB",
+        f(r, "lookups.count"),
+        f(r, "lookups.failed"),
+        failed * 100.0,
+        f(r, "lookups.wrong"),
+        f(r, "lookups.mean_hops"),
+        f(r, "lookups.p99_hops"),
+        f(r, "messages_per_node_per_s"),
+        f(r, "events"),
+        f(r, "wall_ms") / 1000.0,
+        f(r, "events_per_s"),
+        mib(r)
+    );
+    v.check(
+        format!(
+            "churn: failed {:.3}% <= 0.2%, mean hops {:.2} <= 4.5, invariants held, ideal after",
+            failed * 100.0,
+            f(r, "lookups.mean_hops")
+        ),
+        failed <= 0.002
+            && f(r, "lookups.mean_hops") <= 4.5
+            && f(r, "invariant_violations.count") == 0.0
+            && r["converged"] == true,
+    );
+    if !quick {
+        v.check(
+            format!(
+                "speed: 1,000 nodes x 1 simulated hour with churn in {:.1} s wall <= 60 s",
+                f(r, "wall_ms") / 1000.0
+            ),
+            f(r, "wall_ms") <= 60_000.0,
+        );
+    }
+}
+
+fn safety(v: &mut Verdicts, seeds: u64) {
+    println!("\n== 4. Safety over {seeds} swarm seeds (loss, duplication, reordering, partitions, clogs, pauses, crashes, churn) ==");
+    let s = seeds.to_string();
+    for (nodes, r) in [("24", "0"), ("32", "3"), ("24", "2")] {
+        let reps = run(&[
+            "--nodes",
+            nodes,
+            "--successors",
+            r,
+            "--swarm",
+            "--seeds",
+            &s,
+            "--seed",
+            "1000000",
+            "--duration",
+            "2min",
+        ]);
+        let failed: Vec<u64> = reps
+            .iter()
+            .filter(|x| x["invariant_violations"]["count"] != 0 || x["no_liveness"] == true)
+            .map(|x| x["seed"].as_u64().unwrap_or(0))
+            .collect();
+        let wrong: f64 = reps.iter().map(|x| f(x, "lookups.wrong")).sum();
+        let total: f64 = reps.iter().map(|x| f(x, "lookups.count")).sum();
+        v.check(
+            format!(
+                "zave, {nodes} nodes, r={}: {} of {} seeds held every invariant and converged{} (lookups under faults: {:.2}% wrong)",
+                reps[0]["successors"], reps.len() - failed.len(), reps.len(),
+                if failed.is_empty() { String::new() } else { format!("; failing seeds {failed:?}") },
+                100.0 * wrong / total.max(1.0)
+            ),
+            failed.is_empty(),
+        );
+    }
+}
+
+fn negative(v: &mut Verdicts, seeds: u64) {
+    println!("\n== 5. Negative control: the 2001 rules with r=2 on the same kind of seeds ==");
+    let s = seeds.to_string();
+    let reps = run(&[
+        "--nodes",
+        "24",
+        "--successors",
+        "2",
+        "--protocol",
+        "chord2001",
+        "--swarm",
+        "--seeds",
+        &s,
+        "--seed",
+        "1000000",
+        "--duration",
+        "2min",
+    ]);
+    let broken = reps
+        .iter()
+        .filter(|x| x["invariant_violations"]["count"] != 0)
+        .count();
+    let first = reps
+        .iter()
+        .find_map(|x| {
+            x["invariant_violations"]["first"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    v.check(
+        format!(
+            "chord2001: checkers caught violations on {broken} of {} seeds (e.g. {first})",
+            reps.len()
+        ),
+        broken * 5 >= reps.len(),
+    );
+}
+
+fn determinism(v: &mut Verdicts) {
+    println!("\n== 6. Replay ==");
+    let a = &run(&[
+        "--nodes",
+        "64",
+        "--swarm",
+        "--seed",
+        "42",
+        "--duration",
+        "5min",
+    ])[0];
+    let b = &run(&[
+        "--nodes",
+        "64",
+        "--swarm",
+        "--seed",
+        "42",
+        "--duration",
+        "5min",
+    ])[0];
+    let c = &run(&[
+        "--nodes",
+        "64",
+        "--swarm",
+        "--seed",
+        "43",
+        "--duration",
+        "5min",
+    ])[0];
+    v.check(
+        format!(
+            "seed 42 twice: {} / {}; seed 43: {}",
+            a["trace_hash"], b["trace_hash"], c["trace_hash"]
+        ),
+        a["trace_hash"] == b["trace_hash"] && a["trace_hash"] != c["trace_hash"],
+    );
+}
+
+fn scale(v: &mut Verdicts, quick: bool) {
+    println!("\n== 7. Scale ==");
+    let dur = if quick { "2min" } else { "10min" };
+    let mut a = vec![
+        "--nodes",
+        "10000",
+        "--start",
+        "ideal",
+        "--churn",
+        "4",
+        "--duration",
+        dur,
+        "--lookups-per-node-per-min",
+        "0.2",
+        "--seed",
+        "1",
+        "--check",
+        "sampled:10s",
+        "--converge-bound",
+        "1s",
+    ];
+    a.extend_from_slice(QUIET);
+    let r = &run(&a)[0];
+    let factor = f(r, "sim_ms") / f(r, "wall_ms");
+    println!(
+        "  10,000 nodes, churn 4/s: {:.0} s simulated in {:.1} s wall = {factor:.1}x real time, {:.0} events/s, peak {:.0} MiB",
+        f(r, "sim_ms") / 1000.0,
+        f(r, "wall_ms") / 1000.0,
+        f(r, "events_per_s"),
+        mib(r)
+    );
+    v.check(
+        format!("10,000 nodes at {factor:.1}x real time >= 10x"),
+        factor >= 10.0,
+    );
+    let n = if quick { "30000" } else { "100000" };
+    let mut a = vec![
+        "--nodes",
+        n,
+        "--start",
+        "ideal",
+        "--churn",
+        "0",
+        "--duration",
+        "60s",
+        "--lookups-per-node-per-min",
+        "0",
+        "--seed",
+        "1",
+        "--check",
+        "off",
+        "--converge-bound",
+        "1s",
+    ];
+    a.extend_from_slice(QUIET);
+    let r = &run(&a)[0];
+    println!(
+        "  {n} nodes start and run 60 s of stabilization: {:.1} s wall, {:.0} events/s, peak {:.0} MiB",
+        f(r, "wall_ms") / 1000.0,
+        f(r, "events_per_s"),
+        mib(r)
+    );
+    v.check(
+        format!("{n} nodes under 8 GiB: peak {:.0} MiB", mib(r)),
+        mib(r) < 8192.0,
+    );
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let seeds: u64 = args
+        .iter()
+        .position(|a| a == "--seeds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 100 } else { 1000 });
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--") && a.parse::<u64>().is_err())
+        .collect();
+    let want = |name: &str| picked.is_empty() || picked.contains(&name);
+    println!(
+        "peerstore-bench{} (simulator: {})",
+        if quick { " --quick" } else { "" },
+        sim_path().display()
+    );
+    let mut v = Verdicts { lines: Vec::new() };
+    if want("hops") {
+        hops(&mut v, quick);
+    }
+    if want("failure") {
+        mass_failure(&mut v);
+    }
+    if want("churn") {
+        churn(&mut v, quick);
+    }
+    if want("safety") {
+        safety(&mut v, seeds);
+    }
+    if want("negative") {
+        negative(&mut v, seeds.min(200));
+    }
+    if want("replay") {
+        determinism(&mut v);
+    }
+    if want("scale") {
+        scale(&mut v, quick);
+    }
+    let bad = v.lines.iter().filter(|(_, ok)| !ok).count();
+    println!("\n{} passed, {} failed", v.lines.len() - bad, bad);
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
