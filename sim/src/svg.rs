@@ -32,18 +32,15 @@ fn point(id: Id, cx: f64, cy: f64, rad: f64) -> (f64, f64) {
 
 fn ring_panel(s: &mut String, report: &Report, ring: &[RingPoint]) {
     let (cx, cy, rad) = (300.0, 320.0, 240.0);
+    let (verdict, colour) = if report.passed() {
+        ("held", "#222")
+    } else {
+        ("FAILED", "#d22")
+    };
     let _ = write!(
         s,
-        r#"<text x="20" y="24" font-size="15">Ring at end: seed {} · {} nodes · r={} · {} · {}</text>"#,
-        report.seed,
-        report.members_at_end,
-        report.successors,
-        report.protocol,
-        if report.passed() {
-            "invariants held"
-        } else {
-            "INVARIANT OR LIVENESS FAILURE"
-        }
+        r#"<text x="20" y="24" font-size="15" fill="{colour}">Ring at end: seed {} · {} nodes · r={} · {} · {verdict}</text>"#,
+        report.seed, report.members_at_end, report.successors, report.protocol
     );
     let _ = write!(
         s,
@@ -135,12 +132,27 @@ fn plot_panel(s: &mut String, report: &Report) {
             s,
             r#"<path d="{d}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#
         );
+        // Legend above the frame, where no line can run through it.
         let _ = write!(
             s,
             r#"<text x="{}" y="{}" fill="{colour}">{label}</text>"#,
-            x0 + 10.0,
-            y0 + 20.0 + dy
+            x0,
+            y0 - 30.0 + dy
         );
+    }
+    // A red tick wherever the checkers found a broken invariant.
+    let mut prev = 0;
+    for p in samples {
+        if p.violations > prev {
+            let (x, _) = xy(p.t_ms, 0.0);
+            let _ = write!(
+                s,
+                r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#d22" stroke-width="2"/>"##,
+                y0 + h - 14.0,
+                y0 + h
+            );
+        }
+        prev = p.violations;
     }
     let heal = report.config.duration_ms;
     {
@@ -174,9 +186,10 @@ fn plot_panel(s: &mut String, report: &Report) {
     };
     let _ = write!(
         s,
-        r#"<text x="{x0}" y="{}">violations: {} · {verdict} · lookups {} ({} failed, {} wrong), mean hops {:.2}</text>"#,
+        r#"<text x="{x0}" y="{}">invariant violations: {} · {verdict}</text><text x="{x0}" y="{}">lookups {} ({} failed, {} wrong), mean hops {:.2}</text>"#,
         y0 + h + 40.0,
         report.invariant_violations.count,
+        y0 + h + 58.0,
         report.lookups.count,
         report.lookups.failed,
         report.lookups.wrong,
