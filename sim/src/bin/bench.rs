@@ -58,6 +58,14 @@ fn run(args: &[&str]) -> Vec<Value> {
     docs
 }
 
+/// Runs one simulation on a fault-free network (only the experiment's own
+/// churn or failure) and returns its report.
+fn run_quiet(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend_from_slice(QUIET);
+    run(&a).remove(0)
+}
+
 struct Verdicts {
     lines: Vec<(String, bool)>,
 }
@@ -142,7 +150,7 @@ fn hops(v: &mut Verdicts, quick: bool) {
 
 fn mass_failure(v: &mut Verdicts) {
     println!("\n== 2. Half of 1,000 nodes fail at once; 10,000 lookups before any repair (ToN'03: ~5.1 hops, none failed) ==");
-    let mut a = vec![
+    let a = vec![
         "--nodes",
         "1000",
         "--successors",
@@ -164,8 +172,7 @@ fn mass_failure(v: &mut Verdicts) {
         "--seed",
         "1",
     ];
-    a.extend_from_slice(QUIET);
-    let r = &run(&a)[0];
+    let r = &run_quiet(&a);
     println!(
         "  lookups {} wrong {} failed {} mean hops {:.2} p99 {} timeouts/lookup {:.2}; ideal again {} ms after repair resumed",
         f(r, "lookups.count"),
@@ -196,7 +203,7 @@ fn churn(v: &mut Verdicts, quick: bool) {
     println!(
         "\n== 3. Churn: 1,000 nodes, r=20, 0.4 joins/s and 0.4 leaves/s for {dur} (ToN'03) =="
     );
-    let mut a = vec![
+    let a = vec![
         "--nodes",
         "1000",
         "--successors",
@@ -212,8 +219,7 @@ fn churn(v: &mut Verdicts, quick: bool) {
         "--seed",
         "1",
     ];
-    a.extend_from_slice(QUIET);
-    let r = &run(&a)[0];
+    let r = &run_quiet(&a);
     let failed = f(r, "lookups.failed") / f(r, "lookups.count");
     println!(
         "  lookups {} failed {} ({:.3}%) wrong {} mean hops {:.2} p99 {}; msgs/node/s {:.2}; {:.0} events in {:.1} s wall ({:.0} events/s), peak {:.0} MiB",
@@ -367,7 +373,7 @@ fn determinism(v: &mut Verdicts) {
 fn scale(v: &mut Verdicts, quick: bool) {
     println!("\n== 7. Scale ==");
     let dur = if quick { "2min" } else { "10min" };
-    let mut a = vec![
+    let a = vec![
         "--nodes",
         "10000",
         "--start",
@@ -385,8 +391,7 @@ fn scale(v: &mut Verdicts, quick: bool) {
         "--converge-bound",
         "1s",
     ];
-    a.extend_from_slice(QUIET);
-    let r = &run(&a)[0];
+    let r = &run_quiet(&a);
     let factor = f(r, "sim_ms") / f(r, "wall_ms");
     println!(
         "  10,000 nodes, churn 4/s: {:.0} s simulated in {:.1} s wall = {factor:.1}x real time, {:.0} events/s, peak {:.0} MiB",
@@ -400,7 +405,7 @@ fn scale(v: &mut Verdicts, quick: bool) {
         factor >= 10.0,
     );
     let n = if quick { "30000" } else { "100000" };
-    let mut a = vec![
+    let a = vec![
         "--nodes",
         n,
         "--start",
@@ -418,8 +423,7 @@ fn scale(v: &mut Verdicts, quick: bool) {
         "--converge-bound",
         "1s",
     ];
-    a.extend_from_slice(QUIET);
-    let r = &run(&a)[0];
+    let r = &run_quiet(&a);
     println!(
         "  {n} nodes start and run 60 s of stabilization: {:.1} s wall, {:.0} events/s, peak {:.0} MiB",
         f(r, "wall_ms") / 1000.0,
