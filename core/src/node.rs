@@ -180,6 +180,8 @@ pub struct Node {
     pred_fails: (u32, u64),
     /// When the first successor last went silent (cleared when it answers).
     succ_silent_since: Option<u64>,
+    /// When any peer last answered one of our requests.
+    last_reply_ms: u64,
     pending: BTreeMap<ReqId, Pending>,
     deadlines: BTreeSet<(u64, ReqId)>,
     lookups: BTreeMap<LookupId, Running>,
@@ -231,6 +233,7 @@ impl Node {
             succ_fails: (0, 0),
             pred_fails: (0, 0),
             succ_silent_since: None,
+            last_reply_ms: 0,
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             lookups: BTreeMap::new(),
@@ -1052,6 +1055,14 @@ impl Node {
         match self.pending.get(&req) {
             Some(p) if p.to.id == from.id => {
                 let p = self.pending.remove(&req).expect("present");
+                // If nobody at all answered us for a suspicion window, the
+                // silence was ours (we were cut off), not our successor's.
+                if now_ms.saturating_sub(self.last_reply_ms) >= self.cfg.suspect_ms
+                    && self.succ_silent_since.is_some()
+                {
+                    self.succ_silent_since = Some(now_ms);
+                }
+                self.last_reply_ms = now_ms;
                 self.deadlines.remove(&(p.deadline_ms, req));
                 self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
                 Some(p)
