@@ -101,6 +101,8 @@ struct Slot {
     /// Paused or cut off past the suspicion window until then (the fail
     /// guard counts the node as failed meanwhile).
     suspended_until: u64,
+    /// When the node last became a member.
+    joined_at: u64,
 }
 
 /// One line of the failure trace, kept compact and formatted only on failure.
@@ -335,6 +337,7 @@ impl World {
             member: false,
             departed: false,
             suspended_until: 0,
+            joined_at: 0,
         });
         self.member_pos.push(usize::MAX);
         k
@@ -355,6 +358,7 @@ impl World {
             return;
         }
         s.member = true;
+        s.joined_at = self.now;
         self.members.insert(s.peer.id, k);
         self.member_pos[k as usize] = self.member_list.len();
         self.member_list.push(k);
@@ -954,11 +958,22 @@ impl World {
             }
         }
         let views = self.views();
+        // A node that rejoined moments ago under its old id can look like a
+        // principal only because stale lists still name its old incarnation;
+        // the guard does not lean on it until it has been a member a while.
+        let settled = |id: &Id| {
+            self.members.get(id).is_some_and(|&j| {
+                let s = &self.slots[j as usize];
+                s.joined_at == 0
+                    || self.now.saturating_sub(s.joined_at) >= 10 * self.cfg.stabilize_ms
+            })
+        };
         let principals: Vec<Id> = check::principals(&views)
             .into_iter()
-            .filter(|p| live(p))
+            .filter(|p| live(p) && settled(p))
             .collect();
-        self.principals_cache.set(Some((self.now, principals.len())));
+        self.principals_cache
+            .set(Some((self.now, principals.len())));
         !(principals.contains(&f) && principals.len() <= self.r + 1)
     }
 
