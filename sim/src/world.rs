@@ -977,6 +977,13 @@ impl World {
         !(principals.contains(&f) && principals.len() <= self.r + 1)
     }
 
+    /// How long a node that was effectively failed (cut off, paused, or
+    /// rejoining under its old id) takes to count again for the fail guard:
+    /// its stale list spreads to its predecessor before it refreshes it.
+    fn settle_ms(&self) -> u64 {
+        10 * self.cfg.stabilize_ms
+    }
+
     fn crash(&mut self, k: u32, guarded: bool) -> bool {
         if guarded && self.slots[k as usize].member && !self.may_fail(k) {
             self.crashes_refused += 1;
@@ -1017,7 +1024,8 @@ impl World {
                             self.crashes_refused += 1;
                             return;
                         }
-                        self.slots[k as usize].suspended_until = self.now + for_ms;
+                        self.slots[k as usize].suspended_until =
+                            self.now + for_ms + self.settle_ms();
                     }
                     let s = &mut self.slots[k as usize];
                     s.paused_until = s.paused_until.max(self.now + for_ms);
@@ -1033,7 +1041,8 @@ impl World {
                             return;
                         }
                         Some(k) if for_ms >= self.cfg.suspect_ms / 2 => {
-                            self.slots[k as usize].suspended_until = self.now + for_ms;
+                            self.slots[k as usize].suspended_until =
+                                self.now + for_ms + self.settle_ms();
                             Cut::Isolate { node: k }
                         }
                         Some(k) => Cut::Isolate { node: k },

@@ -3,7 +3,8 @@
 //! node, a lost reply skipping a live node, a graceful leave below r+1
 //! principals, a long witness chain stalling repair, a wrapped list sending a
 //! join the wrong way, an isolated node blaming its successor, and the fail
-//! guard leaning on a node that had just rejoined under its old id.
+//! guard leaning on a node that had just rejoined under its old id or had
+//! just come back from isolation with a stale list.
 
 mod common;
 
