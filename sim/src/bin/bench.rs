@@ -373,39 +373,47 @@ fn determinism(v: &mut Verdicts) {
 fn scale(v: &mut Verdicts, quick: bool) {
     println!("\n== 7. Scale ==");
     let dur = if quick { "2min" } else { "10min" };
-    let a = vec![
-        "--nodes",
-        "10000",
-        "--start",
-        "ideal",
-        "--churn",
-        "4",
-        "--duration",
-        dur,
-        "--lookups-per-node-per-min",
-        "0.2",
-        "--seed",
-        "1",
-        "--check",
-        "sampled:10s",
-        "--converge-bound",
-        "1s",
-    ];
-    let r = &run_quiet(&a);
-    let factor = f(r, "sim_ms") / f(r, "wall_ms");
-    println!(
-        "  10,000 nodes, churn 4/s: {:.0} s simulated in {:.1} s wall = {factor:.1}x real time, {:.0} events/s, peak {:.0} MiB",
-        f(r, "sim_ms") / 1000.0,
-        f(r, "wall_ms") / 1000.0,
-        f(r, "events_per_s"),
-        mib(r)
-    );
-    v.check(
-        format!("10,000 nodes at {factor:.1}x real time >= 10x"),
-        factor >= 10.0,
-    );
+    // Maintenance every second is aggressive for 10,000 nodes (deployed Chord
+    // rings stabilize every few to thirty seconds); both are reported.
+    for (stab, fingers) in [("1s", "5s"), ("5s", "25s")] {
+        let r = &run_quiet(&[
+            "--nodes",
+            "10000",
+            "--start",
+            "ideal",
+            "--churn",
+            "4",
+            "--duration",
+            dur,
+            "--lookups-per-node-per-min",
+            "0.2",
+            "--seed",
+            "1",
+            "--check",
+            "sampled:10s",
+            "--converge-bound",
+            "1s",
+            "--stabilize",
+            stab,
+            "--fix-fingers",
+            fingers,
+        ]);
+        let factor = f(r, "sim_ms") / f(r, "wall_ms");
+        println!(
+            "  10,000 nodes, churn 4/s, stabilize {stab}, fingers {fingers}: {:.0} s simulated in {:.1} s wall = {factor:.1}x real time, {:.0} events/s, {:.1} msgs/node/s, peak {:.0} MiB",
+            f(r, "sim_ms") / 1000.0,
+            f(r, "wall_ms") / 1000.0,
+            f(r, "events_per_s"),
+            f(r, "messages_per_node_per_s"),
+            mib(r)
+        );
+        v.check(
+            format!("10,000 nodes (stabilize {stab}) at {factor:.1}x real time >= 10x"),
+            factor >= 10.0,
+        );
+    }
     let n = if quick { "30000" } else { "100000" };
-    let a = vec![
+    let r = &run_quiet(&[
         "--nodes",
         n,
         "--start",
@@ -422,12 +430,12 @@ fn scale(v: &mut Verdicts, quick: bool) {
         "off",
         "--converge-bound",
         "1s",
-    ];
-    let r = &run_quiet(&a);
+    ]);
     println!(
-        "  {n} nodes start and run 60 s of stabilization: {:.1} s wall, {:.0} events/s, peak {:.0} MiB",
+        "  {n} nodes start and run 60 s of stabilization: {:.1} s wall, {:.0} events/s, ideal at the end: {}, peak {:.0} MiB",
         f(r, "wall_ms") / 1000.0,
         f(r, "events_per_s"),
+        r["converged"],
         mib(r)
     );
     v.check(
