@@ -117,9 +117,11 @@ enum Wait {
     /// different path. Only a positive answer ("my predecessor is no longer the
     /// suspect or anything after it") drops the suspect; silence keeps it, so a
     /// node cut off from everyone keeps its list instead of skipping live nodes.
+    /// `hops` counts every witness asked, `answered` those that replied.
     ConfirmDead {
         suspect: Peer,
         hops: u8,
+        answered: u8,
     },
     StabilizeCandidate,
     CheckPred,
@@ -633,11 +635,15 @@ impl Node {
                         && self.succs.len() > 1
                     {
                         let witness = self.succs[1];
-                        self.confirm_dead(now_ms, p.to, witness, 1);
+                        self.confirm_dead(now_ms, p.to, witness, 1, 0);
                     }
                 }
             }
-            Wait::ConfirmDead { suspect, hops } => {
+            Wait::ConfirmDead {
+                suspect,
+                hops,
+                answered,
+            } => {
                 // The witness is silent too: ask the next entry after it, or
                 // give up without evidence (and keep the suspect).
                 self.stabilizing = false;
@@ -648,7 +654,7 @@ impl Node {
                     .and_then(|i| self.succs.get(i + 1))
                     .copied();
                 if let Some(next) = after.filter(|_| hops < CONFIRM_HOPS_MAX) {
-                    self.confirm_dead(now_ms, suspect, next, hops + 1);
+                    self.confirm_dead(now_ms, suspect, next, hops + 1, answered);
                 }
             }
             Wait::StabilizeCandidate => {
@@ -718,7 +724,7 @@ impl Node {
         }
     }
 
-    fn confirm_dead(&mut self, now_ms: u64, suspect: Peer, witness: Peer, hops: u8) {
+    fn confirm_dead(&mut self, now_ms: u64, suspect: Peer, witness: Peer, hops: u8, answered: u8) {
         if witness.id == self.me.id || witness.id == suspect.id {
             return;
         }
@@ -727,7 +733,11 @@ impl Node {
             now_ms,
             witness,
             |req| Message::GetState { req },
-            Wait::ConfirmDead { suspect, hops },
+            Wait::ConfirmDead {
+                suspect,
+                hops,
+                answered,
+            },
             true,
         );
     }
@@ -975,8 +985,13 @@ impl Node {
                         self.checking_pred = false;
                         self.pred_fails = (0, 0);
                     }
-                    Wait::ConfirmDead { suspect, hops } => {
+                    Wait::ConfirmDead {
+                        suspect,
+                        hops,
+                        answered,
+                    } => {
                         self.stabilizing = false;
+                        let answered = answered.saturating_add(1);
                         match pred {
                             Some(x) if x.id == suspect.id => {} // alive to its successor
                             // A node between the suspect and the witness: it is
@@ -984,17 +999,22 @@ impl Node {
                             Some(x)
                                 if x.id.in_open(suspect.id, from.id) && hops < CONFIRM_HOPS_MAX =>
                             {
-                                self.confirm_dead(now_ms, suspect, x, hops + 1)
+                                self.confirm_dead(now_ms, suspect, x, hops + 1, answered)
                             }
                             // The walk from the witness back towards the suspect
                             // is longer than we will go: our list is badly stale.
                             // A suspect silent for three suspicion windows goes
                             // (the alternative, keeping it, would stall repair).
+                            // Only a walk mostly made of answers counts: one
+                            // that bounced between silent witnesses says
+                            // nothing about the suspect.
                             Some(x) if x.id.in_open(suspect.id, from.id) => {
                                 let silent_ms = self
                                     .succ_silent_since
                                     .map_or(0, |t| now_ms.saturating_sub(t));
-                                if silent_ms >= 3 * self.cfg.suspect_ms {
+                                if silent_ms >= 3 * self.cfg.suspect_ms
+                                    && answered >= CONFIRM_HOPS_MAX / 2
+                                {
                                     self.drop_first_successor(suspect);
                                 }
                             }
