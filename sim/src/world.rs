@@ -940,7 +940,28 @@ impl World {
                 .is_some_and(|&j| self.slots[j as usize].suspended_until <= self.now)
         };
         let f = self.slots[k as usize].peer.id;
-        for s in self.slots.iter().filter(|s| s.member && s.peer.id != f) {
+        // Who lists f? In a large ring, only nodes shortly before it (a list
+        // spans r successors); in a small one, scan everybody.
+        let holders: Vec<u32> = if self.members.len() > 8 * self.r {
+            let before = self
+                .members
+                .range(..f)
+                .rev()
+                .chain(self.members.range(f..).rev());
+            before
+                .map(|(_, &j)| j)
+                .filter(|&j| j != k)
+                .take(3 * self.r)
+                .collect()
+        } else {
+            self.member_list
+                .iter()
+                .copied()
+                .filter(|&j| j != k)
+                .collect()
+        };
+        for j in holders {
+            let s = &self.slots[j as usize];
             let n = s.node.as_ref().expect("members have state");
             if n.successors().iter().any(|p| p.id == f)
                 && !n.successors().iter().any(|p| p.id != f && live(&p.id))
@@ -949,10 +970,12 @@ impl World {
             }
         }
         // Counting principals costs O(N r log N). In a large ring their number
-        // is far above r+1, so a count less than a second old with a wide
-        // margin answers without recounting (failures are rare next to that).
+        // is far above r+1, so a recent count with a wide margin answers
+        // without recounting.
         if let Some((at, count)) = self.principals_cache.get() {
-            if self.now.saturating_sub(at) < 1_000 && count > 3 * (self.r + 1) {
+            // Each allowed failure takes one off the cached count, joins add
+            // nothing: the cache only ever errs towards refusing.
+            if self.now.saturating_sub(at) < 30_000 && count > 3 * (self.r + 1) {
                 self.principals_cache.set(Some((at, count - 1)));
                 return true;
             }
