@@ -184,6 +184,8 @@ pub struct Node {
     succ_silent_since: Option<u64>,
     /// When any peer last answered one of our requests.
     last_reply_ms: u64,
+    /// When our predecessor last sent us anything.
+    pred_heard_ms: u64,
     pending: BTreeMap<ReqId, Pending>,
     deadlines: BTreeSet<(u64, ReqId)>,
     lookups: BTreeMap<LookupId, Running>,
@@ -236,6 +238,7 @@ impl Node {
             pred_fails: (0, 0),
             succ_silent_since: None,
             last_reply_ms: 0,
+            pred_heard_ms: 0,
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             lookups: BTreeMap::new(),
@@ -606,7 +609,9 @@ impl Node {
         }
         if self.next_check_pred_ms <= now_ms {
             self.next_check_pred_ms = now_ms + self.jittered(self.cfg.check_pred_ms);
-            if !self.checking_pred {
+            let heard_recently = self.pred.is_some()
+                && now_ms.saturating_sub(self.pred_heard_ms) < self.cfg.check_pred_ms;
+            if !self.checking_pred && !heard_recently {
                 self.start_check_pred(now_ms);
             }
         }
@@ -807,6 +812,10 @@ impl Node {
         }
         self.succ_fails = (0, 0);
         self.succ_silent_since = None;
+        // Notify only tells s what it may not know: if s already has us as
+        // its predecessor there is nothing to say (a third of stabilize's
+        // messages in a steady ring).
+        let already_pred = x.map(|x| x.id) == Some(self.me.id);
         let x = x.filter(|x| x.id.in_open(self.me.id, s.id));
         match self.cfg.protocol {
             Protocol::Zave => {
@@ -822,7 +831,9 @@ impl Node {
                     ),
                     None => {
                         self.stabilizing = false;
-                        self.send_maintenance(s, Message::Notify);
+                        if !already_pred {
+                            self.send_maintenance(s, Message::Notify);
+                        }
                     }
                 }
             }
@@ -908,6 +919,12 @@ impl Node {
             self.stats.dropped_unexpected += 1;
             return;
         }
+        if self.pred.map(|p| p.id) == Some(from.id) {
+            // Our predecessor stabilizes with us every period: that is the
+            // liveness check, and a separate ping would only repeat it.
+            self.pred_heard_ms = now_ms;
+            self.pred_fails = (0, 0);
+        }
         match msg {
             Message::GetState { req } => {
                 let member = self.status == Status::Joined;
@@ -979,7 +996,9 @@ impl Node {
                         self.stabilizing = false;
                         let l = self.sanitize(std::iter::once(from).chain(succs));
                         self.set_succs(l);
-                        self.send_maintenance(from, Message::Notify);
+                        if pred.map(|x| x.id) != Some(self.me.id) {
+                            self.send_maintenance(from, Message::Notify);
+                        }
                     }
                     Wait::CheckPred => {
                         self.checking_pred = false;

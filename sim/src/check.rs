@@ -302,13 +302,35 @@ pub fn principals(views: &[View]) -> Vec<Id> {
 /// Every member with one member that skips it, if any.
 fn skips(views: &[View]) -> Vec<(Id, Option<Id>)> {
     let members = Members::new(views.iter().map(|v| v.id).collect());
-    let mut skipped: Vec<Option<Id>> = vec![None; members.len()];
+    let n = members.len();
+    let mut skipped: Vec<Option<Id>> = vec![None; n];
     for v in views {
+        // Walk the list along the sorted members: for a correct list each
+        // entry is the very next member, so no search is needed.
         let mut a = v.id;
+        let mut next = members
+            .sorted
+            .binary_search(&v.id)
+            .map(|i| (i + 1) % n)
+            .ok();
         for p in v.succs {
-            members.strictly_between(a, p.id, |k| {
-                skipped[k].get_or_insert(v.id);
-            });
+            let start = match next {
+                Some(i) => i,
+                None => match members.sorted.binary_search(&a) {
+                    Ok(i) => (i + 1) % n,
+                    Err(i) => i % n,
+                },
+            };
+            let mut i = start;
+            for _ in 0..n {
+                let x = members.sorted[i];
+                if !x.in_open(a, p.id) {
+                    break;
+                }
+                skipped[i].get_or_insert(v.id);
+                i = (i + 1) % n;
+            }
+            next = (members.sorted[i] == p.id).then_some((i + 1) % n);
             a = p.id;
         }
     }
@@ -354,20 +376,23 @@ pub fn check_ideal(views: &[View], r: usize, with_fingers: bool) -> IdealReport 
     };
     let want_len = r.min(n.saturating_sub(1));
     for v in views {
+        // Views are members, so their own position is found once.
+        let at = members
+            .sorted
+            .binary_search(&v.id)
+            .expect("a view is a member");
+        let nth = |k: usize| members.sorted[(at + k) % n];
         let succ0 = v.succs.first().map(|p| p.id);
-        let true_succ = (n > 1).then(|| members.nth_after(v.id, 1));
+        let true_succ = (n > 1).then(|| nth(1));
         if succ0 != true_succ {
             rep.succ_wrong += 1;
         }
         let list_ok = v.succs.len() == want_len
-            && v.succs
-                .iter()
-                .enumerate()
-                .all(|(k, p)| p.id == members.nth_after(v.id, k + 1));
+            && v.succs.iter().enumerate().all(|(k, p)| p.id == nth(k + 1));
         if !list_ok {
             rep.list_wrong += 1;
         }
-        let true_pred = (n > 1).then(|| members.nth_after(v.id, n - 1));
+        let true_pred = (n > 1).then(|| nth(n - 1));
         if v.pred.map(|p| p.id) != true_pred {
             rep.pred_wrong += 1;
         }
