@@ -182,8 +182,11 @@ pub struct Node {
     pred_fails: (u32, u64),
     /// When the first successor last went silent (cleared when it answers).
     succ_silent_since: Option<u64>,
-    /// When any peer last answered one of our requests.
+    /// When any peer last answered one of our requests, and when a request
+    /// to someone other than our first successor last timed out: both
+    /// silent together means we were the one cut off.
     last_reply_ms: u64,
+    last_other_timeout_ms: u64,
     /// When our predecessor last sent us anything.
     pred_heard_ms: u64,
     pending: BTreeMap<ReqId, Pending>,
@@ -238,6 +241,7 @@ impl Node {
             pred_fails: (0, 0),
             succ_silent_since: None,
             last_reply_ms: 0,
+            last_other_timeout_ms: 0,
             pred_heard_ms: 0,
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
@@ -625,6 +629,9 @@ impl Node {
 
     fn request_timed_out(&mut self, now_ms: u64, p: Pending) {
         self.stats.timeouts += 1;
+        if self.succs.first().map(|x| x.id) != Some(p.to.id) {
+            self.last_other_timeout_ms = now_ms;
+        }
         // One late reply is common on a jittery path; two in a row is a pattern.
         if self.rtt.missed(p.to.id) >= 2 {
             self.forget_finger(p.to.id);
@@ -1094,9 +1101,11 @@ impl Node {
         match self.pending.get(&req) {
             Some(p) if p.to.id == from.id => {
                 let p = self.pending.remove(&req).expect("present");
-                // If nobody at all answered us for a suspicion window, the
-                // silence was ours (we were cut off), not our successor's.
+                // If nobody at all answered us for a suspicion window while
+                // others timed out too, the silence was ours (we were cut
+                // off), not our successor's.
                 if now_ms.saturating_sub(self.last_reply_ms) >= self.cfg.suspect_ms
+                    && self.last_other_timeout_ms > self.last_reply_ms
                     && self.succ_silent_since.is_some()
                 {
                     self.succ_silent_since = Some(now_ms);

@@ -942,7 +942,7 @@ impl World {
         let f = self.slots[k as usize].peer.id;
         // Who lists f? In a large ring, only nodes shortly before it (a list
         // spans r successors); in a small one, scan everybody.
-        let holders: Vec<u32> = if self.members.len() > 8 * self.r {
+        let holders: Vec<u32> = if self.members.len() > (8 * self.r).max(128) {
             let before = self
                 .members
                 .range(..f)
@@ -951,7 +951,7 @@ impl World {
             before
                 .map(|(_, &j)| j)
                 .filter(|&j| j != k)
-                .take(3 * self.r)
+                .take((3 * self.r).max(64))
                 .collect()
         } else {
             self.member_list
@@ -966,6 +966,21 @@ impl World {
             if n.successors().iter().any(|p| p.id == f)
                 && !n.successors().iter().any(|p| p.id != f && live(&p.id))
             {
+                return false;
+            }
+        }
+        // A joiner copies a list the moment it joins (atomic in Zave's model,
+        // a round trip here): while one is joining just before f, f's
+        // failure could hand it a list with no live entry. Wait for it.
+        for s in self.slots.iter().filter(|s| {
+            s.node.as_ref().map(|n| n.status()) == Some(peerstore_core::Status::Joining)
+        }) {
+            let after = self
+                .members
+                .range(s.peer.id..)
+                .chain(self.members.range(..s.peer.id))
+                .take(self.r + 1);
+            if after.map(|(id, _)| *id).any(|id| id == f) {
                 return false;
             }
         }

@@ -21,31 +21,29 @@ fn replay(nodes: usize, successors: usize, seed: u64, minutes: u64) {
 
 #[test]
 fn swarm_seeds_that_once_failed() {
-    for seed in [
-        1, 3, 5, 6, 9, 10, 11, 14, 1554, 1591, 1733, 1265, 1272, 1284,
-    ] {
+    let default_r = [
+        1, 3, 5, 6, 9, 10, 11, 14, 1554, 1591, 1733, 1265, 1272, 1284, 109_064, 300_141, 302_512,
+        303_406, 305_381, 305_862, 308_671, 701_924, 803_314, 807_952,
+    ];
+    for seed in default_r {
         replay(24, 0, seed, 2);
     }
     for seed in [5018, 5083, 5111, 5121, 5125, 5214] {
         replay(40, 3, seed, 3);
     }
-    for seed in [20, 29, 89, 9022, 9063, 9073] {
+    replay(32, 3, 1_000_659, 2);
+    for seed in [20, 29, 89, 9022, 9063, 9073, 1_000_350, 1_000_957] {
         replay(24, 2, seed, 2);
     }
 }
 
-/// Still failing, kept visible: 2 of 10,000 swarm seeds (803314, 807952) in
-/// the last sweep. In 803314 only the 11 base nodes are members (r+1 = 11,
-/// no margin), loss is 6% with duplication and a link is clogged. A node's
-/// first successor stays silent to it for seconds; the node after that has
-/// also lost it as predecessor (its own check timed out), so the node offers
-/// itself, is taken as that witness's predecessor, and reads this as
-/// evidence that the suspect is gone. Two independent paths failing at once
-/// is the failure detector's residual false positive; a third opinion, or
-/// a longer window before offering oneself, would make it rarer still.
+/// Still failing, kept visible: 1 of 10,000 swarm seeds in the last sweep
+/// (24 nodes, r = 10): 10 principals where r+1 = 11, 16 s into the run, while
+/// nodes are still joining onto the 11-node base (no margin). Not yet
+/// investigated; earlier failures of this kind were the fail guard letting a
+/// failure through on a count that a stale list then undercut.
 #[test]
-#[ignore = "known rare false failure detection under heavy loss; see the comment"]
-fn heavy_loss_drops_a_live_successor() {
-    replay(24, 0, 803_314, 2);
-    replay(24, 0, 807_952, 2);
+#[ignore = "known rare principal-count violation, seed 909414; not yet investigated"]
+fn principal_count_during_the_join_phase() {
+    replay(24, 0, 909_414, 2);
 }
