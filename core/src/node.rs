@@ -182,7 +182,11 @@ pub struct Node {
     pred_fails: (u32, u64),
     /// When the first successor last went silent (cleared when it answers).
     succ_silent_since: Option<u64>,
-
+    /// When any peer last answered one of our requests, and when a request
+    /// to someone other than our first successor last timed out: both
+    /// silent together means we were the one cut off.
+    last_reply_ms: u64,
+    last_other_timeout_ms: u64,
     /// When our predecessor last sent us anything.
     pred_heard_ms: u64,
     pending: BTreeMap<ReqId, Pending>,
@@ -236,7 +240,8 @@ impl Node {
             succ_fails: (0, 0),
             pred_fails: (0, 0),
             succ_silent_since: None,
-
+            last_reply_ms: 0,
+            last_other_timeout_ms: 0,
             pred_heard_ms: 0,
             pending: BTreeMap::new(),
             deadlines: BTreeSet::new(),
@@ -624,7 +629,9 @@ impl Node {
 
     fn request_timed_out(&mut self, now_ms: u64, p: Pending) {
         self.stats.timeouts += 1;
-
+        if self.succs.first().map(|x| x.id) != Some(p.to.id) {
+            self.last_other_timeout_ms = now_ms;
+        }
         // One late reply is common on a jittery path; two in a row is a pattern.
         if self.rtt.missed(p.to.id) >= 2 {
             self.forget_finger(p.to.id);
@@ -658,13 +665,8 @@ impl Node {
                     .position(|x| x.id == p.to.id)
                     .and_then(|i| self.succs.get(i + 1))
                     .copied();
-                match after.filter(|_| hops < CONFIRM_HOPS_MAX) {
-                    Some(next) => self.confirm_dead(now_ms, suspect, next, hops + 1, answered),
-                    // Not one witness answered: the silence may well be ours
-                    // (we are cut off), so the suspect's silence clock starts
-                    // over rather than count against it.
-                    None if answered == 0 => self.succ_silent_since = Some(now_ms),
-                    None => {}
+                if let Some(next) = after.filter(|_| hops < CONFIRM_HOPS_MAX) {
+                    self.confirm_dead(now_ms, suspect, next, hops + 1, answered);
                 }
             }
             Wait::StabilizeCandidate => {
@@ -1042,19 +1044,10 @@ impl Node {
                                     self.drop_first_successor(suspect);
                                 }
                             }
-                            // The witness has no predecessor: it lost the
-                            // suspect too (or has just joined). Weak evidence:
-                            // enough only after a long silence. (Offering
-                            // ourselves as its predecessor instead made a fresh
-                            // joiner vouch against a live but slow suspect.)
-                            None => {
-                                let silent_ms = self
-                                    .succ_silent_since
-                                    .map_or(0, |t| now_ms.saturating_sub(t));
-                                if silent_ms >= 3 * self.cfg.suspect_ms {
-                                    self.drop_first_successor(suspect);
-                                }
-                            }
+                            // The witness has lost its predecessor: no evidence
+                            // yet. Offer ourselves; if the suspect is alive it
+                            // will win the witness back with its own notify.
+                            None => self.send_maintenance(from, Message::Notify),
                             // The witness's predecessor now lies before the
                             // suspect: it has replaced the suspect.
                             Some(_) => self.drop_first_successor(suspect),
@@ -1108,7 +1101,16 @@ impl Node {
         match self.pending.get(&req) {
             Some(p) if p.to.id == from.id => {
                 let p = self.pending.remove(&req).expect("present");
-
+                // If nobody at all answered us for a suspicion window while
+                // others timed out too, the silence was ours (we were cut
+                // off), not our successor's.
+                if now_ms.saturating_sub(self.last_reply_ms) >= self.cfg.suspect_ms
+                    && self.last_other_timeout_ms > self.last_reply_ms
+                    && self.succ_silent_since.is_some()
+                {
+                    self.succ_silent_since = Some(now_ms);
+                }
+                self.last_reply_ms = now_ms;
                 self.deadlines.remove(&(p.deadline_ms, req));
                 self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
                 Some(p)
