@@ -37,13 +37,18 @@ fn swarm_seeds_that_once_failed() {
     }
 }
 
-/// Still failing, kept visible: 1 of 10,000 swarm seeds in the last sweep
-/// (24 nodes, r = 10): 10 principals where r+1 = 11, 16 s into the run, while
-/// nodes are still joining onto the 11-node base (no margin). Not yet
-/// investigated; earlier failures of this kind were the fail guard letting a
-/// failure through on a count that a stale list then undercut.
+/// Still failing, kept visible: 1 of 10,000 swarm seeds (24 nodes,
+/// r = 10). Only a clogged link is at play. A base node's first successor
+/// is slow behind the clog; the witness after it is a fresh joiner with no
+/// predecessor yet. The node offers itself as that joiner's predecessor, and
+/// the next walk reads the joiner's answer as proof that the suspect has
+/// gone, so a live base node is dropped at exactly r+1 principals. Treating
+/// a predecessor-less witness as weak evidence (drop only after long silence)
+/// fixes this seed but made about 1 in 1,000 seeds fail behind long clogs,
+/// so it was reverted. The real fix is probably to tell a fresh joiner from a
+/// node that lost its predecessor (e.g. a "joined at" age in State).
 #[test]
-#[ignore = "known rare principal-count violation, seed 909414; not yet investigated"]
-fn principal_count_during_the_join_phase() {
+#[ignore = "known rare false failure verdict, seed 909414; see the comment"]
+fn fresh_joiner_vouches_against_a_slow_successor() {
     replay(24, 0, 909_414, 2);
 }
