@@ -52,3 +52,12 @@ fn swarm_seeds_that_once_failed() {
 fn fresh_joiner_vouches_against_a_slow_successor() {
     replay(24, 0, 909_414, 2);
 }
+
+/// Also failing, not yet investigated: the one failing seed of the final
+/// 10,000-seed sweep (seeds 1,200,000 and up), 10 principals where r+1 = 11
+/// at 17 s, during the join phase.
+#[test]
+#[ignore = "known rare principal-count violation, seed 1202371; not yet investigated"]
+fn final_sweep_failure() {
+    replay(24, 0, 1_202_371, 2);
+}
