@@ -1240,8 +1240,8 @@ impl World {
                 Some(n) => eprintln!(
                     "  {:?} slot={k} member={} pending={} status={:?} pred={:?} succs={:?}",
                     s.peer.id,
-                    n.pending_requests(),
                     s.member,
+                    n.pending_requests(),
                     n.status(),
                     n.predecessor().map(|p| p.id),
                     n.successors().iter().map(|p| p.id).collect::<Vec<_>>()
