@@ -396,7 +396,7 @@ impl Node {
                         .collect();
                     for p in targets {
                         if told.insert(p.id) {
-                            self.send(p, Message::Leaving);
+                            self.send_maintenance(p, Message::Leaving);
                         }
                     }
                 }
@@ -1155,11 +1155,6 @@ impl Node {
     }
 
     fn send_maintenance(&mut self, to: Peer, msg: Message) {
-        self.stats.sent_maintenance += 1;
-        self.push_send(to, msg);
-    }
-
-    fn send(&mut self, to: Peer, msg: Message) {
         self.stats.sent_maintenance += 1;
         self.push_send(to, msg);
     }

@@ -57,10 +57,6 @@ impl Network {
         }
     }
 
-    pub fn config(&self) -> &NetConfig {
-        &self.cfg
-    }
-
     fn one_latency(&self, rng: &mut ChaCha8Rng) -> u64 {
         let cap = self.cfg.latency_median_ms * 20.0;
         let mut ms = self.latency.sample(rng).min(cap).max(1.0) as u64;
@@ -140,10 +136,6 @@ impl Network {
         self.cfg.loss = 0.0;
         self.cfg.duplicate = 0.0;
         self.cfg.reorder = 0.0;
-    }
-
-    pub fn active_cuts(&self) -> usize {
-        self.cuts.len()
     }
 }
 

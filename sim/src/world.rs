@@ -292,10 +292,6 @@ impl World {
         }
     }
 
-    pub fn config(&self) -> &SimConfig {
-        &self.cfg
-    }
-
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
         let idx = match self.slab_free.pop() {
