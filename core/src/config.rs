@@ -49,6 +49,39 @@ pub struct Config {
     /// Wait before retrying a failed join.
     pub join_retry_ms: u64,
     pub join_attempts_max: u32,
+
+    // ----- storage -----
+    /// R: copies of every item, on the key's successor and the next R-1.
+    pub replicas: usize,
+    /// W: durable copies before a write is acknowledged.
+    pub write_quorum: usize,
+    /// Smallest RSA key a record or tombstone may be signed with.
+    pub min_key_bits: usize,
+    /// Added to a storage request's timeout (disk and transfer time).
+    pub store_timeout_ms: u64,
+    /// Anti-entropy period: each tick syncs our primary range with one of
+    /// the next R-1 successors, in turn.
+    pub sync_ms: u64,
+    /// Hand-off walk period: each tick checks one run of held keys we may
+    /// no longer be a replica for.
+    pub handoff_ms: u64,
+    /// A range with at most this many keys is answered with its key list;
+    /// a bigger one is split into `sync_split` sub-range digests.
+    pub sync_keys_max: usize,
+    pub sync_split: usize,
+    /// Repair traffic (anti-entropy pushes) per second, in bytes.
+    pub repair_bytes_per_s: u64,
+    /// Pushes queued for repair at most; more wait for the next round.
+    pub push_queue_max: usize,
+    /// Bytes of writes handed to the disk and not yet durable; a put past
+    /// this is answered Busy.
+    pub inflight_bytes_max: u64,
+    /// Client puts and gets coordinated at once.
+    pub store_ops_max: usize,
+    /// Keys one hand-off moves at most.
+    pub handoff_keys_max: usize,
+    /// How long a graceful leave waits for its hand-off before going anyway.
+    pub leave_handoff_ms: u64,
 }
 
 impl Default for Config {
@@ -72,6 +105,20 @@ impl Default for Config {
             route_via_successor_lists: true,
             join_retry_ms: 2_000,
             join_attempts_max: 8,
+            replicas: 3,
+            write_quorum: 2,
+            min_key_bits: crate::record::MIN_KEY_BITS_DEFAULT,
+            store_timeout_ms: 5_000,
+            sync_ms: 5_000,
+            handoff_ms: 5_000,
+            sync_keys_max: 128,
+            sync_split: 16,
+            repair_bytes_per_s: 16 << 20,
+            push_queue_max: 4_096,
+            inflight_bytes_max: 64 << 20,
+            store_ops_max: 1_024,
+            handoff_keys_max: 1_024,
+            leave_handoff_ms: 30_000,
         }
     }
 }

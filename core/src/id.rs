@@ -12,7 +12,7 @@ use std::fmt;
 pub const ID_BITS: usize = 160;
 
 /// A point on the identifier ring: a node id or a key position.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Id(pub [u8; 20]);
 
 impl Ord for Id {
@@ -50,6 +50,28 @@ impl Id {
     pub fn from_u128(v: u128) -> Id {
         let mut out = [0u8; 20];
         out[4..].copy_from_slice(&v.to_be_bytes());
+        Id(out)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 20] {
+        &self.0
+    }
+
+    /// The low 128 bits (tests, small rings).
+    pub fn low_u128(self) -> u128 {
+        self.parts().1
+    }
+
+    /// floor(self / d) for a small divisor (splitting key ranges).
+    pub fn div_small(self, d: u32) -> Id {
+        assert!(d > 0, "division by zero");
+        let mut out = [0u8; 20];
+        let mut rem: u64 = 0;
+        for (i, b) in self.0.iter().enumerate() {
+            let cur = (rem << 8) | *b as u64;
+            out[i] = (cur / d as u64) as u8;
+            rem = cur % d as u64;
+        }
         Id(out)
     }
 

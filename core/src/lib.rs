@@ -10,13 +10,19 @@ pub mod config;
 pub mod id;
 pub mod lookup;
 pub mod node;
+pub mod record;
 pub mod rtt;
+pub mod store;
+pub mod vnode;
 pub mod wire;
 
 pub use config::{Config, Protocol};
 pub use id::{Id, NodeId, ID_BITS};
 pub use lookup::{LookupError, LookupId};
 pub use node::{
-    CmdId, CmdResult, Command, Event, Input, LookupOk, Node, NodeStats, Output, Status,
+    CmdId, CmdResult, Command, Event, Input, IoId, LookupOk, Node, NodeStats, Output, PutOk,
+    Status, StorageOp, StorageResult, StoreStats,
 };
-pub use wire::{Addr, Message, Peer, ReqId};
+pub use record::{Record, RecordError, Signer, UserId};
+pub use store::{Block, BlockId, Held, Item, StoreError, Tombstone};
+pub use wire::{Addr, Message, Peer, ReqId, SyncAnswer};

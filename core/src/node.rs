@@ -13,6 +13,7 @@ use crate::config::{Config, Protocol};
 use crate::id::{Id, NodeId, ID_BITS};
 use crate::lookup::{Lookup, LookupError, LookupId, PeerState, Step};
 use crate::rtt::RttTable;
+use crate::store::{Item, StoreError};
 use crate::wire::{Message, Peer, ReqId};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,6 +22,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// Longest chain of witnesses asked about one suspect successor (each hop
 /// walks from a witness to its predecessor, towards the suspect).
 const CONFIRM_HOPS_MAX: u8 = 16;
+
+#[path = "replica.rs"]
+mod replica;
+pub use replica::{IoId, PutOk, StorageOp, StorageResult, StoreStats};
+use replica::{OpId, SessionId, Storage};
 
 /// A caller-chosen id for a command; its reply carries it back.
 pub type CmdId = u64;
@@ -34,6 +40,8 @@ pub enum Input {
     Timeout,
     /// A request from the application or an operator.
     Command(CmdId, Command),
+    /// A storage effect the node asked for ([`Output::Storage`]) has finished.
+    StorageDone { io: IoId, result: StorageResult },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,14 +61,29 @@ pub enum Command {
     /// Turn periodic maintenance off or on (experiments measuring lookups
     /// "before any repair").
     SetMaintenance(bool),
+    /// Store an item on its R replicas; answered once W made it durable.
+    Put(Item),
+    /// Read the item at a ring position from its nearest replica.
+    Get(crate::id::Id),
 }
 
 /// Effects for the caller to carry out.
 #[derive(Clone, Debug)]
 pub enum Output {
-    Send { to: Peer, msg: Message },
-    Reply { cmd: CmdId, result: CmdResult },
+    Send {
+        to: Peer,
+        msg: Message,
+    },
+    Reply {
+        cmd: CmdId,
+        result: CmdResult,
+    },
     Event(Event),
+    /// Carry out a storage operation; answer with [`Input::StorageDone`].
+    Storage {
+        io: IoId,
+        op: StorageOp,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +96,8 @@ pub enum CmdResult {
     Lookup(Result<LookupOk, LookupError>),
     /// The command does not apply in the node's current state.
     Refused(&'static str),
+    Put(Result<PutOk, StoreError>),
+    Get(Result<Option<Item>, StoreError>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +130,7 @@ pub struct NodeStats {
     pub sent_maintenance: u64,
     pub sent_lookup: u64,
     pub sent_replies: u64,
+    pub sent_storage: u64,
     pub timeouts: u64,
     pub dropped_unexpected: u64,
 }
@@ -129,6 +155,36 @@ enum Wait {
         candidate: Peer,
     },
     Lookup(LookupId),
+    /// A coordinated client write or read waiting on one replica.
+    StorePut(OpId),
+    StoreGet(OpId),
+    /// Anti-entropy: a range digest, a push, a fetch.
+    Sync {
+        sid: SessionId,
+        lo: Id,
+        hi: Id,
+    },
+    Push(SessionId),
+    Fetch {
+        sid: SessionId,
+        key: Id,
+    },
+    /// A read-repair push nobody waits on.
+    Repair,
+}
+
+impl Wait {
+    fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            Wait::StorePut(_)
+                | Wait::StoreGet(_)
+                | Wait::Sync { .. }
+                | Wait::Push(_)
+                | Wait::Fetch { .. }
+                | Wait::Repair
+        )
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +204,10 @@ enum Purpose {
         attempt: u32,
     },
     Finger(usize),
+    /// A client put or get looking for its replicas.
+    Store(OpId),
+    /// The hand-off walk asking who should hold a key we have.
+    Handoff(Id),
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +258,7 @@ pub struct Node {
     out: VecDeque<Output>,
     ring_version: u64,
     stats: NodeStats,
+    store: Storage,
 }
 
 impl Node {
@@ -252,6 +313,7 @@ impl Node {
             out: VecDeque::new(),
             ring_version: 0,
             stats: NodeStats::default(),
+            store: Storage::default(),
         }
     }
 
@@ -288,7 +350,9 @@ impl Node {
             Input::Message { from, msg } => self.on_message(now_ms, from, msg),
             Input::Timeout => self.on_timeout(now_ms),
             Input::Command(cmd, c) => self.on_command(now_ms, cmd, c),
+            Input::StorageDone { io, result } => self.on_storage_done(now_ms, io, result),
         }
+        self.pump(now_ms);
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -310,6 +374,7 @@ impl Node {
         if let Some((at, _)) = self.join_retry {
             t = t.min(at);
         }
+        t = t.min(self.store_timeout());
         (t != u64::MAX).then_some(t)
     }
 
@@ -386,25 +451,10 @@ impl Node {
                 self.start_lookup(now_ms, key, Purpose::Command(cmd));
             }
             Command::Leave => {
-                if self.status == Status::Joined {
-                    let mut told = BTreeSet::new();
-                    let targets: Vec<Peer> = self
-                        .pred
-                        .iter()
-                        .chain(self.succs.first())
-                        .copied()
-                        .collect();
-                    for p in targets {
-                        if told.insert(p.id) {
-                            self.send_maintenance(p, Message::Leaving);
-                        }
-                    }
+                if self.status == Status::Joined && self.start_leave_handoff(now_ms, cmd) {
+                    return;
                 }
-                self.status = Status::Left;
-                self.pending.clear();
-                self.deadlines.clear();
-                self.lookups.clear();
-                self.reply(cmd, CmdResult::Done);
+                self.finish_leave(cmd);
             }
             Command::Stabilize => {
                 if self.status == Status::Joined && !self.stabilizing {
@@ -422,7 +472,32 @@ impl Node {
                 self.maintenance = on;
                 self.reply(cmd, CmdResult::Done);
             }
+            Command::Put(item) => self.start_put(now_ms, cmd, item),
+            Command::Get(key) => self.start_get(now_ms, cmd, key),
         }
+    }
+
+    /// Tells the neighbours we are going and stops answering.
+    fn finish_leave(&mut self, cmd: CmdId) {
+        if self.status == Status::Joined {
+            let mut told = BTreeSet::new();
+            let targets: Vec<Peer> = self
+                .pred
+                .iter()
+                .chain(self.succs.first())
+                .copied()
+                .collect();
+            for p in targets {
+                if told.insert(p.id) {
+                    self.send_maintenance(p, Message::Leaving);
+                }
+            }
+        }
+        self.status = Status::Left;
+        self.pending.clear();
+        self.deadlines.clear();
+        self.lookups.clear();
+        self.reply(cmd, CmdResult::Done);
     }
 
     fn become_joined(&mut self, now_ms: u64) {
@@ -430,6 +505,7 @@ impl Node {
         self.next_stabilize_ms = now_ms + self.jittered(self.cfg.stabilize_ms);
         self.next_check_pred_ms = now_ms + self.jittered(self.cfg.check_pred_ms);
         self.next_fix_ms = now_ms + self.jittered(self.cfg.fix_fingers_ms);
+        self.store_joined(now_ms);
         self.out.push_back(Output::Event(Event::Joined));
     }
 
@@ -536,6 +612,8 @@ impl Node {
                 });
                 self.reply(cmd, CmdResult::Lookup(r));
             }
+            Purpose::Store(op) => self.store_lookup_done(now_ms, op, result),
+            Purpose::Handoff(key) => self.handoff_lookup_done(now_ms, key, result),
             Purpose::Finger(i) => {
                 self.fixing_finger = false;
                 if let Ok((owner, _)) = result {
@@ -700,6 +778,8 @@ impl Node {
                     self.drive(now_ms, lid, step);
                 }
             }
+            w if w.is_storage() => self.store_request_failed(now_ms, p.to, w),
+            _ => unreachable!("every wait kind is handled above"),
         }
     }
 
@@ -733,6 +813,7 @@ impl Node {
             Wait::StabilizeCandidate | Wait::ConfirmDead { .. } => {
                 self.request_timed_out(now_ms, p)
             }
+            w => self.store_request_failed(now_ms, p.to, w),
         }
     }
 
@@ -1059,9 +1140,19 @@ impl Node {
                             let step = run.lookup.on_state(from, pred, succs);
                             self.drive(now_ms, lid, step);
                         }
+                    } // A State where we asked a storage question: a confused peer.
+                    w => {
+                        self.stats.dropped_unexpected += 1;
+                        self.store_request_failed(now_ms, from, w);
                     }
                 }
             }
+            Message::Put { .. }
+            | Message::PutAck { .. }
+            | Message::Get { .. }
+            | Message::Got { .. }
+            | Message::SyncRange { .. }
+            | Message::SyncReply { .. } => self.on_store_message(now_ms, from, msg),
             Message::Next { req, succs, closer } => {
                 let Some(p) = self.take_pending(now_ms, req, from) else {
                     return;
@@ -1112,7 +1203,11 @@ impl Node {
                 }
                 self.last_reply_ms = now_ms;
                 self.deadlines.remove(&(p.deadline_ms, req));
-                self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
+                // Storage replies include disk time and transfer time: they
+                // would teach the failure detector the wrong round trip.
+                if !p.wait.is_storage() {
+                    self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
+                }
                 Some(p)
             }
             _ => {
@@ -1135,7 +1230,11 @@ impl Node {
         debug_assert_ne!(to.id, self.me.id, "a node never sends requests to itself");
         self.next_req = self.next_req.wrapping_add(1);
         let req = self.next_req;
-        let deadline_ms = now_ms + self.rtt.timeout_ms(to.id);
+        let mut deadline_ms = now_ms + self.rtt.timeout_ms(to.id);
+        if wait.is_storage() {
+            deadline_ms += self.cfg.store_timeout_ms;
+        }
+        let wait_is_storage = wait.is_storage();
         self.pending.insert(
             req,
             Pending {
@@ -1146,7 +1245,9 @@ impl Node {
             },
         );
         self.deadlines.insert((deadline_ms, req));
-        if maintenance {
+        if wait_is_storage {
+            self.stats.sent_storage += 1;
+        } else if maintenance {
             self.stats.sent_maintenance += 1;
         } else {
             self.stats.sent_lookup += 1;
@@ -1265,6 +1366,8 @@ impl Node {
     fn set_pred(&mut self, pred: Option<Peer>) {
         let pred = pred.filter(|p| p.id != self.me.id);
         if pred != self.pred {
+            // A new predecessor changes our primary range: sync it soon.
+            self.store.sync_soon = true;
             self.pred = pred;
             self.pred_fails = (0, 0);
             self.ring_version += 1;

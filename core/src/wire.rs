@@ -2,6 +2,7 @@
 //! message body is untrusted and sanitised by the receiver before use.
 
 use crate::id::{Id, NodeId};
+use crate::store::{Digest, Item, RangeSummary, StoreError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -30,7 +31,9 @@ pub type ReqId = u64;
 pub enum Message {
     /// "Are you alive, and what are your predecessor and successor list?"
     /// Used by stabilize, the predecessor check, and lookup result checks.
-    GetState { req: ReqId },
+    GetState {
+        req: ReqId,
+    },
     State {
         req: ReqId,
         /// False from a node that is not (or no longer) in a ring: a restarted
@@ -43,7 +46,10 @@ pub enum Message {
     /// "I believe I am your predecessor." One-way.
     Notify,
     /// One step of an iterative lookup for `key`.
-    FindNext { req: ReqId, key: Id },
+    FindNext {
+        req: ReqId,
+        key: Id,
+    },
     /// The responder's successor list and the nodes it knows that most closely
     /// precede the key (best first). An unjoined responder sends both empty.
     Next {
@@ -53,6 +59,52 @@ pub enum Message {
     },
     /// A graceful leave: the sender is going away. One-way.
     Leaving,
+    /// "Store this item durably at `key`." The receiver checks the item is
+    /// valid and really belongs at `key` (a block must hash to it), merges it
+    /// with what it holds and answers [`Message::PutAck`] only once the
+    /// result is on disk.
+    Put {
+        req: ReqId,
+        key: Id,
+        item: Item,
+    },
+    PutAck {
+        req: ReqId,
+        result: Result<(), StoreError>,
+    },
+    /// "Send me the item at this position, if you hold it."
+    Get {
+        req: ReqId,
+        key: Id,
+    },
+    Got {
+        req: ReqId,
+        result: Result<Option<Item>, StoreError>,
+    },
+    /// Anti-entropy: "here is my digest of the key range (lo, hi]".
+    SyncRange {
+        req: ReqId,
+        lo: Id,
+        hi: Id,
+        mine: RangeSummary,
+    },
+    SyncReply {
+        req: ReqId,
+        answer: SyncAnswer,
+    },
+}
+
+/// How a replica answers a range digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncAnswer {
+    /// Same digest: nothing to do.
+    Equal,
+    /// Few enough keys to list: (position, version digest) of each.
+    Keys(Vec<(Id, Digest)>),
+    /// Too many to list: summaries of equal-width sub-ranges, in order.
+    Split(Vec<(Id, Id, RangeSummary)>),
+    /// The replica will not sync now (not joined, overloaded).
+    Refused,
 }
 
 impl Message {
@@ -65,6 +117,12 @@ impl Message {
             Message::FindNext { .. } => "find_next",
             Message::Next { .. } => "next",
             Message::Leaving => "leaving",
+            Message::Put { .. } => "put",
+            Message::PutAck { .. } => "put_ack",
+            Message::Get { .. } => "get",
+            Message::Got { .. } => "got",
+            Message::SyncRange { .. } => "sync_range",
+            Message::SyncReply { .. } => "sync_reply",
         }
     }
 
@@ -77,6 +135,12 @@ impl Message {
             Message::FindNext { .. } => 4,
             Message::Next { .. } => 5,
             Message::Leaving => 6,
+            Message::Put { .. } => 7,
+            Message::PutAck { .. } => 8,
+            Message::Get { .. } => 9,
+            Message::Got { .. } => 10,
+            Message::SyncRange { .. } => 11,
+            Message::SyncReply { .. } => 12,
         }
     }
 
@@ -85,7 +149,13 @@ impl Message {
             Message::GetState { req }
             | Message::State { req, .. }
             | Message::FindNext { req, .. }
-            | Message::Next { req, .. } => Some(*req),
+            | Message::Next { req, .. }
+            | Message::Put { req, .. }
+            | Message::PutAck { req, .. }
+            | Message::Get { req, .. }
+            | Message::Got { req, .. }
+            | Message::SyncRange { req, .. }
+            | Message::SyncReply { req, .. } => Some(*req),
             Message::Notify | Message::Leaving => None,
         }
     }

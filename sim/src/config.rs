@@ -170,6 +170,9 @@ pub struct SimConfig {
     pub trace_tail: usize,
     /// Stop at the first invariant violation.
     pub stop_on_violation: bool,
+    /// Replicated storage: workload, disk model, durability checkers.
+    #[serde(default)]
+    pub storage: crate::storage::StorageConfig,
 }
 
 impl Default for SimConfig {
@@ -204,6 +207,7 @@ impl Default for SimConfig {
             sample_ms: 1_000,
             trace_tail: 24,
             stop_on_violation: true,
+            storage: crate::storage::StorageConfig::default(),
         }
     }
 }
@@ -226,6 +230,12 @@ impl SimConfig {
             fix_fingers_ms: self.fix_fingers_ms,
             suspect_ms: self.suspect_ms,
             route_via_successor_lists: self.route_via_successor_lists,
+            replicas: self.storage.replicas,
+            write_quorum: self.storage.write_quorum,
+            sync_ms: self.storage.sync_ms,
+            handoff_ms: self.storage.sync_ms,
+            // The workload signs with 1024-bit keys to keep runs fast.
+            min_key_bits: 1024,
             ..peerstore_core::Config::default()
         }
     }

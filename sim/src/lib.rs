@@ -7,6 +7,7 @@ pub mod config;
 pub mod net;
 pub mod report;
 pub mod script;
+pub mod storage;
 pub mod svg;
 pub mod world;
 
@@ -14,6 +15,7 @@ pub use config::{
     CheckMode, Cut, Fault, FaultKind, FaultRates, NetConfig, Session, SimConfig, Start,
 };
 pub use report::Report;
+pub use storage::{StorageConfig, StorageReport};
 pub use world::{run_with_ring, RingPoint, World};
 
 /// Runs one simulation.

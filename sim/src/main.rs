@@ -142,6 +142,33 @@ struct Args {
     /// Write a picture of the ring and the convergence plot.
     #[arg(long, value_name = "FILE")]
     svg: Option<std::path::PathBuf>,
+    /// Run replicated storage too: clients put blocks and write records
+    /// (several users writing one manifest at once) while the faults run;
+    /// after healing every acknowledged write must survive, every key must
+    /// be back on its R replicas and record replicas must agree.
+    #[arg(long)]
+    storage: bool,
+    /// R: copies of every stored item.
+    #[arg(long, default_value_t = 3, value_name = "R")]
+    replicas: usize,
+    /// W: durable copies before a write is acknowledged.
+    #[arg(long, default_value_t = 2, value_name = "W")]
+    write_quorum: usize,
+    /// Block puts per simulated second, across the ring.
+    #[arg(long, default_value_t = 2.0)]
+    puts_per_s: f64,
+    /// Record writes (manifest versions, log entries) per simulated second.
+    #[arg(long, default_value_t = 0.5)]
+    record_writes_per_s: f64,
+    /// Blocks placed on their replicas before the run starts.
+    #[arg(long, default_value_t = 0)]
+    preload_blocks: u64,
+    /// Probability a block in flight is corrupted (replicas must refuse it).
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    corrupt: f64,
+    /// Anti-entropy period.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    sync: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -185,6 +212,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         ("--reorder", a.reorder),
         ("--fail-fraction", a.fail_fraction),
         ("--graceful", a.graceful),
+        ("--corrupt", a.corrupt),
     ] {
         if !(0.0..=1.0).contains(&p) {
             bail!("{name} is a probability: give a number from 0 to 1, not {p}");
@@ -257,6 +285,34 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         "off" => CheckMode::Off,
         other => bail!("--check takes auto, every, sampled, sampled:PERIOD (e.g. sampled:10s) or off, not {other:?}"),
     };
+    if a.storage {
+        if a.replicas == 0 || a.write_quorum == 0 || a.write_quorum > a.replicas {
+            bail!(
+                "need 1 <= --write-quorum <= --replicas (got W = {}, R = {})",
+                a.write_quorum,
+                a.replicas
+            );
+        }
+        if a.replicas > c.r() + 1 {
+            bail!(
+                "--replicas ({}) cannot exceed the successor list length + 1 ({})",
+                a.replicas,
+                c.r() + 1
+            );
+        }
+        if a.puts_per_s < 0.0 || a.record_writes_per_s < 0.0 {
+            bail!("--puts-per-s and --record-writes-per-s cannot be negative");
+        }
+        c.storage.enabled = true;
+        c.storage.replicas = a.replicas;
+        c.storage.write_quorum = a.write_quorum;
+        c.storage.puts_per_s = a.puts_per_s;
+        c.storage.gets_per_s = a.puts_per_s / 2.0;
+        c.storage.record_writes_per_s = a.record_writes_per_s;
+        c.storage.preload_blocks = a.preload_blocks;
+        c.storage.corrupt = a.corrupt;
+        c.storage.sync_ms = a.sync.as_millis().max(1) as u64;
+    }
     // The convergence plot and liveness check sample the whole ring; large
     // rings are sampled less often so sampling does not dominate the run.
     c.sample_ms = match a.nodes {

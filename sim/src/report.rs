@@ -65,6 +65,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<Sample>,
     pub trace_tail: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::storage::StorageReport>,
     pub config: SimConfig,
 }
 
@@ -72,7 +74,12 @@ impl Report {
     /// True when the run upheld every safety invariant and, if it healed,
     /// converged within the bound.
     pub fn passed(&self) -> bool {
-        self.invariant_violations.count == 0 && !self.no_liveness
+        self.invariant_violations.count == 0
+            && !self.no_liveness
+            && match &self.storage {
+                None => true,
+                Some(s) => s.passed() && s.repaired,
+            }
     }
 
     /// A few lines for a person; a failure names the seed and how to replay it.
@@ -126,6 +133,39 @@ impl Report {
                 )
             }
             _ => s += "did not reach the liveness phase\n",
+        }
+        if let Some(st) = &self.storage {
+            s += &format!(
+                "storage: {} of {} block puts acked ({} failed), {} of {} record writes acked; ack latency mean {:.0} ms p99 {} ms\n",
+                st.puts_acked, st.puts, st.puts_failed, st.record_writes_acked, st.record_writes,
+                st.ack_latency_mean_ms, st.ack_latency_p99_ms
+            );
+            s += &format!(
+                "gets: {} found, {} missing, {} failed; bytes/node mean {:.0}, max/mean {:.2}, p99/mean {:.2}; repair bytes {} (oracle {}{})\n",
+                st.gets_found, st.gets_missing, st.gets_failed, st.bytes_per_node_mean,
+                st.bytes_per_node_max_over_mean, st.bytes_per_node_p99_over_mean, st.repair_bytes,
+                st.oracle_repair_bytes,
+                st.repair_over_oracle.map(|r| format!(", {r:.2}x")).unwrap_or_default()
+            );
+            s += &format!(
+                "durability: {} acked writes lost ({} excused: R copies lost at once), {} keys under-replicated, {} divergent records, {} bad blocks stored, {} misplaced copies; corrupted in flight {} (refused {})\n",
+                st.lost_acked, st.lost_excused, st.under_replicated, st.divergent, st.bad_blocks,
+                st.misplaced_copies, st.corrupted_in_flight, st.corrupt_refused
+            );
+            match (st.repaired, st.repair_ms) {
+                (true, Some(ms)) => {
+                    s += &format!(
+                        "every key back on its R replicas {ms} ms after the ring was ideal\n"
+                    )
+                }
+                _ => {
+                    s +=
+                        "STORAGE NOT REPAIRED: keys not back on their R replicas within the bound\n"
+                }
+            }
+            if let Some(l) = &st.first_lost {
+                s += &format!("LOST ACKNOWLEDGED WRITE: {l}\n");
+            }
         }
         s += &format!("trace hash {}\n", self.trace_hash);
         if !self.passed() {

@@ -7,6 +7,7 @@ use crate::check::{self, View, Violation};
 use crate::config::{CheckMode, Cut, Fault, FaultKind, Session, SimConfig, Start};
 use crate::net::{Fate, Network};
 use crate::report::{LookupStats, Report, Sample, ViolationReport};
+use crate::storage::{Disk, Expect, Records, StorageReport};
 use peerstore_core::{
     Addr, CmdId, CmdResult, Command, Event, Id, Input, Message, Node, NodeStats, Output, Peer,
     ID_BITS,
@@ -19,19 +20,45 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Deliver { to: u32, from: Peer, msg: Message },
-    Wake { node: u32 },
+    Deliver {
+        to: u32,
+        from: Peer,
+        msg: Message,
+    },
+    Wake {
+        node: u32,
+    },
     Fault(FaultKind),
-    Restart { node: u32, incarnation: u32 },
-    PartitionEnd { id: u64 },
-    Depart { node: u32, incarnation: u32 },
+    Restart {
+        node: u32,
+        incarnation: u32,
+    },
+    PartitionEnd {
+        id: u64,
+    },
+    Depart {
+        node: u32,
+        incarnation: u32,
+    },
     Arrive,
-    StartJoin { node: u32, incarnation: u32 },
+    StartJoin {
+        node: u32,
+        incarnation: u32,
+    },
     Lookup,
     FailLookup,
     Sample,
     SafetyTick,
     Heal,
+    DiskDone {
+        node: u32,
+        incarnation: u32,
+        io: u64,
+    },
+    StorePut,
+    StoreGet,
+    RecordWrite,
+    Register,
 }
 
 impl Ev {
@@ -50,6 +77,11 @@ impl Ev {
             Ev::Sample => "sample",
             Ev::SafetyTick => "safety check",
             Ev::Heal => "heal",
+            Ev::DiskDone { .. } => "disk done",
+            Ev::StorePut => "client put",
+            Ev::StoreGet => "client get",
+            Ev::RecordWrite => "client record write",
+            Ev::Register => "client registers users",
         }
     }
 
@@ -68,6 +100,11 @@ impl Ev {
             Ev::Sample => 11,
             Ev::SafetyTick => 12,
             Ev::Heal => 13,
+            Ev::DiskDone { .. } => 14,
+            Ev::StorePut => 15,
+            Ev::StoreGet => 16,
+            Ev::RecordWrite => 17,
+            Ev::Register => 18,
         }
     }
 }
@@ -103,6 +140,8 @@ struct Slot {
     suspended_until: u64,
     /// When the node last became a member.
     joined_at: u64,
+    /// What survives a crash (lost with the node when it departs for good).
+    disk: Disk,
 }
 
 /// One line of the failure trace, kept compact and formatted only on failure.
@@ -184,6 +223,29 @@ pub struct World {
     /// Slot whose every output is printed (PEERSTORE_SIM_WATCH=slot), for
     /// replaying a failing seed.
     watch: Option<u32>,
+    store: StoreSide,
+}
+
+/// The storage workload's state and the durability oracle.
+#[derive(Default)]
+struct StoreSide {
+    records: Option<Records>,
+    /// Client commands in flight: issued at, key, what an ack promises
+    /// (None for a get).
+    cmds: BTreeMap<CmdId, (u64, Id, Option<Expect>)>,
+    /// Every acknowledged write, by key.
+    acked: BTreeMap<Id, Vec<Expect>>,
+    acked_keys: Vec<Id>,
+    /// When durable copies of a key were lost for good.
+    losses: BTreeMap<Id, Vec<u64>>,
+    latencies: Vec<u64>,
+    rep: StorageReport,
+    repaired_at: Option<u64>,
+    no_liveness: bool,
+    /// Graceful leaves waiting for their hand-off to finish.
+    leaving: BTreeMap<CmdId, u32>,
+    /// Repair bytes already sent by nodes that are gone.
+    retired_repair_bytes: u64,
 }
 
 /// A running 128-bit digest of every event (two independent 64-bit lanes).
@@ -288,6 +350,7 @@ impl World {
             watch: std::env::var("PEERSTORE_SIM_WATCH")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            store: StoreSide::default(),
             cfg,
         }
     }
@@ -334,6 +397,7 @@ impl World {
             departed: false,
             suspended_until: 0,
             joined_at: 0,
+            disk: Disk::default(),
         });
         self.member_pos.push(usize::MAX);
         k
@@ -405,7 +469,9 @@ impl World {
             self.retired_stats.sent_replies += st.sent_replies;
             self.retired_stats.timeouts += st.timeouts;
             self.retired_stats.dropped_unexpected += st.dropped_unexpected;
+            self.store.retired_repair_bytes += n.store_stats().repair_bytes_sent;
         }
+        s.disk.crash();
         s.wake_at = u64::MAX;
         self.dirty = true;
     }
@@ -500,6 +566,9 @@ impl World {
         if self.cfg.lookups_per_node_per_min > 0.0 {
             let gap = self.lookup_gap();
             self.push(gap, Ev::Lookup);
+        }
+        if self.cfg.storage.enabled {
+            self.setup_storage();
         }
         self.push(self.cfg.sample_ms, Ev::Sample);
         if let CheckMode::EveryMs(ms) = self.cfg.check {
@@ -691,6 +760,7 @@ impl World {
                 let s = &self.slots[node as usize];
                 if s.incarnation == incarnation && s.node.is_none() && !s.departed {
                     self.fresh_node(node);
+                    self.restore_from_disk(node);
                     let inc = self.slots[node as usize].incarnation;
                     self.start_join(node, inc);
                 }
@@ -743,6 +813,25 @@ impl World {
                 }
             }
             Ev::Heal => self.heal(),
+            Ev::DiskDone {
+                node,
+                incarnation,
+                io,
+            } => {
+                let cap = self.cfg.storage.disk_capacity_bytes;
+                let s = &mut self.slots[node as usize];
+                if s.incarnation != incarnation || s.node.is_none() {
+                    return;
+                }
+                if let Some(result) = s.disk.complete(io, cap) {
+                    self.handle(node, Input::StorageDone { io, result });
+                }
+            }
+            Ev::StorePut | Ev::StoreGet | Ev::RecordWrite | Ev::Register => {
+                if self.healed_at.is_none() {
+                    self.workload(ev);
+                }
+            }
         }
     }
 
@@ -786,13 +875,41 @@ impl World {
                 Output::Reply { cmd, result } => self.on_reply(k, cmd, result),
                 Output::Event(Event::Joined) => self.add_member(k),
                 Output::Event(Event::SuccessorsLost) => {}
+                Output::Storage { io, op } => {
+                    let s = &mut self.slots[k as usize];
+                    let at = s
+                        .disk
+                        .submit(self.now, self.cfg.storage.disk_latency_ms, io, op);
+                    let incarnation = s.incarnation;
+                    self.push(
+                        at,
+                        Ev::DiskDone {
+                            node: k,
+                            incarnation,
+                            io,
+                        },
+                    );
+                }
             }
         }
         self.outbuf = out;
     }
 
-    fn send(&mut self, from: Peer, a: u32, to: Peer, msg: Message) {
+    fn send(&mut self, from: Peer, a: u32, to: Peer, mut msg: Message) {
         let Addr::Slot(b) = to.addr else { return };
+        if self.cfg.storage.corrupt > 0.0 {
+            if let Message::Put {
+                item: peerstore_core::Item::Block(blk),
+                ..
+            } = &mut msg
+            {
+                if !blk.data.is_empty() && self.rng_net.gen_bool(self.cfg.storage.corrupt) {
+                    let i = self.rng_net.gen_range(0..blk.data.len());
+                    blk.data[i] ^= 1 << self.rng_net.gen_range(0..8);
+                    self.store.rep.corrupted_in_flight += 1;
+                }
+            }
+        }
         match self.net.route(&mut self.rng_net, self.now, a, b) {
             Fate::Dropped => {}
             Fate::Deliver(d1, d2) => {
@@ -847,6 +964,14 @@ impl World {
                         }
                         self.lookup_stats.failed += 1
                     }
+                }
+            }
+            CmdResult::Put(r) => self.on_put_reply(cmd, r),
+            CmdResult::Get(r) => self.on_get_reply(cmd, r),
+            CmdResult::Done => {
+                if let Some(k) = self.store.leaving.remove(&cmd) {
+                    self.retire(k);
+                    self.lose_disk(k);
                 }
             }
             CmdResult::JoinFailed(_) => {
@@ -1025,6 +1150,9 @@ impl World {
         }
         self.crashes += 1;
         self.retire(k);
+        if self.slots[k as usize].departed {
+            self.lose_disk(k);
+        }
         true
     }
 
@@ -1048,6 +1176,7 @@ impl World {
                 if let Some(k) = self.pick_live(node) {
                     if self.crash(k, true) {
                         self.slots[k as usize].departed = true;
+                        self.lose_disk(k);
                     }
                 }
             }
@@ -1106,6 +1235,7 @@ impl World {
                     live.swap(i, j);
                     self.crash(live[i], false);
                     self.slots[live[i] as usize].departed = true;
+                    self.lose_disk(live[i]);
                 }
                 if self.cfg.lookups_after_fail > 0 {
                     self.frozen = true;
@@ -1147,12 +1277,68 @@ impl World {
             return;
         }
         if graceful && member {
-            self.command(k, Command::Leave);
+            let cmd = self.command(k, Command::Leave);
+            let handing_off = self.slots[k as usize]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.status() != peerstore_core::Status::Left);
+            if handing_off {
+                // It pushes its data to its successors first; it goes when
+                // the leave completes (see on_reply).
+                self.slots[k as usize].departed = true;
+                self.store.leaving.insert(cmd, k);
+                return;
+            }
         } else {
             self.crashes += 1;
         }
         self.slots[k as usize].departed = true;
         self.retire(k);
+        self.lose_disk(k);
+    }
+
+    /// A node gone for good takes its disk with it: every copy on it is lost.
+    fn lose_disk(&mut self, k: u32) {
+        let disk = std::mem::take(&mut self.slots[k as usize].disk);
+        if disk.durable.is_empty() {
+            return;
+        }
+        let id = self.slots[k as usize].peer.id;
+        let r = self.cfg.storage.replicas.max(1);
+        for (key, item) in disk.durable {
+            self.store.losses.entry(key).or_default().push(self.now);
+            // The oracle: a copy on one of the key's R right nodes must be
+            // re-created; a misplaced extra copy need not be.
+            let rank = if key <= id {
+                self.members.range(key..id).take(r).count()
+            } else {
+                self.members
+                    .range(key..)
+                    .chain(self.members.range(..id))
+                    .take(r)
+                    .count()
+            };
+            if rank < r {
+                self.store.rep.oracle_repair_bytes += item.size() as u64;
+            }
+        }
+    }
+
+    /// A restarted node finds what its disk made durable.
+    fn restore_from_disk(&mut self, k: u32) {
+        let s = &mut self.slots[k as usize];
+        let items: Vec<(Id, peerstore_core::Item)> = s
+            .disk
+            .durable
+            .iter()
+            .map(|(k, i)| (*k, i.clone()))
+            .collect();
+        let Some(node) = s.node.as_mut() else { return };
+        for bad in node.restore(items) {
+            if let Some(old) = s.disk.durable.remove(&bad) {
+                s.disk.bytes -= old.size() as u64;
+            }
+        }
     }
 
     fn heal(&mut self) {
@@ -1203,7 +1389,17 @@ impl World {
             drop(views);
             if ideal && self.converged_at.is_none() {
                 self.converged_at = Some(self.now);
-                self.stop = true;
+                self.stop = !self.cfg.storage.enabled;
+            } else if let Some(c) = self.converged_at {
+                // The ring is Ideal; now every key must get back to R copies.
+                if self.storage_repaired() {
+                    self.store.repaired_at = Some(self.now);
+                    self.store.rep.repair_ms = Some(self.now - c);
+                    self.stop = true;
+                } else if self.now > c + self.cfg.storage.repair_bound_ms {
+                    self.store.no_liveness = true;
+                    self.stop = true;
+                }
             } else if self.now > healed + self.cfg.converge_bound_ms {
                 if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
                     self.dump_ring();
@@ -1286,7 +1482,8 @@ impl World {
             .collect()
     }
 
-    fn report(self, wall_ms: u64) -> Report {
+    fn report(mut self, wall_ms: u64) -> Report {
+        let storage = self.cfg.storage.enabled.then(|| self.storage_report());
         let mut st = self.retired_stats.clone();
         for n in self.slots.iter().filter_map(|s| s.node.as_ref()) {
             let x = n.stats();
@@ -1351,6 +1548,7 @@ impl World {
             peak_rss_bytes: crate::report::peak_rss_bytes(),
             samples: self.samples,
             trace_tail,
+            storage,
             config: self.cfg,
         }
     }
@@ -1369,7 +1567,10 @@ pub fn run_with_ring(cfg: SimConfig) -> (Report, Vec<RingPoint>) {
 
 impl World {
     fn run_loop(&mut self) {
-        let limit = self.cfg.duration_ms + self.cfg.converge_bound_ms + self.cfg.sample_ms;
+        let mut limit = self.cfg.duration_ms + self.cfg.converge_bound_ms + self.cfg.sample_ms;
+        if self.cfg.storage.enabled {
+            limit += self.cfg.storage.repair_bound_ms;
+        }
         while let Some(q) = self.pop() {
             if q.at > limit || self.stop {
                 break;
@@ -1389,5 +1590,355 @@ impl World {
         {
             self.no_liveness = true;
         }
+        if self.cfg.storage.enabled
+            && self.converged_at.is_some()
+            && self.store.repaired_at.is_none()
+        {
+            self.store.no_liveness = true;
+        }
+    }
+}
+
+// ----- storage: workload, oracle and checkers ---------------------------------
+
+impl World {
+    fn setup_storage(&mut self) {
+        let sc = self.cfg.storage.clone();
+        self.store.records = Some(Records::new(&mut self.rng_work, sc.manifests, sc.writers));
+        self.push(1_000, Ev::Register);
+        if sc.preload_blocks > 0 {
+            self.preload(sc.preload_blocks);
+        }
+        for (rate, ev) in [
+            (sc.puts_per_s, Ev::StorePut),
+            (sc.gets_per_s, Ev::StoreGet),
+            (sc.record_writes_per_s, Ev::RecordWrite),
+        ] {
+            if rate > 0.0 {
+                let at = 2_000 + self.gap_ms(rate);
+                self.push(at, ev);
+            }
+        }
+    }
+
+    /// Places blocks straight on the disks of their R right nodes (and the
+    /// nodes' indexes), as if written long ago: scale runs start full.
+    fn preload(&mut self, count: u64) {
+        let r = self.cfg.storage.replicas.max(1);
+        let ids: Vec<(Id, u32)> = self.members.iter().map(|(i, k)| (*i, *k)).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let owner = crate::storage::users()[0].user_id();
+        for _ in 0..count {
+            let item = self.random_block(owner);
+            let key = item.position();
+            let start = ids.partition_point(|(i, _)| *i < key);
+            for j in 0..r.min(ids.len()) {
+                let k = ids[(start + j) % ids.len()].1;
+                self.slots[k as usize].disk.preload(key, item.clone());
+            }
+            if let peerstore_core::Item::Block(b) = &item {
+                let id = peerstore_core::store::sha256(&b.data);
+                self.store
+                    .acked
+                    .entry(key)
+                    .or_default()
+                    .push(Expect::Block(id));
+                self.store.acked_keys.push(key);
+            }
+        }
+        for &(_, k) in &ids {
+            let s = &mut self.slots[k as usize];
+            let items: Vec<(Id, peerstore_core::Item)> = s
+                .disk
+                .durable
+                .iter()
+                .map(|(a, b)| (*a, b.clone()))
+                .collect();
+            if let Some(n) = s.node.as_mut() {
+                n.restore(items);
+            }
+        }
+    }
+
+    fn gap_ms(&mut self, rate_per_s: f64) -> u64 {
+        let exp = Exp::new(rate_per_s / 1000.0).expect("positive rate");
+        (exp.sample(&mut self.rng_work) as u64).max(1)
+    }
+
+    fn random_block(&mut self, owner: peerstore_core::UserId) -> peerstore_core::Item {
+        let sc = &self.cfg.storage;
+        let len = self
+            .rng_work
+            .gen_range(sc.block_min..=sc.block_max.max(sc.block_min));
+        let data: Vec<u8> = (0..len).map(|_| self.rng_work.gen()).collect();
+        peerstore_core::Item::Block(peerstore_core::Block { owner, data })
+    }
+
+    /// Issues a client command whose reply may come back at once.
+    fn store_command(&mut self, k: u32, c: Command, key: Id, expect: Option<Expect>) {
+        self.next_cmd += 1;
+        let id = self.next_cmd;
+        self.store.cmds.insert(id, (self.now, key, expect));
+        self.handle(k, Input::Command(id, c));
+    }
+
+    fn workload(&mut self, ev: Ev) {
+        let sc = self.cfg.storage.clone();
+        match ev {
+            Ev::Register => {
+                let regs = self
+                    .store
+                    .records
+                    .as_ref()
+                    .map(|r| r.registrations(&mut self.rng_work))
+                    .unwrap_or_default();
+                for (item, expect) in regs {
+                    if let Some(k) = self.random_member() {
+                        self.store.rep.record_writes += 1;
+                        let key = item.position();
+                        self.store_command(k, Command::Put(item), key, Some(expect));
+                    }
+                }
+            }
+            Ev::StorePut => {
+                if let Some(k) = self.random_member() {
+                    let owner = crate::storage::users()[0].user_id();
+                    let item = self.random_block(owner);
+                    let key = item.position();
+                    let peerstore_core::Item::Block(b) = &item else {
+                        unreachable!()
+                    };
+                    let expect = Expect::Block(peerstore_core::store::sha256(&b.data));
+                    self.store.rep.puts += 1;
+                    self.store_command(k, Command::Put(item), key, Some(expect));
+                }
+                let at = self.now + self.gap_ms(sc.puts_per_s);
+                self.push(at, Ev::StorePut);
+            }
+            Ev::RecordWrite => {
+                if let (Some(k), Some(mut recs)) = (self.random_member(), self.store.records.take())
+                {
+                    let (item, expect) = if self.rng_work.gen_bool(0.5) {
+                        recs.manifest_write(&mut self.rng_work, sc.writers)
+                    } else {
+                        recs.tx_append(&mut self.rng_work, sc.writers as u64 + 1)
+                    };
+                    self.store.records = Some(recs);
+                    self.store.rep.record_writes += 1;
+                    let key = item.position();
+                    self.store_command(k, Command::Put(item), key, Some(expect));
+                }
+                let at = self.now + self.gap_ms(sc.record_writes_per_s);
+                self.push(at, Ev::RecordWrite);
+            }
+            Ev::StoreGet => {
+                if !self.store.acked_keys.is_empty() {
+                    if let Some(k) = self.random_member() {
+                        let i = self.rng_work.gen_range(0..self.store.acked_keys.len());
+                        let key = self.store.acked_keys[i];
+                        self.store.rep.gets += 1;
+                        self.store_command(k, Command::Get(key), key, None);
+                    }
+                }
+                let at = self.now + self.gap_ms(sc.gets_per_s);
+                self.push(at, Ev::StoreGet);
+            }
+            _ => unreachable!("not a workload event"),
+        }
+    }
+
+    fn on_put_reply(
+        &mut self,
+        cmd: CmdId,
+        r: Result<peerstore_core::PutOk, peerstore_core::StoreError>,
+    ) {
+        let Some((at, key, expect)) = self.store.cmds.remove(&cmd) else {
+            return;
+        };
+        let is_block = matches!(expect, Some(Expect::Block(_)));
+        match r {
+            Ok(_) => {
+                self.store.latencies.push(self.now - at);
+                if is_block {
+                    self.store.rep.puts_acked += 1;
+                } else {
+                    self.store.rep.record_writes_acked += 1;
+                }
+                let e = self.store.acked.entry(key).or_default();
+                if e.is_empty() {
+                    self.store.acked_keys.push(key);
+                }
+                if let Some(x) = expect {
+                    e.push(x);
+                }
+            }
+            Err(e) => {
+                if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                    eprintln!("put of {key:?} failed at {} ms: {e}", self.now);
+                }
+                if is_block {
+                    self.store.rep.puts_failed += 1;
+                }
+            }
+        }
+    }
+
+    fn on_get_reply(
+        &mut self,
+        cmd: CmdId,
+        r: Result<Option<peerstore_core::Item>, peerstore_core::StoreError>,
+    ) {
+        if self.store.cmds.remove(&cmd).is_none() {
+            return;
+        }
+        match r {
+            Ok(Some(_)) => self.store.rep.gets_found += 1,
+            Ok(None) => self.store.rep.gets_missing += 1,
+            Err(_) => self.store.rep.gets_failed += 1,
+        }
+    }
+
+    /// The R right nodes of `key` (members in ring order from its successor).
+    fn right_nodes(&self, key: Id, r: usize) -> Vec<u32> {
+        self.members
+            .range(key..)
+            .chain(self.members.range(..key))
+            .take(r)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+
+    /// (b) and (c): every key held anywhere is on all R of its right nodes,
+    /// and their copies agree.
+    fn replica_faults(&self) -> (u64, u64, u64) {
+        let r = self.cfg.storage.replicas.max(1);
+        let mut keys: BTreeMap<Id, ()> = BTreeMap::new();
+        for &k in &self.member_list {
+            if let Some(n) = self.slots[k as usize].node.as_ref() {
+                for (key, _) in n.store_index().iter() {
+                    keys.insert(*key, ());
+                }
+            }
+        }
+        let (mut under, mut divergent, mut misplaced) = (0, 0, 0);
+        let mut holders_total = 0u64;
+        for key in keys.keys() {
+            let right = self.right_nodes(*key, r);
+            let mut digests = Vec::with_capacity(r);
+            for &k in &right {
+                let n = self.slots[k as usize].node.as_ref().expect("member");
+                if let Some(h) = n.store_index().get(key) {
+                    digests.push(h.digest());
+                }
+            }
+            holders_total += digests.len() as u64;
+            if digests.len() < right.len() {
+                under += 1;
+            }
+            if digests.windows(2).any(|w| w[0] != w[1]) {
+                divergent += 1;
+            }
+        }
+        let copies: u64 = self
+            .member_list
+            .iter()
+            .filter_map(|&k| self.slots[k as usize].node.as_ref())
+            .map(|n| n.store_index().len() as u64)
+            .sum();
+        misplaced += copies.saturating_sub(holders_total);
+        (under, divergent, misplaced)
+    }
+
+    fn storage_repaired(&self) -> bool {
+        let (under, divergent, _) = self.replica_faults();
+        under == 0 && divergent == 0
+    }
+
+    /// The end-of-run storage verdict: (a) through (d) and the figures.
+    fn storage_report(&mut self) -> StorageReport {
+        let mut rep = std::mem::take(&mut self.store.rep);
+        let r = self.cfg.storage.replicas.max(1);
+        // (a) Every acknowledged write is still on some live node's disk.
+        for (key, expects) in &self.store.acked {
+            for e in expects {
+                let kept = self.member_list.iter().any(|&k| {
+                    self.slots[k as usize]
+                        .disk
+                        .durable
+                        .get(key)
+                        .is_some_and(|item| e.covered_by(item))
+                });
+                if kept {
+                    continue;
+                }
+                let excused = self.store.losses.get(key).is_some_and(|times| {
+                    times.len() >= r
+                        && times
+                            .windows(r)
+                            .any(|w| w[r - 1] - w[0] <= self.cfg.storage.loss_window_ms)
+                });
+                if excused {
+                    rep.lost_excused += 1;
+                } else {
+                    rep.lost_acked += 1;
+                    if rep.first_lost.is_none() {
+                        rep.first_lost = Some(format!("{key:?}: {e:?}"));
+                    }
+                }
+            }
+        }
+        // (d) No disk holds a block that does not hash to its key.
+        for s in &self.slots {
+            for (key, item) in &s.disk.durable {
+                if item.position() != *key {
+                    rep.bad_blocks += 1;
+                }
+            }
+        }
+        let (under, divergent, misplaced) = self.replica_faults();
+        rep.under_replicated = under;
+        rep.divergent = divergent;
+        rep.misplaced_copies = misplaced;
+        rep.repaired = self.store.repaired_at.is_some();
+        let mut lat = std::mem::take(&mut self.store.latencies);
+        lat.sort_unstable();
+        if !lat.is_empty() {
+            rep.ack_latency_mean_ms = lat.iter().sum::<u64>() as f64 / lat.len() as f64;
+            rep.ack_latency_p99_ms = lat[((lat.len() - 1) as f64 * 0.99).round() as usize];
+        }
+        let mut bytes: Vec<u64> = self
+            .member_list
+            .iter()
+            .filter_map(|&k| self.slots[k as usize].node.as_ref())
+            .map(|n| n.store_index().bytes())
+            .collect();
+        bytes.sort_unstable();
+        if !bytes.is_empty() {
+            let mean = bytes.iter().sum::<u64>() as f64 / bytes.len() as f64;
+            rep.bytes_per_node_mean = mean;
+            if mean > 0.0 {
+                rep.bytes_per_node_max_over_mean = *bytes.last().expect("non-empty") as f64 / mean;
+                rep.bytes_per_node_p99_over_mean =
+                    bytes[((bytes.len() - 1) as f64 * 0.99).round() as usize] as f64 / mean;
+            }
+        }
+        rep.keys = self.store.acked.len() as u64;
+        let mut repair = self.store.retired_repair_bytes;
+        let mut refused = 0;
+        for n in self.slots.iter().filter_map(|s| s.node.as_ref()) {
+            repair += n.store_stats().repair_bytes_sent;
+            refused += n.store_stats().invalid_refused;
+        }
+        rep.repair_bytes = repair;
+        rep.corrupt_refused = refused;
+        if rep.oracle_repair_bytes > 0 {
+            rep.repair_over_oracle = Some(repair as f64 / rep.oracle_repair_bytes as f64);
+        }
+        if self.store.no_liveness {
+            rep.repaired = false;
+        }
+        rep
     }
 }

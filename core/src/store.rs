@@ -1,0 +1,512 @@
+//! What a node stores: content-addressed blocks, signed records and block
+//! tombstones, and the index a node keeps over what it has made durable.
+//!
+//! Every item is self-validating: a block by its hash, a record and a tombstone
+//! by their signatures. A replica checks each one on every receipt (from a
+//! client, a peer or anti-entropy), so whatever path an item took, a replica
+//! stores it only if it would have accepted it first hand.
+
+use crate::id::Id;
+use crate::record::{self, Record, RecordError, UserId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// SHA-256 of a block's stored (already encrypted) bytes.
+pub type BlockId = [u8; 32];
+/// SHA-256 summary of an item's version, compared by anti-entropy.
+pub type Digest = [u8; 32];
+
+/// Largest block a node accepts.
+pub const BLOCK_MAX: usize = 1 << 20;
+
+const TOMBSTONE_TAG: &[u8] = b"peerstore/tombstone/v1";
+const RANGE_TAG: &[u8] = b"peerstore/range/v1";
+
+/// An immutable, content-addressed block. `owner` is the user whose signed
+/// tombstone may delete it; the first stored copy's owner is kept.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub owner: UserId,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Block {
+    // Kilobytes of ciphertext help nobody in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("owner", &self.owner)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// A signed statement by a block's owner that the block is deleted. It
+/// replaces the block on every replica and travels by anti-entropy like any
+/// item, so a replica that was down when the delete happened cannot bring the
+/// block back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub block: BlockId,
+    /// SPKI DER of the owner's signing key; its SHA-1 is the owner's id.
+    pub owner_key: Vec<u8>,
+    pub sig: Vec<u8>,
+}
+
+impl Tombstone {
+    pub fn new(
+        rng: &mut impl rand_core::CryptoRngCore,
+        owner: &record::Signer,
+        block: BlockId,
+    ) -> Tombstone {
+        let sig = owner.sign(rng, &Self::signed_bytes(&block));
+        Tombstone {
+            block,
+            owner_key: owner.public_der().to_vec(),
+            sig,
+        }
+    }
+
+    fn signed_bytes(block: &BlockId) -> Vec<u8> {
+        let mut m = Vec::with_capacity(TOMBSTONE_TAG.len() + 32);
+        m.extend_from_slice(TOMBSTONE_TAG);
+        m.extend_from_slice(block);
+        m
+    }
+
+    pub fn owner(&self) -> UserId {
+        record::user_id(&self.owner_key)
+    }
+}
+
+/// Anything a replica stores under one ring position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Item {
+    Block(Block),
+    // Boxed: records are far bigger than the other variants, and items ride
+    // inside every storage message.
+    Record(Box<Record>),
+    Tombstone(Tombstone),
+}
+
+/// Why a store or fetch failed. Sent over the wire, shown to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreError {
+    /// The item failed validation (bad hash, bad signature, too large...).
+    Invalid(String),
+    /// The record's id is registered to another key (first registration wins).
+    KeyTaken,
+    /// The block was deleted by its owner.
+    Deleted,
+    /// The delete was not signed by the block's owner.
+    NotOwner,
+    /// The replica's disk is full.
+    Full,
+    /// The replica's disk failed the write.
+    Io,
+    /// The replica is at its in-flight limit; try again or elsewhere.
+    Busy,
+    /// Not enough replicas answered (the cluster is degraded).
+    Unavailable { acks: u8, needed: u8 },
+    /// The key's replicas could not be found.
+    NoRoute(String),
+    /// The node is not in a ring.
+    NotJoined,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Invalid(why) => write!(f, "refused an invalid item: {why}"),
+            StoreError::KeyTaken => write!(f, "this id is already registered to another key"),
+            StoreError::Deleted => write!(f, "the block was deleted by its owner"),
+            StoreError::NotOwner => write!(f, "only the block's owner may delete it"),
+            StoreError::Full => write!(f, "a replica's disk is full"),
+            StoreError::Io => write!(f, "a replica failed to write to its disk"),
+            StoreError::Busy => write!(f, "a replica is overloaded; retry later"),
+            StoreError::Unavailable { acks, needed } => write!(
+                f,
+                "only {acks} of the {needed} replicas needed confirmed the write"
+            ),
+            StoreError::NoRoute(why) => write!(f, "could not find the key's replicas: {why}"),
+            StoreError::NotJoined => write!(f, "this node has not joined a ring"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<RecordError> for StoreError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::KeyTaken => StoreError::KeyTaken,
+            e => StoreError::Invalid(e.to_string()),
+        }
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// A block's ring position: SHA-1 of its id.
+pub fn block_position(id: &BlockId) -> Id {
+    Id::hash(id)
+}
+
+impl Item {
+    /// Where the item lives on the ring. A block's position is computed from
+    /// its bytes, so it cannot be stored under a position it does not own.
+    pub fn position(&self) -> Id {
+        match self {
+            Item::Block(b) => block_position(&sha256(&b.data)),
+            Item::Record(r) => r.position(),
+            Item::Tombstone(t) => block_position(&t.block),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Item::Block(_) => "block",
+            Item::Record(r) => r.kind(),
+            Item::Tombstone(_) => "tombstone",
+        }
+    }
+
+    /// Bytes this item costs on the wire and on disk (near enough for limits).
+    pub fn size(&self) -> usize {
+        match self {
+            Item::Block(b) => b.data.len() + 20,
+            Item::Record(r) => r.encoded_len(),
+            Item::Tombstone(t) => 32 + t.owner_key.len() + t.sig.len(),
+        }
+    }
+
+    /// Checks everything the item can say about itself: hash, size, every
+    /// signature. Says nothing about what the replica already holds.
+    pub fn validate(&self, min_key_bits: usize) -> Result<(), StoreError> {
+        match self {
+            Item::Block(b) => {
+                if b.data.len() > BLOCK_MAX {
+                    return Err(StoreError::Invalid(format!(
+                        "block of {} bytes is over the {} byte limit",
+                        b.data.len(),
+                        BLOCK_MAX
+                    )));
+                }
+                Ok(())
+            }
+            Item::Record(r) => Ok(r.verify(min_key_bits)?),
+            Item::Tombstone(t) => {
+                record::verify(
+                    &t.owner_key,
+                    &Tombstone::signed_bytes(&t.block),
+                    &t.sig,
+                    min_key_bits,
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the index keeps per durable item. Block bytes stay on disk; records
+/// and tombstones are small and kept whole (merges need them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    Block {
+        id: BlockId,
+        owner: UserId,
+        size: u32,
+    },
+    Record(Box<Record>),
+    Tombstone(Tombstone),
+}
+
+impl Held {
+    /// The index entry for a validated item.
+    pub fn of(item: &Item) -> Held {
+        match item {
+            Item::Block(b) => Held::Block {
+                id: sha256(&b.data),
+                owner: b.owner,
+                size: b.data.len() as u32,
+            },
+            Item::Record(r) => Held::Record(r.clone()),
+            Item::Tombstone(t) => Held::Tombstone(t.clone()),
+        }
+    }
+
+    /// Equal digests mean equal versions. A block's is its id; a tombstone's
+    /// differs from its block's, so a delete shows up as a difference.
+    pub fn digest(&self) -> Digest {
+        match self {
+            Held::Block { id, .. } => *id,
+            Held::Record(r) => r.digest(),
+            Held::Tombstone(t) => {
+                let mut h = Sha256::new();
+                h.update(TOMBSTONE_TAG);
+                h.update(t.block);
+                h.finalize().into()
+            }
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        match self {
+            Held::Block { size, .. } => *size as usize + 20,
+            Held::Record(r) => r.encoded_len(),
+            Held::Tombstone(t) => 32 + t.owner_key.len() + t.sig.len(),
+        }
+    }
+
+    pub fn is_block(&self) -> bool {
+        matches!(self, Held::Block { .. })
+    }
+}
+
+/// What storing `incoming` over `current` should do.
+#[derive(Debug)]
+pub enum Merge {
+    /// Nothing new: the stored version already covers it.
+    Unchanged,
+    /// Write this item (the merge of both).
+    Write(Item),
+}
+
+/// The merge rules of every kind, applied to a validated `incoming` item and
+/// what the replica has (durable or about to be). Pure: the same inputs give
+/// the same answer on every replica, which is what makes replicas converge.
+pub fn merge(current: Option<&Item>, incoming: Item) -> Result<Merge, StoreError> {
+    let Some(cur) = current else {
+        return Ok(Merge::Write(incoming));
+    };
+    match (cur, incoming) {
+        (Item::Block(_), Item::Block(_)) => Ok(Merge::Unchanged),
+        (Item::Tombstone(_), Item::Block(_)) => Err(StoreError::Deleted),
+        (Item::Tombstone(_), Item::Tombstone(_)) => Ok(Merge::Unchanged),
+        (Item::Block(b), Item::Tombstone(t)) => {
+            if t.owner() != b.owner {
+                return Err(StoreError::NotOwner);
+            }
+            Ok(Merge::Write(Item::Tombstone(t)))
+        }
+        (Item::Record(r), Item::Record(inc)) => {
+            let mut merged = r.clone();
+            if merged.merge(*inc)? {
+                Ok(Merge::Write(Item::Record(merged)))
+            } else {
+                Ok(Merge::Unchanged)
+            }
+        }
+        (cur, inc) => Err(StoreError::Invalid(format!(
+            "a {} cannot replace a {} at the same position",
+            inc.kind(),
+            cur.kind()
+        ))),
+    }
+}
+
+/// Like [`merge`], against an index entry (whose block bytes are on disk: a
+/// block merges by id alone, so the bytes are never needed).
+pub fn merge_held(current: Option<&Held>, incoming: Item) -> Result<Merge, StoreError> {
+    match current {
+        None => Ok(Merge::Write(incoming)),
+        Some(Held::Block { owner, .. }) => match incoming {
+            Item::Block(_) => Ok(Merge::Unchanged),
+            Item::Tombstone(t) if t.owner() == *owner => Ok(Merge::Write(Item::Tombstone(t))),
+            Item::Tombstone(_) => Err(StoreError::NotOwner),
+            Item::Record(_) => Err(StoreError::Invalid(
+                "a record cannot replace a block at the same position".into(),
+            )),
+        },
+        Some(Held::Record(r)) => merge(Some(&Item::Record(r.clone())), incoming),
+        Some(Held::Tombstone(t)) => merge(Some(&Item::Tombstone(t.clone())), incoming),
+    }
+}
+
+/// The durable index of one node: ring position -> item summary, ordered by
+/// position so key ranges are cheap to walk.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    map: BTreeMap<Id, Held>,
+    bytes: u64,
+}
+
+/// A digest of one key range and how many items it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSummary {
+    pub digest: Digest,
+    pub count: u32,
+}
+
+impl Index {
+    pub fn new() -> Index {
+        Index::default()
+    }
+
+    pub fn get(&self, key: &Id) -> Option<&Held> {
+        self.map.get(key)
+    }
+
+    pub fn insert(&mut self, key: Id, held: Held) {
+        self.bytes += held.size() as u64;
+        if let Some(old) = self.map.insert(key, held) {
+            self.bytes -= old.size() as u64;
+        }
+    }
+
+    pub fn remove(&mut self, key: &Id) -> Option<Held> {
+        let old = self.map.remove(key)?;
+        self.bytes -= old.size() as u64;
+        Some(old)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes of everything held (block bytes at their stored size).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &Held)> {
+        self.map.iter()
+    }
+
+    /// Entries with positions in the ring interval (lo, hi], in ring order
+    /// from lo. lo == hi means the whole ring.
+    pub fn range(&self, lo: Id, hi: Id) -> impl Iterator<Item = (&Id, &Held)> {
+        let (a, b): (Vec<_>, Vec<_>) = if lo < hi {
+            (
+                self.map
+                    .range((Bound::Excluded(lo), Bound::Included(hi)))
+                    .collect(),
+                Vec::new(),
+            )
+        } else {
+            (
+                self.map
+                    .range((Bound::Excluded(lo), Bound::Unbounded))
+                    .collect(),
+                self.map
+                    .range((Bound::Unbounded, Bound::Included(hi)))
+                    .collect(),
+            )
+        };
+        a.into_iter().chain(b)
+    }
+
+    /// The first held position strictly after `from` in ring order (wrapping).
+    pub fn next_after(&self, from: Id) -> Option<Id> {
+        self.map
+            .range((Bound::Excluded(from), Bound::Unbounded))
+            .next()
+            .or_else(|| self.map.iter().next())
+            .map(|(k, _)| *k)
+    }
+
+    /// Digest and count of the range (lo, hi]: SHA-256 over the ordered
+    /// (position, version digest) pairs, so two replicas agree exactly when
+    /// they hold the same versions of the same keys.
+    pub fn summarize(&self, lo: Id, hi: Id) -> RangeSummary {
+        let mut h = Sha256::new();
+        h.update(RANGE_TAG);
+        let mut count = 0u32;
+        for (k, v) in self.range(lo, hi) {
+            h.update(k.as_bytes());
+            h.update(v.digest());
+            count += 1;
+        }
+        RangeSummary {
+            digest: h.finalize().into(),
+            count,
+        }
+    }
+
+    /// (position, version digest) of every entry in (lo, hi].
+    pub fn list(&self, lo: Id, hi: Id) -> Vec<(Id, Digest)> {
+        self.range(lo, hi).map(|(k, v)| (*k, v.digest())).collect()
+    }
+}
+
+/// Splits the ring interval (lo, hi] into `parts` consecutive intervals of
+/// (almost) equal width. lo == hi is the whole ring.
+pub fn split_range(lo: Id, hi: Id, parts: usize) -> Vec<(Id, Id)> {
+    let parts = parts.max(1);
+    let width = lo.distance_to(hi);
+    let width = if width == Id::ZERO { Id::MAX } else { width };
+    let step = width.div_small(parts as u32);
+    let mut out = Vec::with_capacity(parts);
+    let mut a = lo;
+    for i in 0..parts {
+        let b = if i + 1 == parts {
+            hi
+        } else {
+            a.wrapping_add(step)
+        };
+        out.push((a, b));
+        a = b;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(v: u128) -> Id {
+        Id::from_u128(v)
+    }
+
+    fn block(n: u8) -> Held {
+        Held::Block {
+            id: [n; 32],
+            owner: Id::ZERO,
+            size: 10,
+        }
+    }
+
+    #[test]
+    fn ranges_wrap_and_summaries_match_contents() {
+        let mut a = Index::new();
+        for v in [5u128, 10, 20, 30] {
+            a.insert(id(v), block(v as u8));
+        }
+        let keys: Vec<u128> = a.range(id(20), id(10)).map(|(k, _)| k.low_u128()).collect();
+        assert_eq!(keys, vec![30, 5, 10]);
+        assert_eq!(
+            a.range(id(5), id(5)).count(),
+            4,
+            "lo == hi is the whole ring"
+        );
+        let mut b = a.clone();
+        assert_eq!(a.summarize(id(0), id(25)), b.summarize(id(0), id(25)));
+        b.insert(id(7), block(7));
+        assert_ne!(a.summarize(id(0), id(25)), b.summarize(id(0), id(25)));
+        assert_eq!(a.summarize(id(10), id(25)), b.summarize(id(10), id(25)));
+        assert_eq!(b.summarize(id(0), id(25)).count, 4);
+        b.remove(&id(7));
+        assert_eq!(a.summarize(id(0), id(25)), b.summarize(id(0), id(25)));
+        assert_eq!(a.bytes(), b.bytes());
+    }
+
+    #[test]
+    fn split_covers_the_range_exactly() {
+        for (lo, hi) in [(id(0), id(1600)), (Id::MAX, id(15)), (id(9), id(9))] {
+            let parts = split_range(lo, hi, 16);
+            assert_eq!(parts.len(), 16);
+            assert_eq!(parts[0].0, lo);
+            assert_eq!(parts[15].1, hi);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].1, w[1].0);
+            }
+        }
+    }
+}
