@@ -208,6 +208,8 @@ enum Purpose {
     Store(OpId),
     /// The hand-off walk asking who should hold a key we have.
     Handoff(Id),
+    /// Asking again once the keys were handed off, before deleting ours.
+    HandoffConfirm(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -614,6 +616,7 @@ impl Node {
             }
             Purpose::Store(op) => self.store_lookup_done(now_ms, op, result),
             Purpose::Handoff(key) => self.handoff_lookup_done(now_ms, key, result),
+            Purpose::HandoffConfirm(hid) => self.handoff_confirmed(hid, result),
             Purpose::Finger(i) => {
                 self.fixing_finger = false;
                 if let Ok((owner, _)) = result {

@@ -140,6 +140,8 @@ struct Session {
 struct Handoff {
     /// Keys (and the versions) the targets must confirm before we drop them.
     keys: Vec<(Id, Digest)>,
+    /// The replica set the keys went to; a second lookup must name it again.
+    targets: Vec<Id>,
     sessions_left: u32,
     failed: bool,
     leave: Option<CmdId>,
@@ -450,7 +452,7 @@ impl Node {
                     }
                     ReadFor::Push { sid, to } => match found {
                         Some(item) => self.send_push(now_ms, sid, to, key, item),
-                        None => self.session_step_done(sid, false),
+                        None => self.session_step_done(now_ms, sid, false),
                     },
                     ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Ok(found)),
                 }
@@ -577,7 +579,7 @@ impl Node {
                 };
                 match p.wait {
                     Wait::StorePut(op) => self.put_ack(now_ms, op, result),
-                    Wait::Push(sid) => self.session_step_done(sid, result.is_ok()),
+                    Wait::Push(sid) => self.session_step_done(now_ms, sid, result.is_ok()),
                     Wait::Repair => {}
                     w => self.confused(now_ms, from, w),
                 }
@@ -599,7 +601,7 @@ impl Node {
                                 self.store.stats.invalid_refused += 1;
                             }
                         }
-                        self.session_step_done(sid, true);
+                        self.session_step_done(now_ms, sid, true);
                     }
                     w => self.confused(now_ms, from, w),
                 }
@@ -641,7 +643,7 @@ impl Node {
                 Err(StoreError::Unavailable { acks: 0, needed: 1 }),
             ),
             Wait::Sync { sid, .. } | Wait::Push(sid) | Wait::Fetch { sid, .. } => {
-                self.session_step_done(sid, false)
+                self.session_step_done(now_ms, sid, false)
             }
             _ => {}
         }
@@ -1123,7 +1125,7 @@ impl Node {
                 }
             }
         }
-        self.session_step_done(sid, ok);
+        self.session_step_done(now_ms, sid, ok);
     }
 
     fn queue_push(&mut self, sid: SessionId, to: Peer, key: Id) {
@@ -1168,7 +1170,7 @@ impl Node {
         while let Some(&(sid, to, key)) = self.store.pushes.front() {
             let Some(held) = self.store.index.get(&key) else {
                 self.store.pushes.pop_front();
-                self.session_step_done(sid, false);
+                self.session_step_done(now_ms, sid, false);
                 continue;
             };
             let size = held.size() as u64;
@@ -1204,7 +1206,7 @@ impl Node {
     }
 
     /// One request of a session finished (`ok` false: it failed).
-    fn session_step_done(&mut self, sid: SessionId, ok: bool) {
+    fn session_step_done(&mut self, now_ms: u64, sid: SessionId, ok: bool) {
         let Some(s) = self.store.sessions.get_mut(&sid) else {
             return;
         };
@@ -1222,7 +1224,7 @@ impl Node {
                 h.failed |= s.failed;
                 h.sessions_left -= 1;
                 if h.sessions_left == 0 {
-                    self.complete_handoff(hid);
+                    self.complete_handoff(now_ms, hid);
                 }
             }
         }
@@ -1313,6 +1315,7 @@ impl Node {
             hid,
             Handoff {
                 keys,
+                targets: targets.iter().map(|t| t.0.id).collect(),
                 sessions_left: targets.len() as u32,
                 failed: false,
                 leave,
@@ -1324,16 +1327,46 @@ impl Node {
         }
     }
 
-    fn complete_handoff(&mut self, hid: HandoffId) {
-        let Some(h) = self.store.handoffs.remove(&hid) else {
+    fn complete_handoff(&mut self, now_ms: u64, hid: HandoffId) {
+        let Some(h) = self.store.handoffs.get(&hid) else {
             return;
         };
         if let Some(cmd) = h.leave {
+            self.store.handoffs.remove(&hid);
             self.store.leave_deadline_ms = None;
             return self.finish_leave(cmd);
         }
+        let first = h.keys.first().map(|k| k.0);
+        match first {
+            // Every target has the keys. Before deleting ours, ask again who
+            // should hold them: the ring may have moved (or the first lookup
+            // may have been wrong) while we pushed, and we may be a replica now.
+            Some(k) if !h.failed && self.lookups.len() < self.cfg.lookups_max => {
+                self.start_lookup(now_ms, k, Purpose::HandoffConfirm(hid));
+            }
+            _ => {
+                self.store.handoffs.remove(&hid);
+                self.store.handoff_busy = false;
+            }
+        }
+    }
+
+    pub(super) fn handoff_confirmed(
+        &mut self,
+        hid: HandoffId,
+        result: Result<(Peer, Option<PeerState>), LookupError>,
+    ) {
         self.store.handoff_busy = false;
-        if h.failed {
+        let Some(h) = self.store.handoffs.remove(&hid) else {
+            return;
+        };
+        let Ok((owner, state)) = result else {
+            return;
+        };
+        let mut set = self.replica_list(owner, state);
+        set.truncate(self.cfg.replicas.max(1));
+        let ids: Vec<Id> = set.iter().map(|p| p.id).collect();
+        if ids != h.targets || ids.contains(&self.me.id) {
             return;
         }
         let primary = self.pred.map(|p| (p.id, self.me.id));

@@ -103,6 +103,12 @@ pub enum FaultKind {
     MassFail {
         fraction: f64,
     },
+    /// `count` ring neighbours fail for good at once, starting at `node`:
+    /// nodes that hold replicas of the same keys.
+    KillRun {
+        node: u32,
+        count: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -146,6 +152,9 @@ pub struct SimConfig {
     pub graceful_fraction: f64,
     pub fail_fraction: f64,
     pub fail_at_ms: u64,
+    /// This many ring neighbours fail for good at `fail_at_ms`.
+    #[serde(default)]
+    pub kill_adjacent: u32,
     /// After a mass failure, turn maintenance off, run this many lookups, then
     /// turn it back on (ToN'03 "lookups before any repair").
     pub lookups_after_fail: u64,
@@ -194,6 +203,7 @@ impl Default for SimConfig {
             graceful_fraction: 0.5,
             fail_fraction: 0.0,
             fail_at_ms: 0,
+            kill_adjacent: 0,
             lookups_after_fail: 0,
             net: NetConfig::default(),
             rates: FaultRates::default(),

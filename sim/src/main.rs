@@ -166,6 +166,10 @@ struct Args {
     /// Probability a block in flight is corrupted (replicas must refuse it).
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     corrupt: f64,
+    /// Kill this many ring neighbours for good at --fail-at (nodes holding
+    /// replicas of the same keys).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    kill_adjacent: u32,
     /// Anti-entropy period.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     sync: Duration,
@@ -242,6 +246,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         graceful_fraction: a.graceful,
         fail_fraction: a.fail_fraction,
         fail_at_ms: a.fail_at.as_millis() as u64,
+        kill_adjacent: a.kill_adjacent,
         lookups_after_fail: a.lookups_after_fail,
         swarm: a.swarm,
         lookups_per_node_per_min: a.lookups_per_node_per_min,

@@ -155,7 +155,8 @@ impl Report {
             match (st.repaired, st.repair_ms) {
                 (true, Some(ms)) => {
                     s += &format!(
-                        "every key back on its R replicas {ms} ms after the ring was ideal\n"
+                        "every key back on its R replicas {ms} ms after the ring was ideal; read back {} acked keys, {} failed\n",
+                        st.final_reads_ok, st.final_reads_failed
                     )
                 }
                 _ => {

@@ -289,6 +289,10 @@ pub struct StorageReport {
     /// must copy).
     pub oracle_repair_bytes: u64,
     pub repair_over_oracle: Option<f64>,
+    /// The read sweep after repair: acknowledged keys read back through
+    /// random nodes.
+    pub final_reads_ok: u64,
+    pub final_reads_failed: u64,
     pub corrupted_in_flight: u64,
     pub corrupt_refused: u64,
     pub misplaced_copies: u64,
@@ -300,5 +304,6 @@ impl StorageReport {
             && self.divergent == 0
             && self.bad_blocks == 0
             && self.under_replicated == 0
+            && self.final_reads_failed == 0
     }
 }

@@ -246,6 +246,12 @@ struct StoreSide {
     leaving: BTreeMap<CmdId, u32>,
     /// Repair bytes already sent by nodes that are gone.
     retired_repair_bytes: u64,
+    /// Repair bytes sent before a scripted kill (the experiment counts
+    /// only what the repair after it cost).
+    repair_bytes_at_kill: Option<u64>,
+    /// The read sweep after repair: keys still to read, replies awaited.
+    final_reads: Vec<Id>,
+    final_reads_waiting: u64,
 }
 
 /// A running 128-bit digest of every event (two independent 64-bit lanes).
@@ -652,6 +658,16 @@ impl World {
                 at_ms: self.cfg.fail_at_ms,
                 kind: FaultKind::MassFail {
                     fraction: self.cfg.fail_fraction,
+                },
+            });
+        }
+        if self.cfg.kill_adjacent > 0 {
+            let node = self.rng_fault.gen_range(0..n);
+            plan.push(Fault {
+                at_ms: self.cfg.fail_at_ms,
+                kind: FaultKind::KillRun {
+                    node,
+                    count: self.cfg.kill_adjacent,
                 },
             });
         }
@@ -1224,6 +1240,25 @@ impl World {
                     self.net.clog(a, b, self.now + for_ms);
                 }
             }
+            FaultKind::KillRun { node, count } => {
+                let Some(first) = self.pick_live(node) else {
+                    return;
+                };
+                let start = self.slots[first as usize].peer.id;
+                let run: Vec<u32> = self
+                    .members
+                    .range(start..)
+                    .chain(self.members.range(..start))
+                    .take(count as usize)
+                    .map(|(_, k)| *k)
+                    .collect();
+                self.store.repair_bytes_at_kill = Some(self.repair_bytes_now());
+                for k in run {
+                    self.crash(k, false);
+                    self.slots[k as usize].departed = true;
+                    self.lose_disk(k);
+                }
+            }
             FaultKind::MassFail { fraction } => {
                 let mut live = self.member_list.clone();
                 live.sort_unstable();
@@ -1392,10 +1427,12 @@ impl World {
                 self.stop = !self.cfg.storage.enabled;
             } else if let Some(c) = self.converged_at {
                 // The ring is Ideal; now every key must get back to R copies.
-                if self.storage_repaired() {
+                if self.store.repaired_at.is_some() {
+                    // The read sweep is running; it stops the run.
+                } else if self.storage_repaired() {
                     self.store.repaired_at = Some(self.now);
                     self.store.rep.repair_ms = Some(self.now - c);
-                    self.stop = true;
+                    self.start_final_reads();
                 } else if self.now > c + self.cfg.storage.repair_bound_ms {
                     self.store.no_liveness = true;
                     self.stop = true;
@@ -1790,7 +1827,31 @@ impl World {
         cmd: CmdId,
         r: Result<Option<peerstore_core::Item>, peerstore_core::StoreError>,
     ) {
-        if self.store.cmds.remove(&cmd).is_none() {
+        let Some((at, key, _)) = self.store.cmds.remove(&cmd) else {
+            return;
+        };
+        if at == u64::MAX {
+            // A read of the final sweep: it must find an acknowledged version.
+            self.store.final_reads_waiting -= 1;
+            let ok = match &r {
+                Ok(Some(item)) => self
+                    .store
+                    .acked
+                    .get(&key)
+                    .is_some_and(|es| es.iter().all(|e| e.covered_by(item))),
+                _ => false,
+            };
+            if ok {
+                self.store.rep.final_reads_ok += 1;
+            } else if self.loss_excused(&key) {
+                // Its R copies were lost at once: checker (a) reports it.
+            } else {
+                self.store.rep.final_reads_failed += 1;
+                if std::env::var_os("PEERSTORE_SIM_DUMP").is_some() {
+                    eprintln!("final read of {key:?} failed: {r:?}");
+                }
+            }
+            self.continue_final_reads();
             return;
         }
         match r {
@@ -1851,6 +1912,65 @@ impl World {
         (under, divergent, misplaced)
     }
 
+    /// Whether R durable copies of `key` were lost for good within one
+    /// loss window (the one case where losing an acknowledged write is
+    /// allowed).
+    fn loss_excused(&self, key: &Id) -> bool {
+        let r = self.cfg.storage.replicas.max(1);
+        self.store.losses.get(key).is_some_and(|times| {
+            times.len() >= r
+                && times
+                    .windows(r)
+                    .any(|w| w[r - 1] - w[0] <= self.cfg.storage.loss_window_ms)
+        })
+    }
+
+    fn repair_bytes_now(&self) -> u64 {
+        self.store.retired_repair_bytes
+            + self
+                .slots
+                .iter()
+                .filter_map(|s| s.node.as_ref())
+                .map(|n| n.store_stats().repair_bytes_sent)
+                .sum::<u64>()
+    }
+
+    /// After repair: read back (up to 500) acknowledged keys through random
+    /// nodes; the run ends when every read has answered.
+    fn start_final_reads(&mut self) {
+        let mut keys = self.store.acked_keys.clone();
+        keys.sort_unstable();
+        keys.dedup();
+        let take = keys.len().min(500);
+        for i in 0..take {
+            let j = self.rng_work.gen_range(i..keys.len());
+            keys.swap(i, j);
+        }
+        keys.truncate(take);
+        self.store.final_reads = keys;
+        self.continue_final_reads();
+    }
+
+    fn continue_final_reads(&mut self) {
+        // A few at a time, so the sweep is a trickle, not a burst.
+        while self.store.final_reads_waiting < 8 {
+            let Some(key) = self.store.final_reads.pop() else {
+                break;
+            };
+            let Some(k) = self.random_member() else {
+                break;
+            };
+            self.store.final_reads_waiting += 1;
+            self.next_cmd += 1;
+            let id = self.next_cmd;
+            self.store.cmds.insert(id, (u64::MAX, key, None));
+            self.handle(k, Input::Command(id, Command::Get(key)));
+        }
+        if self.store.final_reads_waiting == 0 && self.store.final_reads.is_empty() {
+            self.stop = true;
+        }
+    }
+
     fn storage_repaired(&self) -> bool {
         let (under, divergent, _) = self.replica_faults();
         under == 0 && divergent == 0
@@ -1859,7 +1979,6 @@ impl World {
     /// The end-of-run storage verdict: (a) through (d) and the figures.
     fn storage_report(&mut self) -> StorageReport {
         let mut rep = std::mem::take(&mut self.store.rep);
-        let r = self.cfg.storage.replicas.max(1);
         // (a) Every acknowledged write is still on some live node's disk.
         for (key, expects) in &self.store.acked {
             for e in expects {
@@ -1873,13 +1992,7 @@ impl World {
                 if kept {
                     continue;
                 }
-                let excused = self.store.losses.get(key).is_some_and(|times| {
-                    times.len() >= r
-                        && times
-                            .windows(r)
-                            .any(|w| w[r - 1] - w[0] <= self.cfg.storage.loss_window_ms)
-                });
-                if excused {
+                if self.loss_excused(key) {
                     rep.lost_excused += 1;
                 } else {
                     rep.lost_acked += 1;
@@ -1930,6 +2043,9 @@ impl World {
         for n in self.slots.iter().filter_map(|s| s.node.as_ref()) {
             repair += n.store_stats().repair_bytes_sent;
             refused += n.store_stats().invalid_refused;
+        }
+        if let Some(before) = self.store.repair_bytes_at_kill {
+            repair -= before.min(repair);
         }
         rep.repair_bytes = repair;
         rep.corrupt_refused = refused;
