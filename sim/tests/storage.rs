@@ -27,12 +27,11 @@ fn swarm_storage(seed: u64) -> SimConfig {
     with_storage(common::swarm(24, 0, seed))
 }
 
-#[test]
-fn storage_survives_swarm_faults() {
-    let n = common::seeds(120);
+/// Runs `n` seeds from `first` (two halves run on the test threads at once).
+fn storage_sweep(first: u64, n: u64) {
     let mut bad = Vec::new();
     let (mut acked, mut records, mut corrupted) = (0, 0, 0);
-    for seed in 100_000..100_000 + n {
+    for seed in first..first + n {
         let rep = peerstore_sim::run(swarm_storage(seed));
         let st = rep.storage.as_ref().expect("storage ran");
         acked += st.puts_acked;
@@ -56,6 +55,17 @@ fn storage_survives_swarm_faults() {
         "{records} record writes acked over {n} seeds"
     );
     assert!(corrupted > 0, "no block was corrupted in flight");
+}
+
+#[test]
+fn storage_survives_swarm_faults_first_half() {
+    storage_sweep(100_000, common::seeds(200) / 2);
+}
+
+#[test]
+fn storage_survives_swarm_faults_second_half() {
+    let n = common::seeds(200);
+    storage_sweep(100_000 + n / 2, n - n / 2);
 }
 
 fn kill_neighbours(nodes: usize, blocks: u64, killed: u32, seed: u64) -> SimConfig {

@@ -6,7 +6,8 @@
 //!   cargo run --release -p peerstore-sim --bin peerstore-bench -- --quick # smaller sizes
 //!   cargo run --release -p peerstore-sim --bin peerstore-bench -- hops churn
 //!
-//! Sections: hops, failure, churn, safety, negative, replay, scale, load
+//! Sections: hops, failure, churn, safety, negative, replay, scale, load,
+//! storage-seeds, storage-kill, storage-scale
 //! (`load` runs in-process and needs no peerstore-sim binary).
 
 use peerstore_core::vnode::{replica_load, vnode_ids};
@@ -533,6 +534,142 @@ fn load(v: &mut Verdicts, quick: bool) {
     println!("  load section: {:.1} s wall", t0.elapsed().as_secs_f64());
 }
 
+fn storage_seeds(v: &mut Verdicts, seeds: u64) {
+    println!("\n== S1. Storage over {seeds} swarm seeds (crashes, partitions, churn, concurrent record writers, corruption in flight) ==");
+    let s = seeds.to_string();
+    let t = Instant::now();
+    let reps = run(&[
+        "--nodes",
+        "24",
+        "--swarm",
+        "--storage",
+        "--record-writes-per-s",
+        "2",
+        "--corrupt",
+        "0.02",
+        "--seeds",
+        &s,
+        "--seed",
+        "2000000",
+        "--duration",
+        "2min",
+    ]);
+    let sum = |path: &str| reps.iter().map(|x| f(x, path)).sum::<f64>();
+    let failed: Vec<u64> = reps
+        .iter()
+        .filter(|x| {
+            x["invariant_violations"]["count"] != 0
+                || x["no_liveness"] == true
+                || f(x, "storage.lost_acked") > 0.0
+                || f(x, "storage.divergent") > 0.0
+                || f(x, "storage.under_replicated") > 0.0
+                || f(x, "storage.bad_blocks") > 0.0
+                || f(x, "storage.final_reads_failed") > 0.0
+                || x["storage"]["repaired"] != true
+        })
+        .map(|x| x["seed"].as_u64().unwrap_or(0))
+        .collect();
+    println!(
+        "  {} block puts and {} record writes acknowledged; {} lost ({} excused: R copies lost at once); {} divergent; {} keys under-replicated after healing; {} bad blocks stored; {} corrupted in flight; {:.0} s wall",
+        sum("storage.puts_acked"), sum("storage.record_writes_acked"), sum("storage.lost_acked"),
+        sum("storage.lost_excused"), sum("storage.divergent"), sum("storage.under_replicated"),
+        sum("storage.bad_blocks"), sum("storage.corrupted_in_flight"), t.elapsed().as_secs_f64()
+    );
+    v.check(
+        format!(
+            "{} of {} seeds: no acknowledged write lost, replicas converged, every key at R copies after healing{}",
+            reps.len() - failed.len(),
+            reps.len(),
+            if failed.is_empty() { String::new() } else { format!("; failing seeds {failed:?}") }
+        ),
+        failed.is_empty(),
+    );
+}
+
+fn storage_kill(v: &mut Verdicts, quick: bool) {
+    let (n, blocks) = if quick {
+        ("200", "10000")
+    } else {
+        ("1000", "100000")
+    };
+    println!("\n== S2. N = {n}, R = 3, {blocks} blocks: two ring neighbours (replicas of the same keys) fail at once ==");
+    for seed in ["1", "2", "3"] {
+        let r = run_quiet(&[
+            "--storage",
+            "--nodes",
+            n,
+            "--start",
+            "ideal",
+            "--churn",
+            "0",
+            "--preload-blocks",
+            blocks,
+            "--kill-adjacent",
+            "2",
+            "--fail-at",
+            "60s",
+            "--duration",
+            "2min",
+            "--seed",
+            seed,
+        ]);
+        let ratio = f(&r, "storage.repair_over_oracle");
+        println!(
+            "  seed {seed}: lost {} (excused {}), read back {} acked keys ({} failed), repair {:.0} bytes vs oracle {:.0} = {ratio:.2}x, {:.1} s wall, {:.0} MiB",
+            f(&r, "storage.lost_acked"), f(&r, "storage.lost_excused"), f(&r, "storage.final_reads_ok"),
+            f(&r, "storage.final_reads_failed"), f(&r, "storage.repair_bytes"), f(&r, "storage.oracle_repair_bytes"),
+            f(&r, "wall_ms") / 1000.0, mib(&r)
+        );
+        v.check(
+            format!("seed {seed}: every acknowledged object readable, back to R copies, repair {ratio:.2}x the oracle (target <= 1.5, Carbonite 1.44)"),
+            f(&r, "storage.lost_acked") == 0.0
+                && f(&r, "storage.lost_excused") == 0.0
+                && f(&r, "storage.final_reads_failed") == 0.0
+                && r["storage"]["repaired"] == true
+                && ratio <= 1.5,
+        );
+    }
+}
+
+fn storage_scale(v: &mut Verdicts, quick: bool) {
+    let (n, blocks, dur) = if quick {
+        ("200", "10000", "10min")
+    } else {
+        ("1000", "100000", "1h")
+    };
+    println!("\n== S5. Storage scale: {n} nodes x {blocks} blocks, churn 0.4/s for {dur} (plus loss, crashes, partitions) ==");
+    let r = run(&[
+        "--storage",
+        "--nodes",
+        n,
+        "--start",
+        "ideal",
+        "--churn",
+        "0.4",
+        "--preload-blocks",
+        blocks,
+        "--duration",
+        dur,
+        "--seed",
+        "1",
+        "--check",
+        "sampled:10s",
+    ])
+    .remove(0);
+    println!(
+        "  {:.0} s wall, peak {:.0} MiB; {} puts acked, lost {}, under-replicated {}, divergent {}; bytes/node max/mean {:.2} p99/mean {:.2}; ack latency mean {:.0} ms p99 {:.0} ms; repair {:.2}x the permanent-loss oracle",
+        f(&r, "wall_ms") / 1000.0, mib(&r), f(&r, "storage.puts_acked"), f(&r, "storage.lost_acked"),
+        f(&r, "storage.under_replicated"), f(&r, "storage.divergent"),
+        f(&r, "storage.bytes_per_node_max_over_mean"), f(&r, "storage.bytes_per_node_p99_over_mean"),
+        f(&r, "storage.ack_latency_mean_ms"), f(&r, "storage.ack_latency_p99_ms"),
+        f(&r, "storage.repair_over_oracle")
+    );
+    v.check(
+        format!("{n} nodes x {blocks} blocks, {dur} of churn: nothing acknowledged lost, every key back at R copies"),
+        f(&r, "storage.lost_acked") == 0.0 && r["storage"]["repaired"] == true,
+    );
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -577,6 +714,15 @@ fn main() -> ExitCode {
     }
     if want("load") {
         load(&mut v, quick);
+    }
+    if want("storage-seeds") {
+        storage_seeds(&mut v, seeds);
+    }
+    if want("storage-kill") {
+        storage_kill(&mut v, quick);
+    }
+    if want("storage-scale") {
+        storage_scale(&mut v, quick);
     }
     let bad = v.lines.iter().filter(|(_, ok)| !ok).count();
     println!("\n{} passed, {} failed", v.lines.len() - bad, bad);
