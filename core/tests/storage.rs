@@ -346,9 +346,26 @@ fn forged_manifest() -> Item {
     Item::Record(Box::new(rec))
 }
 
+/// The owner's transaction log carrying an entry signed by someone else.
+fn forged_log() -> Item {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut log = record::new_txlog(&users()[0]);
+    let entry = record::new_tx_entry(&mut rng, &users()[1], 1, 1, b"rm -rf".to_vec());
+    log.entries.insert((1, 1), entry);
+    Item::Record(Box::new(record::Record::TxLog(log)))
+}
+
 #[test]
-fn a_forged_manifest_is_refused_first_hand_by_read_and_by_anti_entropy() {
-    let forged = forged_manifest();
+fn a_forged_manifest_is_refused_first_hand_and_through_anti_entropy() {
+    refused_everywhere(forged_manifest());
+}
+
+#[test]
+fn a_forged_log_entry_is_refused_first_hand_and_through_anti_entropy() {
+    refused_everywhere(forged_log());
+}
+
+fn refused_everywhere(forged: Item) {
     assert!(forged.validate(1024).is_err());
     let key = forged.position();
     let mut c = Cluster::new(4);
