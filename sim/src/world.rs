@@ -1388,6 +1388,19 @@ impl World {
             }
         }
         self.healed_at = Some(self.now);
+        if self.cfg.storage.enabled {
+            // Faults stop: crashed nodes come back now with their disks, so
+            // the repair phase judges a population that no longer changes.
+            for k in 0..self.slots.len() as u32 {
+                let s = &self.slots[k as usize];
+                if s.node.is_none() && !s.departed {
+                    self.fresh_node(k);
+                    self.restore_from_disk(k);
+                    let inc = self.slots[k as usize].incarnation;
+                    self.start_join(k, inc);
+                }
+            }
+        }
     }
 
     // ----- checkers --------------------------------------------------------------------
@@ -1888,10 +1901,12 @@ impl World {
         for key in keys.keys() {
             let right = self.right_nodes(*key, r);
             let mut digests = Vec::with_capacity(r);
+            let mut version = None;
             for &k in &right {
                 let n = self.slots[k as usize].node.as_ref().expect("member");
                 if let Some(h) = n.store_index().get(key) {
                     digests.push(h.digest());
+                    version = Some(h);
                 }
             }
             holders_total += digests.len() as u64;
@@ -1900,6 +1915,20 @@ impl World {
             }
             if digests.windows(2).any(|w| w[0] != w[1]) {
                 divergent += 1;
+            } else if let Some(v) = version {
+                // A copy elsewhere must add nothing the right nodes lack, or
+                // their agreement is not the end of the story.
+                let stranded = self.member_list.iter().any(|&k| {
+                    !right.contains(&k)
+                        && self.slots[k as usize]
+                            .node
+                            .as_ref()
+                            .and_then(|n| n.store_index().get(key))
+                            .is_some_and(|h| !covers(v, h))
+                });
+                if stranded {
+                    divergent += 1;
+                }
             }
         }
         let copies: u64 = self
@@ -2056,5 +2085,30 @@ impl World {
             rep.repaired = false;
         }
         rep
+    }
+}
+
+/// Whether the version `have` already contains everything in `other`.
+fn covers(have: &peerstore_core::Held, other: &peerstore_core::Held) -> bool {
+    if have.digest() == other.digest() {
+        return true;
+    }
+    let (a, b) = (held_item(have), held_item(other));
+    match (a, b) {
+        (Some(a), Some(b)) => matches!(
+            peerstore_core::store::merge(Some(&a), b),
+            Ok(peerstore_core::store::Merge::Unchanged)
+        ),
+        // A block on the right nodes and a block elsewhere under one key are
+        // the same block.
+        _ => have.is_block() && other.is_block(),
+    }
+}
+
+fn held_item(h: &peerstore_core::Held) -> Option<peerstore_core::Item> {
+    match h {
+        peerstore_core::Held::Record(r) => Some(peerstore_core::Item::Record(r.clone())),
+        peerstore_core::Held::Tombstone(t) => Some(peerstore_core::Item::Tombstone(t.clone())),
+        peerstore_core::Held::Block { .. } => None,
     }
 }
