@@ -1046,17 +1046,23 @@ impl Node {
         self.sync_range(now_ms, sid, pred.id, self.me.id);
     }
 
-    fn sync_range(&mut self, now_ms: u64, sid: SessionId, lo: Id, hi: Id) {
-        let Some(s) = self.store.sessions.get_mut(&sid) else {
-            return;
-        };
+    /// Counts one more request of a session against its budget; the peer to
+    /// send it to, or None if the session is gone or out of budget.
+    fn session_request(&mut self, sid: SessionId) -> Option<Peer> {
+        let s = self.store.sessions.get_mut(&sid)?;
         if s.requests >= SESSION_REQUESTS_MAX {
             s.failed = true;
-            return;
+            return None;
         }
         s.requests += 1;
         s.outstanding += 1;
-        let peer = s.peer;
+        Some(s.peer)
+    }
+
+    fn sync_range(&mut self, now_ms: u64, sid: SessionId, lo: Id, hi: Id) {
+        let Some(peer) = self.session_request(sid) else {
+            return;
+        };
         let mine = self.store.index.summarize(lo, hi);
         self.request(
             now_ms,
@@ -1141,15 +1147,9 @@ impl Node {
     }
 
     fn fetch(&mut self, now_ms: u64, sid: SessionId, from: Peer, key: Id) {
-        let Some(s) = self.store.sessions.get_mut(&sid) else {
-            return;
-        };
-        if s.requests >= SESSION_REQUESTS_MAX {
-            s.failed = true;
+        if self.session_request(sid).is_none() {
             return;
         }
-        s.requests += 1;
-        s.outstanding += 1;
         self.request(
             now_ms,
             from,
