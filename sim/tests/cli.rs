@@ -137,3 +137,53 @@ fn a_broken_run_exits_non_zero_and_prints_its_seed() {
     assert!(text.contains("replay with"), "{text}");
     assert!(text.contains("last events"), "{text}");
 }
+
+#[test]
+fn storage_report_has_the_promised_figures_and_bad_storage_flags_are_refused() {
+    let out = sim()
+        .args([
+            "--nodes",
+            "16",
+            "--duration",
+            "30s",
+            "--seed",
+            "6",
+            "--storage",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    for key in [
+        "puts_acked",
+        "lost_acked",
+        "under_replicated",
+        "divergent",
+        "bad_blocks",
+        "bytes_per_node_max_over_mean",
+        "bytes_per_node_p99_over_mean",
+        "repair_bytes",
+        "oracle_repair_bytes",
+        "ack_latency_mean_ms",
+        "ack_latency_p99_ms",
+    ] {
+        assert!(v["storage"].get(key).is_some(), "missing storage.{key}");
+    }
+    assert!(v["storage"]["puts_acked"].as_u64().unwrap_or(0) > 0);
+    for bad in [
+        vec!["--storage", "--replicas", "3", "--write-quorum", "4"],
+        vec!["--storage", "--replicas", "0"],
+        vec!["--storage", "--corrupt", "2"],
+    ] {
+        let out = sim().args(&bad).output().expect("runs");
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+        assert!(!err.is_empty(), "{bad:?}: no message");
+    }
+}
