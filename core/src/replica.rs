@@ -201,6 +201,8 @@ pub(super) struct Storage {
     pub(super) sync_soon: bool,
     sync_sid: Option<SessionId>,
     sync_turn: usize,
+    /// Sync partners whose last session failed, skipped until then.
+    sync_failed: BTreeMap<crate::id::NodeId, u64>,
     last_sync_ms: u64,
     next_sync_ms: u64,
     next_handoff_ms: u64,
@@ -1034,11 +1036,23 @@ impl Node {
         let Some(pred) = self.pred else {
             return;
         };
-        let n = self.succs.len().min(self.cfg.replicas.saturating_sub(1));
-        if n == 0 {
+        // Our R-1 replica partners, except any whose last sync failed in
+        // the last few periods: the successor after them stands in (the
+        // copies it gets are handed back once the partner answers again),
+        // so a silent replica does not leave a key at fewer copies.
+        self.store.sync_failed.retain(|_, until| *until > now_ms);
+        let want = self.cfg.replicas.saturating_sub(1);
+        let partners: Vec<Peer> = self
+            .succs
+            .iter()
+            .filter(|p| !self.store.sync_failed.contains_key(&p.id))
+            .take(want)
+            .copied()
+            .collect();
+        if partners.is_empty() {
             return;
         }
-        let peer = self.succs[self.store.sync_turn % n];
+        let peer = partners[self.store.sync_turn % partners.len()];
         self.store.sync_turn = self.store.sync_turn.wrapping_add(1);
         self.store.stats.syncs_started += 1;
         let sid = self.new_session(peer, None);
@@ -1218,6 +1232,14 @@ impl Node {
         let s = self.store.sessions.remove(&sid).expect("present");
         if self.store.sync_sid == Some(sid) {
             self.store.sync_sid = None;
+            if s.failed {
+                // Try the others (and a stand-in) soon rather than a
+                // period later.
+                self.store
+                    .sync_failed
+                    .insert(s.peer.id, now_ms + 3 * self.cfg.sync_ms);
+                self.store.sync_soon = true;
+            }
         }
         if let Some(hid) = s.handoff {
             if let Some(h) = self.store.handoffs.get_mut(&hid) {

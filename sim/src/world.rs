@@ -224,6 +224,8 @@ pub struct World {
     /// replaying a failing seed.
     watch: Option<u32>,
     store: StoreSide,
+    /// Key prefix whose durable copies are traced (PEERSTORE_SIM_KEY).
+    watch_key: Option<String>,
 }
 
 /// The storage workload's state and the durability oracle.
@@ -244,6 +246,8 @@ struct StoreSide {
     no_liveness: bool,
     /// Graceful leaves waiting for their hand-off to finish.
     leaving: BTreeMap<CmdId, u32>,
+    /// Which node (slot, incarnation) runs each client command.
+    cmd_node: BTreeMap<CmdId, (u32, u32)>,
     /// Repair bytes already sent by nodes that are gone.
     retired_repair_bytes: u64,
     /// Repair bytes sent before a scripted kill (the experiment counts
@@ -357,6 +361,7 @@ impl World {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             store: StoreSide::default(),
+            watch_key: std::env::var("PEERSTORE_SIM_KEY").ok(),
             cfg,
         }
     }
@@ -840,6 +845,16 @@ impl World {
                     return;
                 }
                 if let Some(result) = s.disk.complete(io, cap) {
+                    if let Some(w) = &self.watch_key {
+                        for (key, _) in s
+                            .disk
+                            .durable
+                            .iter()
+                            .filter(|(k, _)| format!("{k:?}").starts_with(w.as_str()))
+                        {
+                            eprintln!("t={} slot={node} durable {key:?}", self.now);
+                        }
+                    }
                     self.handle(node, Input::StorageDone { io, result });
                 }
             }
@@ -1071,10 +1086,13 @@ impl World {
         }
         // Nodes cut off or paused past the failure detector's window count as
         // failed already: the protocol cannot tell them from dead ones.
+        // So do nodes handing off their data before a graceful leave: they
+        // are as good as gone once the guard has let them go.
         let live = |id: &Id| {
-            self.members
-                .get(id)
-                .is_some_and(|&j| self.slots[j as usize].suspended_until <= self.now)
+            self.members.get(id).is_some_and(|&j| {
+                let s = &self.slots[j as usize];
+                s.suspended_until <= self.now && !s.departed
+            })
         };
         let f = self.slots[k as usize].peer.id;
         // Who lists f? In a large ring, only nodes shortly before it (a list
@@ -1335,6 +1353,15 @@ impl World {
     /// A node gone for good takes its disk with it: every copy on it is lost.
     fn lose_disk(&mut self, k: u32) {
         let disk = std::mem::take(&mut self.slots[k as usize].disk);
+        if let Some(w) = &self.watch_key {
+            for key in disk
+                .durable
+                .keys()
+                .filter(|k| format!("{k:?}").starts_with(w.as_str()))
+            {
+                eprintln!("t={} slot={k} LOST {key:?}", self.now);
+            }
+        }
         if disk.durable.is_empty() {
             return;
         }
@@ -1424,6 +1451,30 @@ impl World {
     }
 
     fn sample(&mut self) {
+        if let Some(w) = self.watch_key.clone() {
+            let keys: Vec<Id> = self
+                .store
+                .acked
+                .keys()
+                .filter(|k| format!("{k:?}").starts_with(w.as_str()))
+                .copied()
+                .collect();
+            for key in keys {
+                let right = self.right_nodes(key, self.cfg.storage.replicas);
+                let desc: Vec<String> = right
+                    .iter()
+                    .map(|&k| {
+                        let n = self.slots[k as usize].node.as_ref();
+                        format!(
+                            "{k}:{}:pred={:?}",
+                            n.is_some_and(|n| n.store_index().get(&key).is_some()),
+                            n.and_then(|n| n.predecessor()).map(|p| p.addr)
+                        )
+                    })
+                    .collect();
+                eprintln!("t={} right nodes of {key:?}: {desc:?}", self.now);
+            }
+        }
         let dt = self.now - self.last_sample_at;
         self.node_ms += dt as u128 * self.member_list.len() as u128;
         self.last_sample_at = self.now;
@@ -1731,6 +1782,8 @@ impl World {
         self.next_cmd += 1;
         let id = self.next_cmd;
         self.store.cmds.insert(id, (self.now, key, expect));
+        let inc = self.slots[k as usize].incarnation;
+        self.store.cmd_node.insert(id, (k, inc));
         self.handle(k, Input::Command(id, c));
     }
 
@@ -1804,6 +1857,7 @@ impl World {
         cmd: CmdId,
         r: Result<peerstore_core::PutOk, peerstore_core::StoreError>,
     ) {
+        self.store.cmd_node.remove(&cmd);
         let Some((at, key, expect)) = self.store.cmds.remove(&cmd) else {
             return;
         };
@@ -1912,6 +1966,9 @@ impl World {
             holders_total += digests.len() as u64;
             if digests.len() < right.len() {
                 under += 1;
+                if self.watch_key.as_deref() == Some("?") {
+                    eprintln!("t={} under-replicated {key:?}", self.now);
+                }
             }
             if digests.windows(2).any(|w| w[0] != w[1]) {
                 divergent += 1;
@@ -2001,6 +2058,33 @@ impl World {
     }
 
     fn storage_repaired(&self) -> bool {
+        // Work still under way changes the answer: a graceful leave handing
+        // off, or a client write still trying replicas.
+        let alive = |k: u32, inc: u32| {
+            let s = &self.slots[k as usize];
+            s.node.is_some() && s.incarnation == inc
+        };
+        let leaving = self
+            .store
+            .leaving
+            .values()
+            .any(|&k| self.slots[k as usize].node.is_some());
+        let writing = self.store.cmds.iter().any(|(id, c)| {
+            c.2.is_some()
+                && self
+                    .store
+                    .cmd_node
+                    .get(id)
+                    .is_some_and(|&(k, inc)| alive(k, inc))
+        });
+        // A node still joining will move keys when it gets in.
+        let joining = self
+            .slots
+            .iter()
+            .any(|s| s.node.is_some() && !s.departed && !s.member);
+        if leaving || writing || joining {
+            return false;
+        }
         let (under, divergent, _) = self.replica_faults();
         under == 0 && divergent == 0
     }
@@ -2026,7 +2110,10 @@ impl World {
                 } else {
                     rep.lost_acked += 1;
                     if rep.first_lost.is_none() {
-                        rep.first_lost = Some(format!("{key:?}: {e:?}"));
+                        let lost_at = self.store.losses.get(key).cloned().unwrap_or_default();
+                        rep.first_lost = Some(format!(
+                            "{key:?}: {e:?}; durable copies lost for good at {lost_at:?} ms"
+                        ));
                     }
                 }
             }
