@@ -255,6 +255,11 @@ impl Node {
     // ----- scheduling ------------------------------------------------------
 
     pub(super) fn store_joined(&mut self, now_ms: u64) {
+        if self.cfg.replicas <= 1 {
+            // One copy: nothing to sync or hand off (and the ring's own
+            // jitter draws stay as they are without storage).
+            return;
+        }
         self.store.next_sync_ms = now_ms + self.jittered(self.cfg.sync_ms);
         self.store.next_handoff_ms = now_ms + self.jittered(self.cfg.handoff_ms);
         self.store.handoff_cursor = self.me.id;

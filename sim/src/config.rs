@@ -240,7 +240,13 @@ impl SimConfig {
             fix_fingers_ms: self.fix_fingers_ms,
             suspect_ms: self.suspect_ms,
             route_via_successor_lists: self.route_via_successor_lists,
-            replicas: self.storage.replicas,
+            // Without the storage workload, nodes run the ring alone (one
+            // copy, so no anti-entropy traffic mixes into ring figures).
+            replicas: if self.storage.enabled {
+                self.storage.replicas
+            } else {
+                1
+            },
             write_quorum: self.storage.write_quorum,
             sync_ms: self.storage.sync_ms,
             handoff_ms: self.storage.sync_ms,
