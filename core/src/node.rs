@@ -1233,9 +1233,18 @@ impl Node {
         debug_assert_ne!(to.id, self.me.id, "a node never sends requests to itself");
         self.next_req = self.next_req.wrapping_add(1);
         let req = self.next_req;
+        let msg = mk(req);
         let mut deadline_ms = now_ms + self.rtt.timeout_ms(to.id);
         if wait.is_storage() {
-            deadline_ms += self.cfg.store_timeout_ms;
+            // Room for the replica's disk and the transfer: a quarter second
+            // plus a millisecond per KiB carried, at most store_timeout_ms.
+            // A lost small write is retried elsewhere within about an RTO,
+            // which keeps the window with only W copies short.
+            let carried = match &msg {
+                Message::Put { item, .. } => item.size() as u64,
+                _ => 0,
+            };
+            deadline_ms += (250 + carried / 1024).min(self.cfg.store_timeout_ms);
         }
         let wait_is_storage = wait.is_storage();
         self.pending.insert(
@@ -1255,7 +1264,7 @@ impl Node {
         } else {
             self.stats.sent_lookup += 1;
         }
-        self.push_send(to, mk(req));
+        self.push_send(to, msg);
     }
 
     fn send_maintenance(&mut self, to: Peer, msg: Message) {
