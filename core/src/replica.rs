@@ -373,7 +373,7 @@ impl Node {
         );
         self.out.push_back(Output::Storage {
             io,
-            op: store_op_write(key, item),
+            op: StorageOp::Write { key, item },
         });
     }
 
@@ -480,11 +480,7 @@ impl Node {
 
     /// The item at `key` if it can be had without the disk.
     fn held_item(&self, key: &Id) -> Option<Item> {
-        match self.store.index.get(key)? {
-            Held::Record(r) => Some(Item::Record(r.clone())),
-            Held::Tombstone(t) => Some(Item::Tombstone(t.clone())),
-            Held::Block { .. } => None,
-        }
+        self.store.index.get(key)?.to_item()
     }
 
     // ----- messages ------------------------------------------------------------
@@ -659,15 +655,10 @@ impl Node {
     // ----- client puts ---------------------------------------------------------
 
     pub(super) fn start_put(&mut self, now_ms: u64, cmd: CmdId, item: Item) {
-        if self.status != Status::Joined {
-            return self.reply(cmd, CmdResult::Put(Err(StoreError::NotJoined)));
-        }
-        if self.store.ops.len() >= self.cfg.store_ops_max
-            || self.lookups.len() >= self.cfg.lookups_max
+        if let Err(e) = self
+            .store_admit()
+            .and_then(|()| item.validate(self.cfg.min_key_bits))
         {
-            return self.reply(cmd, CmdResult::Put(Err(StoreError::Busy)));
-        }
-        if let Err(e) = item.validate(self.cfg.min_key_bits) {
             return self.reply(cmd, CmdResult::Put(Err(e)));
         }
         let key = item.position();
@@ -692,13 +683,8 @@ impl Node {
     }
 
     pub(super) fn start_get(&mut self, now_ms: u64, cmd: CmdId, key: Id) {
-        if self.status != Status::Joined {
-            return self.reply(cmd, CmdResult::Get(Err(StoreError::NotJoined)));
-        }
-        if self.store.ops.len() >= self.cfg.store_ops_max
-            || self.lookups.len() >= self.cfg.lookups_max
-        {
-            return self.reply(cmd, CmdResult::Get(Err(StoreError::Busy)));
+        if let Err(e) = self.store_admit() {
+            return self.reply(cmd, CmdResult::Get(Err(e)));
         }
         let op = self.alloc_op();
         self.store.ops.insert(
@@ -716,6 +702,19 @@ impl Node {
             }),
         );
         self.start_lookup(now_ms, key, Purpose::Store(op));
+    }
+
+    /// Whether a client operation may start now.
+    fn store_admit(&self) -> Result<(), StoreError> {
+        if self.status != Status::Joined {
+            return Err(StoreError::NotJoined);
+        }
+        if self.store.ops.len() >= self.cfg.store_ops_max
+            || self.lookups.len() >= self.cfg.lookups_max
+        {
+            return Err(StoreError::Busy);
+        }
+        Ok(())
     }
 
     fn alloc_op(&mut self) -> OpId {
@@ -1435,10 +1434,6 @@ impl Node {
         self.start_handoff(now_ms, Vec::new(), targets, Some(cmd));
         true
     }
-}
-
-fn store_op_write(key: Id, item: Item) -> StorageOp {
-    StorageOp::Write { key, item }
 }
 
 /// Whether a read item is the version the index expects (a block is hashed).

@@ -264,6 +264,16 @@ impl Held {
     pub fn is_block(&self) -> bool {
         matches!(self, Held::Block { .. })
     }
+
+    /// The whole item, for what the index keeps whole (a block's bytes are
+    /// on disk: None).
+    pub fn to_item(&self) -> Option<Item> {
+        match self {
+            Held::Record(r) => Some(Item::Record(r.clone())),
+            Held::Tombstone(t) => Some(Item::Tombstone(t.clone())),
+            Held::Block { .. } => None,
+        }
+    }
 }
 
 /// What storing `incoming` over `current` should do.
@@ -321,8 +331,7 @@ pub fn merge_held(current: Option<&Held>, incoming: Item) -> Result<Merge, Store
                 "a record cannot replace a block at the same position".into(),
             )),
         },
-        Some(Held::Record(r)) => merge(Some(&Item::Record(r.clone())), incoming),
-        Some(Held::Tombstone(t)) => merge(Some(&Item::Tombstone(t.clone())), incoming),
+        Some(h) => merge(h.to_item().as_ref(), incoming),
     }
 }
 
@@ -383,24 +392,20 @@ impl Index {
     /// Entries with positions in the ring interval (lo, hi], in ring order
     /// from lo. lo == hi means the whole ring.
     pub fn range(&self, lo: Id, hi: Id) -> impl Iterator<Item = (&Id, &Held)> {
-        let (a, b): (Vec<_>, Vec<_>) = if lo < hi {
+        // Two B-tree ranges chained, the second empty unless the interval
+        // wraps past zero: no allocation (anti-entropy walks ranges often).
+        let (a, b) = if lo < hi {
             (
-                self.map
-                    .range((Bound::Excluded(lo), Bound::Included(hi)))
-                    .collect(),
-                Vec::new(),
+                self.map.range((Bound::Excluded(lo), Bound::Included(hi))),
+                self.map.range(..Id::ZERO),
             )
         } else {
             (
-                self.map
-                    .range((Bound::Excluded(lo), Bound::Unbounded))
-                    .collect(),
-                self.map
-                    .range((Bound::Unbounded, Bound::Included(hi)))
-                    .collect(),
+                self.map.range((Bound::Excluded(lo), Bound::Unbounded)),
+                self.map.range(..=hi),
             )
         };
-        a.into_iter().chain(b)
+        a.chain(b)
     }
 
     /// The first held position strictly after `from` in ring order (wrapping).

@@ -2180,7 +2180,7 @@ fn covers(have: &peerstore_core::Held, other: &peerstore_core::Held) -> bool {
     if have.digest() == other.digest() {
         return true;
     }
-    let (a, b) = (held_item(have), held_item(other));
+    let (a, b) = (have.to_item(), other.to_item());
     match (a, b) {
         (Some(a), Some(b)) => matches!(
             peerstore_core::store::merge(Some(&a), b),
@@ -2189,13 +2189,5 @@ fn covers(have: &peerstore_core::Held, other: &peerstore_core::Held) -> bool {
         // A block on the right nodes and a block elsewhere under one key are
         // the same block.
         _ => have.is_block() && other.is_block(),
-    }
-}
-
-fn held_item(h: &peerstore_core::Held) -> Option<peerstore_core::Item> {
-    match h {
-        peerstore_core::Held::Record(r) => Some(peerstore_core::Item::Record(r.clone())),
-        peerstore_core::Held::Tombstone(t) => Some(peerstore_core::Item::Tombstone(t.clone())),
-        peerstore_core::Held::Block { .. } => None,
     }
 }

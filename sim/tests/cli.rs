@@ -6,26 +6,20 @@ fn sim() -> Command {
     Command::new(env!("CARGO_BIN_EXE_peerstore-sim"))
 }
 
-#[test]
-fn json_report_has_the_promised_fields() {
-    let out = sim()
-        .args([
-            "--nodes",
-            "16",
-            "--duration",
-            "30s",
-            "--seed",
-            "5",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
+/// Runs a simulation with `--json` and returns its report.
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = sim().args(args).arg("--json").output().expect("runs");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    serde_json::from_slice(&out.stdout).expect("valid JSON")
+}
+
+#[test]
+fn json_report_has_the_promised_fields() {
+    let v = run_json(&["--nodes", "16", "--duration", "30s", "--seed", "5"]);
     for key in [
         "seed",
         "nodes",
@@ -140,25 +134,15 @@ fn a_broken_run_exits_non_zero_and_prints_its_seed() {
 
 #[test]
 fn storage_report_has_the_promised_figures_and_bad_storage_flags_are_refused() {
-    let out = sim()
-        .args([
-            "--nodes",
-            "16",
-            "--duration",
-            "30s",
-            "--seed",
-            "6",
-            "--storage",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let v = run_json(&[
+        "--nodes",
+        "16",
+        "--duration",
+        "30s",
+        "--seed",
+        "6",
+        "--storage",
+    ]);
     for key in [
         "puts_acked",
         "lost_acked",
