@@ -723,7 +723,8 @@ impl Node {
     }
 
     /// The key's successor and the nodes after it, as the lookup saw them
-    /// (ourselves included where we belong), at most r+1 long.
+    /// (ourselves included where we belong), at most r+1 long, one position
+    /// per machine: see [`distinct_hosts`].
     fn replica_list(&self, owner: Peer, state: Option<PeerState>) -> Vec<Peer> {
         let rest: Vec<Peer> = if owner.id == self.me.id {
             self.succs.clone()
@@ -733,12 +734,15 @@ impl Node {
                 None => Vec::new(),
             }
         };
-        let mut seen = BTreeSet::new();
-        std::iter::once(owner)
-            .chain(rest)
-            .filter(|p| seen.insert(p.id))
+        distinct_hosts(std::iter::once(owner).chain(rest))
             .take(self.cfg.successors_max + 1)
             .collect()
+    }
+
+    /// Our successors that can hold replicas beside us: one position per
+    /// machine, none on our own machine.
+    fn replica_successors(&self) -> impl Iterator<Item = Peer> + '_ {
+        distinct_hosts(self.succs.iter().copied()).filter(|p| p.addr != self.me.addr)
     }
 
     pub(super) fn store_lookup_done(
@@ -1047,11 +1051,9 @@ impl Node {
         self.store.sync_failed.retain(|_, until| *until > now_ms);
         let want = self.cfg.replicas.saturating_sub(1);
         let partners: Vec<Peer> = self
-            .succs
-            .iter()
+            .replica_successors()
             .filter(|p| !self.store.sync_failed.contains_key(&p.id))
             .take(want)
-            .copied()
             .collect();
         if partners.is_empty() {
             return;
@@ -1421,7 +1423,9 @@ impl Node {
         let r = self.cfg.replicas.max(1);
         let me = self.me.id;
         let mut targets = Vec::new();
-        for (i, s) in self.succs.iter().take(r).enumerate() {
+        // Not to our own machine's other positions: a machine leaves whole.
+        let succs: Vec<Peer> = self.replica_successors().take(r).collect();
+        for (i, s) in succs.iter().enumerate() {
             // The last of them only gains our own range; the others may gain
             // any range we held.
             let lo = match (i + 1 == r, self.pred) {
@@ -1434,6 +1438,18 @@ impl Node {
         self.start_handoff(now_ms, Vec::new(), targets, Some(cmd));
         true
     }
+}
+
+/// The peers in order, keeping only the first position of each machine.
+///
+/// A machine running several virtual nodes answers for all of them at one
+/// address, so the address names the machine. Replicas on two positions of
+/// one machine would be one copy as far as failures go: a replica set is the
+/// key's successor and the following positions on machines not yet chosen.
+/// With one position per machine this is the plain successor list.
+pub(crate) fn distinct_hosts(peers: impl Iterator<Item = Peer>) -> impl Iterator<Item = Peer> {
+    let mut seen = BTreeSet::new();
+    peers.filter(move |p| seen.insert(p.addr))
 }
 
 /// Whether a read item is the version the index expects (a block is hashed).

@@ -17,7 +17,12 @@
 //!
 //! Replication over virtual nodes must skip positions of machines already
 //! holding the key: the R positions that follow a key on the ring may belong
-//! to fewer than R machines. [`replica_load`] applies that rule.
+//! to fewer than R machines. [`replica_load`] applies that rule to a static
+//! ring. Running, a machine runs one [`crate::Node`] per position, all at the
+//! machine's one address (the address names the machine, the id the
+//! position); the node's replica sets, anti-entropy partners and hand-off
+//! targets keep one position per address (see `distinct_hosts` in the
+//! replica module).
 
 use crate::id::Id;
 use sha1::{Digest, Sha1};

@@ -55,12 +55,19 @@ fn cfg() -> Config {
 }
 
 impl Cluster {
-    /// An ideal ring of `n` nodes with ids 100, 200, ...
+    /// An ideal ring of `n` nodes with ids 100, 200, ..., one per machine.
     fn new(n: usize) -> Cluster {
+        Cluster::on_machines(&(0..n as u32).collect::<Vec<_>>())
+    }
+
+    /// An ideal ring with ids 100, 200, ...; node i runs on machine
+    /// `machine[i]` (virtual nodes of one machine share its address).
+    fn on_machines(machine: &[u32]) -> Cluster {
+        let n = machine.len();
         let peers: Vec<Peer> = (0..n)
             .map(|i| Peer {
                 id: Id::from_u128(100 * (i as u128 + 1)),
-                addr: Addr::Slot(i as u32),
+                addr: Addr::Slot(machine[i]),
             })
             .collect();
         let mut nodes = Vec::new();
@@ -86,11 +93,13 @@ impl Cluster {
         }
     }
 
+    /// The node a message is for: the address names the machine, the id
+    /// the virtual node on it.
     fn slot(&self, p: Peer) -> usize {
-        match p.addr {
-            Addr::Slot(s) => s as usize,
-            Addr::Tcp(_) => unreachable!(),
-        }
+        self.nodes
+            .iter()
+            .position(|n| n.me() == p)
+            .expect("messages go to known nodes")
     }
 
     fn drain(&mut self, i: usize) {
@@ -557,4 +566,46 @@ fn only_the_owner_can_delete_a_block_and_the_delete_reaches_every_replica() {
         c.replies.get(&again),
         Some(&CmdResult::Put(Err(StoreError::Deleted)))
     );
+}
+
+#[test]
+fn replicas_go_to_distinct_machines_when_nodes_run_virtual_nodes() {
+    // Positions 100..600; 100 and 200 are one machine, 300 and 400 another.
+    // Every key here falls to 100 (SHA-1 positions are far above 600), so
+    // the plain successor rule would put the copies on 100, 200, 300: two
+    // on machine 0. One per machine means 100, 300, 500.
+    let machines = [0, 0, 1, 1, 2, 3];
+    let mut c = Cluster::on_machines(&machines);
+    let item = block(9, 80);
+    let key = key_of(&item);
+    let cmd = c.command(3, Command::Put(item.clone()));
+    c.settle();
+    assert!(matches!(c.replies.get(&cmd), Some(CmdResult::Put(Ok(_)))));
+    assert_eq!(c.holders(key), vec![0, 2, 4], "one copy per machine");
+
+    // Anti-entropy keeps to the same rule: the copy on machine 1 is lost,
+    // and the primary (100) restores it there, not on its own sibling 200.
+    let lost = 2;
+    let me = c.nodes[lost].me();
+    let (succs, pred) = (
+        c.nodes[lost].successors().to_vec(),
+        c.nodes[lost].predecessor(),
+    );
+    c.nodes[lost] = Node::new(cfg(), me, 77);
+    c.nodes[lost].bootstrap(c.now, succs, pred, None);
+    c.disks[lost].clear();
+    assert_eq!(c.holders(key), vec![0, 4]);
+    c.advance(c.now + 120_000);
+    assert_eq!(c.holders(key), vec![0, 2, 4], "repaired on machine 1");
+
+    // A read from every node finds it.
+    for i in 0..machines.len() {
+        let g = c.command(i, Command::Get(key));
+        c.settle();
+        assert_eq!(
+            c.replies.get(&g),
+            Some(&CmdResult::Get(Ok(Some(item.clone())))),
+            "read via node {i}"
+        );
+    }
 }

@@ -132,7 +132,12 @@ pub struct FaultRates {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SimConfig {
     pub seed: u64,
+    /// Machines. Each runs `vnodes` ring positions.
     pub nodes: usize,
+    /// Virtual nodes (ring positions) per machine; they share the machine's
+    /// address, disk and fate (a crash, pause, partition or departure takes
+    /// all of them).
+    pub vnodes: usize,
     /// Length of the phase with churn, faults and lookups; then the network
     /// heals and liveness is checked.
     pub duration_ms: u64,
@@ -189,6 +194,7 @@ impl Default for SimConfig {
         SimConfig {
             seed: 1,
             nodes: 64,
+            vnodes: 1,
             duration_ms: 600_000,
             successors: 0,
             protocol: Protocol::Zave,
@@ -227,8 +233,13 @@ impl SimConfig {
         if self.successors > 0 {
             self.successors
         } else {
-            peerstore_core::Config::successors_for(self.nodes)
+            peerstore_core::Config::successors_for(self.positions())
         }
+    }
+
+    /// Ring positions: machines times virtual nodes.
+    pub fn positions(&self) -> usize {
+        self.nodes * self.vnodes.max(1)
     }
 
     pub fn node_config(&self) -> peerstore_core::Config {

@@ -44,9 +44,14 @@ enum StartArg {
 #[derive(Parser, Debug)]
 #[command(name = "peerstore-sim", version, verbatim_doc_comment)]
 struct Args {
-    /// Number of nodes at the start.
+    /// Number of nodes (machines) at the start.
     #[arg(long, default_value_t = 256)]
     nodes: usize,
+    /// Virtual nodes per machine: ring positions that share the machine's
+    /// address, disk and fate (a crash or departure takes all of them).
+    /// Replicas go to distinct machines.
+    #[arg(long, default_value_t = 1, value_name = "V")]
+    vnodes: usize,
     /// Seed of the run (every random choice derives from it).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -228,6 +233,7 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
     let mut c = SimConfig {
         seed,
         nodes: a.nodes,
+        vnodes: a.vnodes,
         duration_ms: a.duration.as_millis() as u64,
         successors: a.successors,
         protocol: match a.protocol {
@@ -259,11 +265,14 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         route_via_successor_lists: !a.fingers_only,
         ..SimConfig::default()
     };
-    if c.r() >= c.nodes {
+    if !(1..=64).contains(&a.vnodes) {
+        bail!("--vnodes must be between 1 and 64 (got {})", a.vnodes);
+    }
+    if c.r() >= c.positions() {
         bail!(
-            "--successors (r = {}) must be below --nodes ({}): a ring needs at least r+1 members",
+            "--successors (r = {}) must be below the ring positions (--nodes x --vnodes = {}): a ring needs at least r+1 members",
             c.r(),
-            c.nodes
+            c.positions()
         );
     }
     c.check_pred_ms = c.stabilize_ms * 2;
@@ -303,6 +312,13 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
                 "--replicas ({}) cannot exceed the successor list length + 1 ({})",
                 a.replicas,
                 c.r() + 1
+            );
+        }
+        if a.replicas > a.nodes {
+            bail!(
+                "--replicas ({}) cannot exceed --nodes ({}): copies go to distinct machines",
+                a.replicas,
+                a.nodes
             );
         }
         if a.puts_per_s < 0.0 || a.record_writes_per_s < 0.0 {

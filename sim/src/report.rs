@@ -40,6 +40,8 @@ pub struct Sample {
 pub struct Report {
     pub seed: u64,
     pub nodes: usize,
+    /// Virtual nodes per machine.
+    pub vnodes: usize,
     pub successors: usize,
     pub protocol: String,
     pub events: u64,

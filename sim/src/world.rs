@@ -128,6 +128,9 @@ pub struct RingPoint {
 
 struct Slot {
     peer: Peer,
+    /// The machine's first slot: every virtual node of a machine sits in
+    /// the slots `head..head + vnodes` and answers at `Addr::Slot(head)`.
+    head: u32,
     node: Option<Node>,
     incarnation: u32,
     paused_until: u64,
@@ -392,14 +395,26 @@ impl World {
 
     // ----- population ----------------------------------------------------------
 
-    fn new_slot(&mut self) -> u32 {
+    /// A new machine: `vnodes` slots whose ids derive from one identity
+    /// (virtual node 0's id is the identity's plain hash). Returns its head.
+    fn new_host(&mut self) -> u32 {
+        let head = self.slots.len() as u32;
+        let identity = format!("peerstore-sim/{}/node/{head}", self.cfg.seed);
+        for i in 0..self.cfg.vnodes.max(1) as u32 {
+            let id = peerstore_core::vnode::vnode_id(identity.as_bytes(), i);
+            self.new_slot(head, id);
+        }
+        head
+    }
+
+    fn new_slot(&mut self, head: u32, id: Id) -> u32 {
         let k = self.slots.len() as u32;
-        let id = Id::hash(format!("peerstore-sim/{}/node/{k}", self.cfg.seed).as_bytes());
         self.slots.push(Slot {
             peer: Peer {
                 id,
-                addr: Addr::Slot(k),
+                addr: Addr::Slot(head),
             },
+            head,
             node: None,
             incarnation: 0,
             paused_until: 0,
@@ -412,6 +427,19 @@ impl World {
         });
         self.member_pos.push(usize::MAX);
         k
+    }
+
+    /// The slots of `k`'s machine (just `k` with one virtual node).
+    fn host_slots(&self, k: u32) -> std::ops::Range<u32> {
+        let head = self.slots[k as usize].head;
+        head..head + self.cfg.vnodes.max(1) as u32
+    }
+
+    /// The running slots of `k`'s machine.
+    fn host_live(&self, k: u32) -> Vec<u32> {
+        self.host_slots(k)
+            .filter(|&j| self.slots[j as usize].node.is_some())
+            .collect()
     }
 
     fn fresh_node(&mut self, k: u32) {
@@ -505,13 +533,16 @@ impl World {
     // ----- set-up -----------------------------------------------------------------
 
     fn setup(&mut self) {
-        let n = self.cfg.nodes.max(1);
-        for _ in 0..n {
-            self.new_slot();
+        let v = self.cfg.vnodes.max(1);
+        let hosts = self.cfg.nodes.max(1);
+        for _ in 0..hosts {
+            self.new_host();
         }
+        let n = hosts * v;
         let base = match self.cfg.start {
             Start::Ideal => n,
-            Start::Join => (self.r + 1).min(n),
+            // Whole machines: enough to hold a full successor list.
+            Start::Join => (self.r + 1).div_ceil(v).min(hosts) * v,
         };
         // The base ring: ideal pointers, installed directly (Zave's initialisation).
         let mut ids: Vec<(Id, u32)> = (0..base as u32)
@@ -560,7 +591,7 @@ impl World {
             );
         }
         if self.cfg.churn_per_s > 0.0 {
-            for k in 0..n as u32 {
+            for k in (0..n as u32).step_by(v) {
                 let at = self.session_ms();
                 self.push(
                     at,
@@ -794,9 +825,11 @@ impl World {
             }
             Ev::Arrive => {
                 if self.healed_at.is_none() {
-                    let k = self.new_slot();
-                    self.fresh_node(k);
-                    self.start_join(k, 1);
+                    let k = self.new_host();
+                    for j in self.host_slots(k) {
+                        self.fresh_node(j);
+                        self.start_join(j, 1);
+                    }
                     let at = self.now + self.session_ms();
                     self.push(
                         at,
@@ -927,7 +960,20 @@ impl World {
     }
 
     fn send(&mut self, from: Peer, a: u32, to: Peer, mut msg: Message) {
-        let Addr::Slot(b) = to.addr else { return };
+        let Addr::Slot(head) = to.addr else { return };
+        // A machine's virtual nodes share its address; the id picks one.
+        let b = if self.cfg.vnodes <= 1 {
+            head
+        } else {
+            match self
+                .host_slots(head)
+                .find(|&j| self.slots[j as usize].peer.id == to.id)
+            {
+                Some(b) => b,
+                None => return,
+            }
+        };
+        let a = self.slots[a as usize].head;
         if self.cfg.storage.corrupt > 0.0 {
             if let Message::Put {
                 item: peerstore_core::Item::Block(blk),
@@ -941,7 +987,7 @@ impl World {
                 }
             }
         }
-        match self.net.route(&mut self.rng_net, self.now, a, b) {
+        match self.net.route(&mut self.rng_net, self.now, a, head) {
             Fate::Dropped => {}
             Fate::Deliver(d1, d2) => {
                 if let Some(d2) = d2 {
@@ -1081,19 +1127,38 @@ impl World {
     /// Zave's operating assumption for a failure: no member is left without a
     /// live successor, and a principal fails only while principals exceed r+1.
     fn may_fail(&self, k: u32) -> bool {
+        self.may_fail_all(&[k])
+    }
+
+    /// The same for several nodes failing at once (a machine's virtual
+    /// nodes): judged with all of them gone.
+    fn may_fail_all(&self, ks: &[u32]) -> bool {
         if !self.cfg.fail_guard {
             return true;
         }
+        let gone: Vec<Id> = ks.iter().map(|&k| self.slots[k as usize].peer.id).collect();
         // Nodes cut off or paused past the failure detector's window count as
         // failed already: the protocol cannot tell them from dead ones.
         // So do nodes handing off their data before a graceful leave: they
         // are as good as gone once the guard has let them go.
         let live = |id: &Id| {
-            self.members.get(id).is_some_and(|&j| {
-                let s = &self.slots[j as usize];
-                s.suspended_until <= self.now && !s.departed
-            })
+            !gone.contains(id)
+                && self.members.get(id).is_some_and(|&j| {
+                    let s = &self.slots[j as usize];
+                    s.suspended_until <= self.now && !s.departed
+                })
         };
+        for &k in ks {
+            if !self.may_fail_lists(k, &gone, &live) {
+                return false;
+            }
+        }
+        self.may_fail_principals(&gone)
+    }
+
+    /// No member that lists `k` is left without a live successor, and no
+    /// joiner is about to copy a list of only failed entries.
+    fn may_fail_lists(&self, k: u32, gone: &[Id], live: &dyn Fn(&Id) -> bool) -> bool {
         let f = self.slots[k as usize].peer.id;
         // Who lists f? In a large ring, only nodes shortly before it (a list
         // spans r successors); in a small one, scan everybody.
@@ -1105,21 +1170,21 @@ impl World {
                 .chain(self.members.range(f..).rev());
             before
                 .map(|(_, &j)| j)
-                .filter(|&j| j != k)
+                .filter(|&j| !gone.contains(&self.slots[j as usize].peer.id))
                 .take((3 * self.r).max(64))
                 .collect()
         } else {
             self.member_list
                 .iter()
                 .copied()
-                .filter(|&j| j != k)
+                .filter(|&j| !gone.contains(&self.slots[j as usize].peer.id))
                 .collect()
         };
         for j in holders {
             let s = &self.slots[j as usize];
             let n = s.node.as_ref().expect("members have state");
             if n.successors().iter().any(|p| p.id == f)
-                && !n.successors().iter().any(|p| p.id != f && live(&p.id))
+                && !n.successors().iter().any(|p| live(&p.id))
             {
                 return false;
             }
@@ -1139,14 +1204,26 @@ impl World {
                 return false;
             }
         }
+        true
+    }
+
+    /// Principals stay above r+1 with every node of `gone` failed.
+    fn may_fail_principals(&self, gone: &[Id]) -> bool {
+        let live = |id: &Id| {
+            self.members.get(id).is_some_and(|&j| {
+                let s = &self.slots[j as usize];
+                s.suspended_until <= self.now && !s.departed
+            })
+        };
+        let cut = gone.len();
         // Counting principals costs O(N r log N). In a large ring their number
         // is far above r+1, so a recent count with a wide margin answers
         // without recounting.
         if let Some((at, count)) = self.principals_cache.get() {
             // Each allowed failure takes one off the cached count, joins add
             // nothing: the cache only ever errs towards refusing.
-            if self.now.saturating_sub(at) < 30_000 && count > 3 * (self.r + 1) {
-                self.principals_cache.set(Some((at, count - 1)));
+            if self.now.saturating_sub(at) < 30_000 && count > 3 * (self.r + 1) + cut - 1 {
+                self.principals_cache.set(Some((at, count - cut)));
                 return true;
             }
         }
@@ -1167,7 +1244,8 @@ impl World {
             .collect();
         self.principals_cache
             .set(Some((self.now, principals.len())));
-        !(principals.contains(&f) && principals.len() <= self.r + 1)
+        let lost = principals.iter().filter(|p| gone.contains(p)).count();
+        lost == 0 || principals.len() - lost > self.r
     }
 
     /// How long a node that was effectively failed (cut off, paused, or
@@ -1190,16 +1268,48 @@ impl World {
         true
     }
 
+    /// Whether the fail guard lets every running member of `k`'s machine
+    /// fail at once.
+    fn host_may_fail(&self, k: u32) -> bool {
+        let members: Vec<u32> = self
+            .host_live(k)
+            .into_iter()
+            .filter(|&j| self.slots[j as usize].member)
+            .collect();
+        members.is_empty() || self.may_fail_all(&members)
+    }
+
+    /// Crashes `k`'s whole machine; the slots that went down (none if the
+    /// guard refused).
+    fn crash_host(&mut self, k: u32, guarded: bool) -> Vec<u32> {
+        if self.cfg.vnodes <= 1 {
+            return if self.crash(k, guarded) {
+                vec![k]
+            } else {
+                Vec::new()
+            };
+        }
+        if guarded && !self.host_may_fail(k) {
+            self.crashes_refused += 1;
+            return Vec::new();
+        }
+        let down = self.host_live(k);
+        for &j in &down {
+            self.crash(j, false);
+        }
+        down
+    }
+
     fn fault(&mut self, kind: FaultKind) {
         match kind {
             FaultKind::Crash { node, down_ms } => {
                 if let Some(k) = self.pick_live(node) {
-                    if self.crash(k, true) {
-                        let inc = self.slots[k as usize].incarnation;
+                    for j in self.crash_host(k, true) {
+                        let inc = self.slots[j as usize].incarnation;
                         self.push(
                             self.now + down_ms,
                             Ev::Restart {
-                                node: k,
+                                node: j,
                                 incarnation: inc,
                             },
                         );
@@ -1208,41 +1318,53 @@ impl World {
             }
             FaultKind::Kill { node } => {
                 if let Some(k) = self.pick_live(node) {
-                    if self.crash(k, true) {
-                        self.slots[k as usize].departed = true;
-                        self.lose_disk(k);
+                    for j in self.crash_host(k, true) {
+                        self.slots[j as usize].departed = true;
+                        self.lose_disk(j);
                     }
                 }
             }
             FaultKind::Pause { node, for_ms } => {
                 if let Some(k) = self.pick_live(node) {
+                    let host = self.host_live(k);
                     if for_ms >= self.cfg.suspect_ms / 2 {
-                        if !self.may_fail(k) {
+                        if !self.host_may_fail(k) {
                             self.crashes_refused += 1;
                             return;
                         }
-                        self.slots[k as usize].suspended_until =
-                            self.now + for_ms + self.settle_ms();
+                        for &j in &host {
+                            self.slots[j as usize].suspended_until =
+                                self.now + for_ms + self.settle_ms();
+                        }
                     }
-                    let s = &mut self.slots[k as usize];
-                    s.paused_until = s.paused_until.max(self.now + for_ms);
+                    for j in host {
+                        let s = &mut self.slots[j as usize];
+                        s.paused_until = s.paused_until.max(self.now + for_ms);
+                    }
                 }
             }
             FaultKind::Partition { cut, for_ms } => {
                 let cut = match cut {
                     // Cut off for longer than the failure detector's window, a
                     // node is failed as far as anyone can tell: guard it.
+                    // The network sees machines: the cut is on the head's link.
                     Cut::Isolate { node } => match self.pick_live(node) {
-                        Some(k) if for_ms >= self.cfg.suspect_ms / 2 && !self.may_fail(k) => {
+                        Some(k) if for_ms >= self.cfg.suspect_ms / 2 && !self.host_may_fail(k) => {
                             self.crashes_refused += 1;
                             return;
                         }
                         Some(k) if for_ms >= self.cfg.suspect_ms / 2 => {
-                            self.slots[k as usize].suspended_until =
-                                self.now + for_ms + self.settle_ms();
-                            Cut::Isolate { node: k }
+                            for j in self.host_live(k) {
+                                self.slots[j as usize].suspended_until =
+                                    self.now + for_ms + self.settle_ms();
+                            }
+                            Cut::Isolate {
+                                node: self.slots[k as usize].head,
+                            }
                         }
-                        Some(k) => Cut::Isolate { node: k },
+                        Some(k) => Cut::Isolate {
+                            node: self.slots[k as usize].head,
+                        },
                         None => return,
                     },
                     c => c,
@@ -1255,6 +1377,7 @@ impl World {
             }
             FaultKind::Clog { a, b, for_ms } => {
                 if let (Some(a), Some(b)) = (self.pick_live(a), self.pick_live(b)) {
+                    let (a, b) = (self.slots[a as usize].head, self.slots[b as usize].head);
                     self.net.clog(a, b, self.now + for_ms);
                 }
             }
@@ -1272,9 +1395,10 @@ impl World {
                     .collect();
                 self.store.repair_bytes_at_kill = Some(self.repair_bytes_now());
                 for k in run {
-                    self.crash(k, false);
-                    self.slots[k as usize].departed = true;
-                    self.lose_disk(k);
+                    for j in self.crash_host(k, false) {
+                        self.slots[j as usize].departed = true;
+                        self.lose_disk(j);
+                    }
                 }
             }
             FaultKind::MassFail { fraction } => {
@@ -1286,9 +1410,10 @@ impl World {
                 for i in 0..kill.min(live.len()) {
                     let j = self.rng_fault.gen_range(i..live.len());
                     live.swap(i, j);
-                    self.crash(live[i], false);
-                    self.slots[live[i] as usize].departed = true;
-                    self.lose_disk(live[i]);
+                    for d in self.crash_host(live[i], false) {
+                        self.slots[d as usize].departed = true;
+                        self.lose_disk(d);
+                    }
                 }
                 if self.cfg.lookups_after_fail > 0 {
                     self.frozen = true;
@@ -1306,7 +1431,12 @@ impl World {
         }
     }
 
+    /// Machine `k` (its head) leaves for good: every virtual node leaves
+    /// gracefully, or all crash.
     fn depart(&mut self, k: u32, incarnation: u32) {
+        if self.cfg.vnodes > 1 {
+            return self.depart_host(k, incarnation);
+        }
         let s = &self.slots[k as usize];
         if s.incarnation != incarnation || s.node.is_none() || s.departed {
             return;
@@ -1350,6 +1480,51 @@ impl World {
         self.lose_disk(k);
     }
 
+    fn depart_host(&mut self, k: u32, incarnation: u32) {
+        let s = &self.slots[k as usize];
+        if s.incarnation != incarnation || s.departed {
+            return;
+        }
+        if self.host_live(k).is_empty() {
+            // Down (crashed) as with one virtual node: it stays.
+            return;
+        }
+        let graceful = self
+            .rng_work
+            .gen_bool(self.cfg.graceful_fraction.clamp(0.0, 1.0));
+        if !self.host_may_fail(k) {
+            self.crashes_refused += 1;
+            let at = self.now + self.cfg.stabilize_ms * 5;
+            self.push(
+                at,
+                Ev::Depart {
+                    node: k,
+                    incarnation,
+                },
+            );
+            return;
+        }
+        for j in self.host_slots(k) {
+            let member = self.slots[j as usize].member;
+            self.slots[j as usize].departed = true;
+            if graceful && member {
+                let cmd = self.command(j, Command::Leave);
+                let handing_off = self.slots[j as usize]
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.status() != peerstore_core::Status::Left);
+                if handing_off {
+                    self.store.leaving.insert(cmd, j);
+                    continue;
+                }
+            } else if self.slots[j as usize].node.is_some() {
+                self.crashes += 1;
+            }
+            self.retire(j);
+            self.lose_disk(j);
+        }
+    }
+
     /// A node gone for good takes its disk with it: every copy on it is lost.
     fn lose_disk(&mut self, k: u32) {
         let disk = std::mem::take(&mut self.slots[k as usize].disk);
@@ -1366,21 +1541,39 @@ impl World {
             return;
         }
         let id = self.slots[k as usize].peer.id;
+        let head = self.slots[k as usize].head;
         let r = self.cfg.storage.replicas.max(1);
         for (key, item) in disk.durable {
             self.store.losses.entry(key).or_default().push(self.now);
             // The oracle: a copy on one of the key's R right nodes must be
-            // re-created; a misplaced extra copy need not be.
-            let rank = if key <= id {
-                self.members.range(key..id).take(r).count()
+            // re-created; a misplaced extra copy need not be. The right
+            // nodes are the first R machines from the key; this copy was on
+            // one if fewer than R other machines come before it (and none of
+            // them is its own).
+            let before: Vec<u32> = if key <= id {
+                self.members
+                    .range(key..id)
+                    .map(|(_, j)| self.slots[*j as usize].head)
+                    .take(r * self.cfg.vnodes.max(1))
+                    .collect()
             } else {
                 self.members
                     .range(key..)
                     .chain(self.members.range(..id))
-                    .take(r)
-                    .count()
+                    .map(|(_, j)| self.slots[*j as usize].head)
+                    .take(r * self.cfg.vnodes.max(1))
+                    .collect()
             };
-            if rank < r {
+            let mut hosts: Vec<u32> = Vec::new();
+            for h in before {
+                if !hosts.contains(&h) {
+                    hosts.push(h);
+                }
+                if hosts.len() >= r {
+                    break;
+                }
+            }
+            if hosts.len() < r && !hosts.contains(&head) {
                 self.store.rep.oracle_repair_bytes += item.size() as u64;
             }
         }
@@ -1619,6 +1812,7 @@ impl World {
         Report {
             seed: self.cfg.seed,
             nodes: self.cfg.nodes,
+            vnodes: self.cfg.vnodes.max(1),
             successors: self.r,
             protocol: format!("{:?}", self.cfg.protocol).to_lowercase(),
             events: self.events,
@@ -1734,10 +1928,16 @@ impl World {
         for _ in 0..count {
             let item = self.random_block(owner);
             let key = item.position();
-            let start = ids.partition_point(|(i, _)| *i < key);
-            for j in 0..r.min(ids.len()) {
-                let k = ids[(start + j) % ids.len()].1;
-                self.slots[k as usize].disk.preload(key, item.clone());
+            if self.cfg.vnodes <= 1 {
+                let start = ids.partition_point(|(i, _)| *i < key);
+                for j in 0..r.min(ids.len()) {
+                    let k = ids[(start + j) % ids.len()].1;
+                    self.slots[k as usize].disk.preload(key, item.clone());
+                }
+            } else {
+                for k in self.right_nodes(key, r) {
+                    self.slots[k as usize].disk.preload(key, item.clone());
+                }
             }
             if let peerstore_core::Item::Block(b) = &item {
                 let id = peerstore_core::store::sha256(&b.data);
@@ -1929,13 +2129,20 @@ impl World {
     }
 
     /// The R right nodes of `key` (members in ring order from its successor).
+    /// The key's R replicas as the ring stands: its successor and the
+    /// following members, one per machine.
     fn right_nodes(&self, key: Id, r: usize) -> Vec<u32> {
-        self.members
-            .range(key..)
-            .chain(self.members.range(..key))
-            .take(r)
-            .map(|(_, k)| *k)
-            .collect()
+        let mut out: Vec<u32> = Vec::with_capacity(r);
+        for (_, &k) in self.members.range(key..).chain(self.members.range(..key)) {
+            if out.len() == r {
+                break;
+            }
+            let head = self.slots[k as usize].head;
+            if !out.iter().any(|&j| self.slots[j as usize].head == head) {
+                out.push(k);
+            }
+        }
+        out
     }
 
     /// (b) and (c): every key held anywhere is on all R of its right nodes,
@@ -2137,12 +2344,15 @@ impl World {
             rep.ack_latency_mean_ms = lat.iter().sum::<u64>() as f64 / lat.len() as f64;
             rep.ack_latency_p99_ms = lat[((lat.len() - 1) as f64 * 0.99).round() as usize];
         }
-        let mut bytes: Vec<u64> = self
-            .member_list
-            .iter()
-            .filter_map(|&k| self.slots[k as usize].node.as_ref())
-            .map(|n| n.store_index().bytes())
-            .collect();
+        // Per machine: its virtual nodes' bytes summed.
+        let mut per_host: BTreeMap<u32, u64> = BTreeMap::new();
+        for &k in &self.member_list {
+            let s = &self.slots[k as usize];
+            if let Some(n) = s.node.as_ref() {
+                *per_host.entry(s.head).or_default() += n.store_index().bytes();
+            }
+        }
+        let mut bytes: Vec<u64> = per_host.into_values().collect();
         bytes.sort_unstable();
         if !bytes.is_empty() {
             let mean = bytes.iter().sum::<u64>() as f64 / bytes.len() as f64;

@@ -120,6 +120,47 @@ fn without_anti_entropy_the_checkers_see_under_replication() {
     assert!(st.under_replicated > 0, "{}", rep.summary());
 }
 
+/// Machines running four virtual nodes each: a crash, pause, partition or
+/// departure takes all four positions at once, so copies must sit on
+/// distinct machines or a single failure takes several.
+#[test]
+fn storage_survives_swarm_faults_on_virtual_nodes() {
+    let n = common::seeds(200) / 8;
+    let mut bad = Vec::new();
+    let mut acked = 0;
+    for seed in 300_000..300_000 + n {
+        let mut cfg = swarm_storage(seed);
+        cfg.vnodes = 4;
+        let rep = peerstore_sim::run(cfg);
+        acked += rep.storage.as_ref().expect("storage ran").puts_acked;
+        if !rep.passed() {
+            bad.push(format!("seed {seed}:\n{}", rep.summary()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {n} seeds failed; replay with `peerstore-sim --nodes 24 --vnodes 4 --swarm \
+         --storage --record-writes-per-s 2 --corrupt 0.02 --duration 2min --seed SEED`:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(acked > 100 * n, "{acked} block puts acked over {n} seeds");
+}
+
+#[test]
+fn losing_two_machines_of_sixteen_virtual_nodes_loses_nothing() {
+    // 2 machines x 16 positions gone for good at once; with copies on
+    // distinct machines every key keeps at least one of its three.
+    let mut cfg = kill_neighbours(60, 3_000, 2, 6);
+    cfg.vnodes = 16;
+    let rep = peerstore_sim::run(cfg);
+    let st = rep.storage.as_ref().expect("storage ran");
+    assert!(rep.passed(), "{}", rep.summary());
+    assert_eq!(st.lost_acked + st.lost_excused, 0, "{}", rep.summary());
+    assert!(st.oracle_repair_bytes > 0, "the machines held replicas");
+    assert!(st.final_reads_ok >= 400, "{}", rep.summary());
+}
+
 #[test]
 fn storage_runs_replay_exactly() {
     let a = peerstore_sim::run(swarm_storage(7));

@@ -531,6 +531,58 @@ fn load(v: &mut Verdicts, quick: bool) {
             p99 <= 1.7,
         );
     }
+    // The same with running nodes: machines with v virtual nodes each, the
+    // store filled, then bytes held per machine after the ring has run.
+    let (machines, blocks) = if quick {
+        ("100", "10000")
+    } else {
+        ("500", "50000")
+    };
+    println!(
+        "  running simulator: {machines} machines, {blocks} blocks, R = 3 (bytes per machine):"
+    );
+    let mut running = Vec::new();
+    for vcount in ["1", "16"] {
+        let r = run(&[
+            "--storage",
+            "--nodes",
+            machines,
+            "--vnodes",
+            vcount,
+            "--start",
+            "ideal",
+            "--preload-blocks",
+            blocks,
+            "--puts-per-s",
+            "0",
+            "--record-writes-per-s",
+            "0",
+            "--duration",
+            "30s",
+            "--seed",
+            "1",
+            "--check",
+            "sampled:10s",
+        ])
+        .remove(0);
+        let (max, p99) = (
+            f(&r, "storage.bytes_per_node_max_over_mean"),
+            f(&r, "storage.bytes_per_node_p99_over_mean"),
+        );
+        println!(
+            "  {vcount:>3}   3 max/mean {max:.2} p99/mean {p99:.2}; repaired {}; {:.0} s wall",
+            r["storage"]["repaired"],
+            f(&r, "wall_ms") / 1000.0
+        );
+        running.push((p99, r["storage"]["repaired"] == true));
+    }
+    v.check(
+        format!(
+            "running nodes, v = 16, R = 3: p99/mean {:.2} <= 1.7 and every key at R copies",
+            running[1].0
+        ),
+        running[1].0 <= 1.7 && running[1].1,
+    );
     println!("  load section: {:.1} s wall", t0.elapsed().as_secs_f64());
 }
 
