@@ -12,6 +12,7 @@ pub mod lookup;
 pub mod node;
 pub mod record;
 pub mod rtt;
+pub mod session;
 pub mod store;
 pub mod vnode;
 pub mod wire;
