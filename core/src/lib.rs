@@ -7,11 +7,13 @@
 //! so the same code runs in the deterministic simulator and the real daemon.
 
 pub mod config;
+pub mod endorse;
 pub mod id;
 pub mod lookup;
 pub mod node;
 pub mod record;
 pub mod rtt;
+pub mod session;
 pub mod store;
 pub mod vnode;
 pub mod wire;

@@ -221,7 +221,7 @@ impl Signer {
 
 /// Lets `?Sized` RNGs (`&mut dyn CryptoRngCore`) be passed to the rsa crate,
 /// whose `impl CryptoRngCore` arguments must be sized.
-struct RngRef<'a, R: ?Sized>(&'a mut R);
+pub(crate) struct RngRef<'a, R: ?Sized>(pub(crate) &'a mut R);
 
 impl<R: CryptoRngCore + ?Sized> rand_core::RngCore for RngRef<'_, R> {
     fn next_u32(&mut self) -> u32 {
@@ -251,7 +251,10 @@ fn check_bits(bits: usize, min_bits: usize) -> Result<(), RecordError> {
 }
 
 /// Parses an SPKI DER RSA public key and applies the size policy.
-fn parse_public_key(der: &[u8], min_bits: usize) -> Result<VerifyingKey<Sha256>, RecordError> {
+pub(crate) fn parse_public_key(
+    der: &[u8],
+    min_bits: usize,
+) -> Result<VerifyingKey<Sha256>, RecordError> {
     if der.is_empty() || der.len() > MAX_KEY_DER_BYTES {
         return Err(RecordError::BadKey);
     }
