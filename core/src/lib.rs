@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod id;
+pub mod identity;
 pub mod lookup;
 pub mod node;
 pub mod record;
