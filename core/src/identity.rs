@@ -875,6 +875,25 @@ pub(crate) mod tests {
         );
     }
 
+    /// The production key size end to end. The seeded RNG makes the prime
+    /// search the same work on every run (under 4 s here); the scrypt cost is
+    /// the test one, the default cost has its own test.
+    #[test]
+    fn real_user_identity_round_trips() {
+        let id = Identity::generate(&mut rng(8), USER_KEY_BITS).unwrap();
+        assert_eq!(id.signer().bits(), USER_KEY_BITS);
+        let pem = id
+            .to_pem_with_log_n(&mut rng(9), Some(b"pw"), TEST_LOG_N)
+            .unwrap();
+        let back = Identity::from_pem(&pem, Some(b"pw"), MIN_KEY_BITS_DEFAULT).unwrap();
+        assert!(same(&back, &id));
+        assert_eq!(
+            back.pubkey_record(&mut rng(10))
+                .verify(MIN_KEY_BITS_DEFAULT),
+            Ok(())
+        );
+    }
+
     #[test]
     fn identity_parts_and_debug() {
         let id = test_identity(0);
