@@ -7,6 +7,7 @@
 //! so the same code runs in the deterministic simulator and the real daemon.
 
 pub mod config;
+pub mod filecrypt;
 pub mod id;
 pub mod identity;
 pub mod lookup;
