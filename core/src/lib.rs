@@ -13,6 +13,7 @@ pub mod identity;
 pub mod lookup;
 pub mod node;
 pub mod record;
+pub mod reqauth;
 pub mod rtt;
 pub mod store;
 pub mod vnode;
