@@ -8,10 +8,13 @@
 
 pub mod config;
 pub mod endorse;
+pub mod filecrypt;
 pub mod id;
+pub mod identity;
 pub mod lookup;
 pub mod node;
 pub mod record;
+pub mod reqauth;
 pub mod rtt;
 pub mod session;
 pub mod store;

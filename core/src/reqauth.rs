@@ -1,0 +1,477 @@
+//! Signed requests on a user's data, and the replay guard that checks them.
+//!
+//! A client proves each request that reads or changes a user's data with a
+//! [`SignedRequest`]: the user's RSA-PSS signature over
+//!
+//! ```text
+//! postcard((tag "peerstore/request/v1", user key SPKI DER,
+//!           SHA-256(request bytes), nonce [16], timestamp_ms u64))
+//! ```
+//!
+//! The request bytes themselves travel beside the envelope (a block put is a
+//! megabyte; the envelope stays small) and the node hashes what it received.
+//!
+//! A node checks a request with a [`ReplayGuard`], passing the key registered
+//! for the user (from the user's verified public key record, or `None` if
+//! the user has none) and its own clock. The guard refuses, in this order:
+//!
+//! 1. no registered key: [`AuthError::UnknownUser`];
+//! 2. a request key that is not the registered one: [`AuthError::WrongKey`];
+//! 3. a timestamp outside `now ± window_ms` (or older than what the guard
+//!    has already forgotten): [`AuthError::Stale`];
+//! 4. a `(user, nonce)` seen within the window: [`AuthError::Replayed`];
+//! 5. a bad signature (or unacceptable key size): [`AuthError::BadSignature`];
+//! 6. no room to remember the nonce: [`AuthError::Busy`] (the whole guard is
+//!    full) or [`AuthError::TooManyRequests`] (this user's share is full).
+//!
+//! Only a request that passed every check has its nonce recorded, so forged
+//! requests cannot fill the table or burn a legitimate nonce.
+//!
+//! # Bounded memory
+//!
+//! A nonce is kept until its request's timestamp falls out of the window,
+//! after which the timestamp check alone refuses a replay. The guard tracks
+//! the highest `now_ms` it was given and never accepts a timestamp older
+//! than `high_water − window`, so an evicted nonce cannot come back even if
+//! the caller's clock steps backwards. When the table is full the guard
+//! refuses new requests rather than forgetting nonces early: forgetting would
+//! reopen a replay window, refusing only delays an honest client, who retries
+//! with a fresh nonce. A per-user cap stops one user from filling the table
+//! for everyone.
+//!
+//! A nonce is remembered per node: a request accepted by one replica can be
+//! replayed to another replica within the window. Requests are therefore
+//! meant to be idempotent at the DHT level (the same put or delete, applied
+//! again), or must name their target inside the request bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand_core::CryptoRngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::record::{self, Signer, UserId, MAX_KEY_DER_BYTES, MIN_KEY_BITS_DEFAULT};
+
+const TAG_REQUEST: &[u8] = b"peerstore/request/v1";
+
+/// Largest encoded [`SignedRequest`] [`SignedRequest::decode`] accepts.
+pub const MAX_SIGNED_REQUEST_BYTES: usize = 2 * MAX_KEY_DER_BYTES + 128;
+
+/// A user's signature on one request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRequest {
+    /// SPKI DER of the user's signing key; its SHA-1 is the user id.
+    pub user_key: Vec<u8>,
+    /// Random, never reused.
+    pub nonce: [u8; 16],
+    /// The client's clock when it signed, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// SHA-256 of the request bytes.
+    pub body_digest: [u8; 32],
+    /// RSA-PSS(SHA-256) by `user_key` over the message in the module docs.
+    pub sig: Vec<u8>,
+}
+
+fn signed_msg(user_key: &[u8], body_digest: &[u8; 32], nonce: &[u8; 16], ts: u64) -> Vec<u8> {
+    postcard::to_allocvec(&(TAG_REQUEST, user_key, body_digest, nonce, ts))
+        .expect("postcard encoding into a Vec cannot fail")
+}
+
+/// Signs `request` (the request's bytes) as `signer` at `now_ms` with a
+/// fresh nonce from `rng`.
+pub fn sign_request(
+    signer: &Signer,
+    request: &[u8],
+    now_ms: u64,
+    rng: &mut (impl CryptoRngCore + ?Sized),
+) -> SignedRequest {
+    let mut nonce = [0u8; 16];
+    rng.fill_bytes(&mut nonce);
+    let body_digest: [u8; 32] = Sha256::digest(request).into();
+    let user_key = signer.public_der().to_vec();
+    let sig = signer.sign(rng, &signed_msg(&user_key, &body_digest, &nonce, now_ms));
+    SignedRequest {
+        user_key,
+        nonce,
+        timestamp_ms: now_ms,
+        body_digest,
+        sig,
+    }
+}
+
+impl SignedRequest {
+    /// The user id the request claims: SHA-1 of `user_key`.
+    pub fn user(&self) -> UserId {
+        record::user_id(&self.user_key)
+    }
+
+    /// The canonical postcard encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("postcard encoding into a Vec cannot fail")
+    }
+
+    /// Decodes [`SignedRequest::encode`]'s output, refusing oversized input,
+    /// trailing bytes and non-canonical encodings. Does not verify. Never
+    /// panics.
+    pub fn decode(bytes: &[u8]) -> Result<SignedRequest, AuthError> {
+        if bytes.len() > MAX_SIGNED_REQUEST_BYTES {
+            return Err(AuthError::Malformed);
+        }
+        let (req, rest) =
+            postcard::take_from_bytes::<SignedRequest>(bytes).map_err(|_| AuthError::Malformed)?;
+        if !rest.is_empty() || req.encode() != bytes {
+            return Err(AuthError::Malformed);
+        }
+        Ok(req)
+    }
+}
+
+/// Why a request was refused. Each says what to do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No public key record is registered for the user.
+    #[error("unknown user: no public key is registered for this user id; register first")]
+    UnknownUser,
+    /// The request's key is not the key registered for the user.
+    #[error("the request is signed with a key that is not the one registered for this user")]
+    WrongKey,
+    /// The timestamp is outside the accepted window.
+    #[error("request timestamp is outside the accepted window; check the client's clock")]
+    Stale,
+    /// The nonce was already used within the window.
+    #[error("replayed request: this nonce was already used")]
+    Replayed,
+    /// The signature does not verify (or the key is unacceptable).
+    #[error("request signature does not verify")]
+    BadSignature,
+    /// The guard's nonce table is full.
+    #[error("server busy: too many recent requests; retry shortly")]
+    Busy,
+    /// This user's share of the nonce table is full.
+    #[error("too many requests from this user in the window; slow down and retry")]
+    TooManyRequests,
+    /// The envelope is not a canonical encoding.
+    #[error("malformed signed request")]
+    Malformed,
+}
+
+/// [`ReplayGuard`] settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// Accepted clock difference either way, in milliseconds.
+    pub window_ms: u64,
+    /// Most nonces remembered in all.
+    pub entries_max: usize,
+    /// Most nonces remembered per user.
+    pub entries_per_user_max: usize,
+    /// Smallest accepted user key, in bits.
+    pub min_key_bits: usize,
+}
+
+impl Default for GuardConfig {
+    fn default() -> GuardConfig {
+        GuardConfig {
+            window_ms: 120_000,
+            entries_max: 65_536,
+            entries_per_user_max: 4_096,
+            min_key_bits: MIN_KEY_BITS_DEFAULT,
+        }
+    }
+}
+
+/// Remembers recent nonces to refuse replays; see the module docs. Sans-IO:
+/// time is the `now_ms` argument.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    config: GuardConfig,
+    /// `(timestamp_ms, user, nonce)`, oldest first, for eviction.
+    by_time: BTreeSet<(u64, UserId, [u8; 16])>,
+    /// `(user, nonce)` to timestamp, for the replay check.
+    seen: BTreeMap<(UserId, [u8; 16]), u64>,
+    per_user: BTreeMap<UserId, usize>,
+    high_water_ms: u64,
+}
+
+impl ReplayGuard {
+    pub fn new(config: GuardConfig) -> ReplayGuard {
+        assert!(config.entries_max > 0 && config.entries_per_user_max > 0);
+        ReplayGuard {
+            config,
+            by_time: BTreeSet::new(),
+            seen: BTreeMap::new(),
+            per_user: BTreeMap::new(),
+            high_water_ms: 0,
+        }
+    }
+
+    /// Nonces currently remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Checks `req` for the request bytes `request`, given the key registered
+    /// for the claimed user (`None`: no record), and on success remembers its
+    /// nonce. See the module docs for the order of checks.
+    pub fn check(
+        &mut self,
+        req: &SignedRequest,
+        request: &[u8],
+        registered_key: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<(), AuthError> {
+        self.high_water_ms = self.high_water_ms.max(now_ms);
+        self.evict();
+        let registered = registered_key.ok_or(AuthError::UnknownUser)?;
+        if req.user_key != registered {
+            return Err(AuthError::WrongKey);
+        }
+        let window = self.config.window_ms;
+        let oldest = now_ms
+            .saturating_sub(window)
+            .max(self.high_water_ms.saturating_sub(window));
+        let newest = now_ms.saturating_add(window);
+        if req.timestamp_ms < oldest || req.timestamp_ms > newest {
+            return Err(AuthError::Stale);
+        }
+        let user = req.user();
+        if self.seen.contains_key(&(user, req.nonce)) {
+            return Err(AuthError::Replayed);
+        }
+        let body_digest: [u8; 32] = Sha256::digest(request).into();
+        if body_digest != req.body_digest {
+            return Err(AuthError::BadSignature);
+        }
+        let msg = signed_msg(
+            &req.user_key,
+            &req.body_digest,
+            &req.nonce,
+            req.timestamp_ms,
+        );
+        record::verify(&req.user_key, &msg, &req.sig, self.config.min_key_bits)
+            .map_err(|_| AuthError::BadSignature)?;
+        if self.seen.len() >= self.config.entries_max {
+            return Err(AuthError::Busy);
+        }
+        let count = self.per_user.entry(user).or_insert(0);
+        if *count >= self.config.entries_per_user_max {
+            return Err(AuthError::TooManyRequests);
+        }
+        *count += 1;
+        self.seen.insert((user, req.nonce), req.timestamp_ms);
+        self.by_time.insert((req.timestamp_ms, user, req.nonce));
+        debug_assert_eq!(self.seen.len(), self.by_time.len());
+        Ok(())
+    }
+
+    /// Forgets nonces whose timestamps no check can accept any more.
+    fn evict(&mut self) {
+        let oldest = self.high_water_ms.saturating_sub(self.config.window_ms);
+        while let Some(&(ts, user, nonce)) = self.by_time.first() {
+            if ts >= oldest {
+                break;
+            }
+            self.by_time.pop_first();
+            self.seen.remove(&(user, nonce));
+            if let Some(count) = self.per_user.get_mut(&user) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_user.remove(&user);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::tests::{rng, test_identity, TEST_BITS};
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const REQ: &[u8] = b"put block 42";
+
+    fn guard() -> ReplayGuard {
+        ReplayGuard::new(GuardConfig {
+            min_key_bits: TEST_BITS,
+            ..GuardConfig::default()
+        })
+    }
+
+    fn alice() -> &'static Signer {
+        test_identity(0).signer()
+    }
+
+    fn alice_key() -> Option<&'static [u8]> {
+        Some(alice().public_der())
+    }
+
+    fn signed(seed: u64, at: u64) -> SignedRequest {
+        sign_request(alice(), REQ, at, &mut rng(seed))
+    }
+
+    #[test]
+    fn a_fresh_request_passes_once() {
+        let mut g = guard();
+        let req = signed(1, NOW);
+        assert_eq!(req.user(), alice().user_id());
+        assert_eq!(g.check(&req, REQ, alice_key(), NOW), Ok(()));
+        assert_eq!(g.len(), 1);
+        // Replayed: same request again, later but within the window.
+        assert_eq!(
+            g.check(&req, REQ, alice_key(), NOW + 1000),
+            Err(AuthError::Replayed)
+        );
+        // A second request with its own nonce is fine.
+        assert_eq!(g.check(&signed(2, NOW), REQ, alice_key(), NOW), Ok(()));
+    }
+
+    #[test]
+    fn stale_and_future_timestamps_are_refused() {
+        let mut g = guard();
+        let w = GuardConfig::default().window_ms;
+        assert_eq!(
+            g.check(&signed(3, NOW - w - 1), REQ, alice_key(), NOW),
+            Err(AuthError::Stale)
+        );
+        assert_eq!(
+            g.check(&signed(4, NOW + w + 1), REQ, alice_key(), NOW),
+            Err(AuthError::Stale)
+        );
+        assert_eq!(g.check(&signed(5, NOW - w), REQ, alice_key(), NOW), Ok(()));
+        assert_eq!(g.check(&signed(6, NOW + w), REQ, alice_key(), NOW), Ok(()));
+        // A replay after the window closes is refused as stale, and by then
+        // the nonce has been forgotten.
+        let req = signed(7, NOW);
+        assert_eq!(g.check(&req, REQ, alice_key(), NOW), Ok(()));
+        assert_eq!(
+            g.check(&req, REQ, alice_key(), NOW + w + 1),
+            Err(AuthError::Stale)
+        );
+        assert!(g.seen.keys().all(|(_, n)| *n != req.nonce));
+        // The clock stepping back does not reopen the forgotten window.
+        assert_eq!(g.check(&req, REQ, alice_key(), NOW), Err(AuthError::Stale));
+    }
+
+    #[test]
+    fn unknown_users_and_other_keys_are_refused() {
+        let mut g = guard();
+        let req = signed(8, NOW);
+        assert_eq!(g.check(&req, REQ, None, NOW), Err(AuthError::UnknownUser));
+        // Signed by Mallory but presented for Alice's registered key.
+        let mallory = test_identity(2).signer();
+        let forged = sign_request(mallory, REQ, NOW, &mut rng(9));
+        assert_eq!(
+            g.check(&forged, REQ, alice_key(), NOW),
+            Err(AuthError::WrongKey)
+        );
+        // Alice's key claimed, Mallory's signature.
+        let mut forged = forged;
+        forged.user_key = alice().public_der().to_vec();
+        assert_eq!(
+            g.check(&forged, REQ, alice_key(), NOW),
+            Err(AuthError::BadSignature)
+        );
+        // Alice's signature over other request bytes.
+        assert_eq!(
+            g.check(&req, b"delete everything", alice_key(), NOW),
+            Err(AuthError::BadSignature)
+        );
+        // Fields changed after signing.
+        for f in [
+            |r: &mut SignedRequest| r.nonce[0] ^= 1,
+            |r: &mut SignedRequest| r.timestamp_ms += 1,
+            |r: &mut SignedRequest| r.sig[5] ^= 1,
+        ] {
+            let mut r = req.clone();
+            f(&mut r);
+            assert_eq!(
+                g.check(&r, REQ, alice_key(), NOW),
+                Err(AuthError::BadSignature)
+            );
+        }
+        // Weak keys are refused by policy.
+        let mut strict = ReplayGuard::new(GuardConfig::default());
+        assert_eq!(
+            strict.check(&req, REQ, alice_key(), NOW),
+            Err(AuthError::BadSignature)
+        );
+        // None of those burned the nonce.
+        assert!(g.is_empty());
+        assert_eq!(g.check(&req, REQ, alice_key(), NOW), Ok(()));
+    }
+
+    #[test]
+    fn a_full_guard_refuses_rather_than_forgets() {
+        let mut g = ReplayGuard::new(GuardConfig {
+            window_ms: 1000,
+            entries_max: 3,
+            entries_per_user_max: 2,
+            min_key_bits: TEST_BITS,
+        });
+        let bob = test_identity(1).signer();
+        let bob_req = |seed, at| sign_request(bob, REQ, at, &mut rng(seed));
+        assert_eq!(g.check(&signed(10, NOW), REQ, alice_key(), NOW), Ok(()));
+        assert_eq!(g.check(&signed(11, NOW), REQ, alice_key(), NOW), Ok(()));
+        assert_eq!(
+            g.check(&signed(12, NOW), REQ, alice_key(), NOW),
+            Err(AuthError::TooManyRequests)
+        );
+        let bk = Some(bob.public_der());
+        assert_eq!(g.check(&bob_req(13, NOW), REQ, bk, NOW), Ok(()));
+        assert_eq!(
+            g.check(&bob_req(14, NOW), REQ, bk, NOW),
+            Err(AuthError::Busy)
+        );
+        assert_eq!(g.len(), 3);
+        // Once the window passes the entries are evicted and room returns.
+        assert_eq!(
+            g.check(&bob_req(14, NOW + 1001), REQ, bk, NOW + 1001),
+            Ok(())
+        );
+        assert_eq!(g.len(), 1);
+        assert_eq!(
+            g.check(&signed(12, NOW + 1001), REQ, alice_key(), NOW + 1001),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn envelopes_round_trip_canonically() {
+        let req = signed(15, NOW);
+        let bytes = req.encode();
+        assert_eq!(SignedRequest::decode(&bytes), Ok(req));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(SignedRequest::decode(&long), Err(AuthError::Malformed));
+        assert_eq!(SignedRequest::decode(&[]), Err(AuthError::Malformed));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A flipped bit anywhere in the envelope never passes.
+        #[test]
+        fn bit_flips_never_pass(bit in any::<prop::sample::Index>()) {
+            let req = signed(16, NOW);
+            let mut bytes = req.encode();
+            let b = bit.index(bytes.len() * 8);
+            bytes[b / 8] ^= 1 << (b % 8);
+            if let Ok(r) = SignedRequest::decode(&bytes) {
+                prop_assert!(guard().check(&r, REQ, alice_key(), NOW).is_err());
+            }
+        }
+
+        #[test]
+        fn junk_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            if let Ok(r) = SignedRequest::decode(&bytes) {
+                let _ = guard().check(&r, &bytes, alice_key(), NOW);
+                let _ = guard().check(&r, &bytes, Some(&r.user_key), NOW);
+            }
+        }
+    }
+}
