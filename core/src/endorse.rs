@@ -632,7 +632,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(10_000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::session::tests::fuzz_cases(10_000)))]
 
         #[test]
         fn decode_chain_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

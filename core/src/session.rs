@@ -1477,7 +1477,7 @@ impl<K: Ord + Clone> HandshakeLimiter<K> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -2265,8 +2265,17 @@ mod tests {
 
     // -- property tests ---------------------------------------------------------
 
+    /// Cases for the fuzzing properties: `PEERSTORE_FUZZ_CASES` runs them
+    /// longer (e.g. a million) than the default that CI runs.
+    pub(crate) fn fuzz_cases(default: u32) -> u32 {
+        std::env::var("PEERSTORE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(10_000))]
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(10_000)))]
 
         /// Flipping any single bit of any frame is detected.
         #[test]
@@ -2311,7 +2320,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(2_000)))]
 
         /// Arbitrary bytes never panic a handshake handler, and are refused
         /// where a signed message is expected.

@@ -1434,64 +1434,16 @@ impl World {
     /// Machine `k` (its head) leaves for good: every virtual node leaves
     /// gracefully, or all crash.
     fn depart(&mut self, k: u32, incarnation: u32) {
-        if self.cfg.vnodes > 1 {
-            return self.depart_host(k, incarnation);
-        }
         let s = &self.slots[k as usize];
-        if s.incarnation != incarnation || s.node.is_none() || s.departed {
+        if s.incarnation != incarnation || s.departed || self.host_live(k).is_empty() {
+            // Down (crashed): it stays, and departs with a later session.
             return;
         }
-        let member = s.member;
         let graceful = self
             .rng_work
             .gen_bool(self.cfg.graceful_fraction.clamp(0.0, 1.0));
         // A leave, like a crash, must not break Zave's operating assumption:
         // when the guard refuses, the departure is tried again a little later.
-        if member && !self.may_fail(k) {
-            self.crashes_refused += 1;
-            let at = self.now + self.cfg.stabilize_ms * 5;
-            self.push(
-                at,
-                Ev::Depart {
-                    node: k,
-                    incarnation,
-                },
-            );
-            return;
-        }
-        if graceful && member {
-            let cmd = self.command(k, Command::Leave);
-            let handing_off = self.slots[k as usize]
-                .node
-                .as_ref()
-                .is_some_and(|n| n.status() != peerstore_core::Status::Left);
-            if handing_off {
-                // It pushes its data to its successors first; it goes when
-                // the leave completes (see on_reply).
-                self.slots[k as usize].departed = true;
-                self.store.leaving.insert(cmd, k);
-                return;
-            }
-        } else {
-            self.crashes += 1;
-        }
-        self.slots[k as usize].departed = true;
-        self.retire(k);
-        self.lose_disk(k);
-    }
-
-    fn depart_host(&mut self, k: u32, incarnation: u32) {
-        let s = &self.slots[k as usize];
-        if s.incarnation != incarnation || s.departed {
-            return;
-        }
-        if self.host_live(k).is_empty() {
-            // Down (crashed) as with one virtual node: it stays.
-            return;
-        }
-        let graceful = self
-            .rng_work
-            .gen_bool(self.cfg.graceful_fraction.clamp(0.0, 1.0));
         if !self.host_may_fail(k) {
             self.crashes_refused += 1;
             let at = self.now + self.cfg.stabilize_ms * 5;
@@ -1504,22 +1456,24 @@ impl World {
             );
             return;
         }
-        for j in self.host_slots(k) {
-            let member = self.slots[j as usize].member;
-            self.slots[j as usize].departed = true;
-            if graceful && member {
+        for j in self.host_live(k) {
+            if graceful && self.slots[j as usize].member {
                 let cmd = self.command(j, Command::Leave);
                 let handing_off = self.slots[j as usize]
                     .node
                     .as_ref()
                     .is_some_and(|n| n.status() != peerstore_core::Status::Left);
                 if handing_off {
+                    // It pushes its data to its successors first; it goes
+                    // when the leave completes (see on_reply).
+                    self.slots[j as usize].departed = true;
                     self.store.leaving.insert(cmd, j);
                     continue;
                 }
-            } else if self.slots[j as usize].node.is_some() {
+            } else {
                 self.crashes += 1;
             }
+            self.slots[j as usize].departed = true;
             self.retire(j);
             self.lose_disk(j);
         }
