@@ -11,6 +11,7 @@ pub mod endorse;
 pub mod filecrypt;
 pub mod id;
 pub mod identity;
+pub mod link;
 pub mod lookup;
 pub mod node;
 pub mod record;

@@ -1,0 +1,786 @@
+//! Secure links: every [`Message`] between machines travels inside a secure
+//! session, and only from peers whose endorsement chain leads to a key this
+//! machine trusts.
+//!
+//! A [`Links`] value belongs to one machine (all its virtual nodes share it,
+//! as they share its address and identity key). It is sans-IO like the rest
+//! of the core: the caller hands it messages to send ([`Links::send`]) and
+//! packets that arrived ([`Links::receive`]), and drains packets to put on
+//! the wire ([`Links::poll_packet`]). The simulator and the Tokio node drive
+//! it the same way.
+//!
+//! ## Connections
+//!
+//! A connection carries data one way: from the machine that opened it (the
+//! initiator) to the other (the responder), which only answers the
+//! handshake. Each machine sends over its own connection to a peer and
+//! receives over the peer's, so two machines that start talking at once
+//! never race to share one. A connection lives on an ordered, reliable
+//! stream (TCP in the node; a first-in first-out link in the simulator);
+//! anything that breaks order kills the session, and the receiver answers
+//! the next packet with a reset so the sender opens a new one.
+//!
+//! Packets start with one type byte:
+//!
+//! | type | direction | body |
+//! |---|---|---|
+//! | 0 | to responder | Hello |
+//! | 1 | to responder | Auth |
+//! | 2 | to responder | a session frame: postcard `(from id, to id, Message)` |
+//! | 3 | to initiator | Challenge |
+//! | 4 | to initiator | Finish |
+//! | 5 | to initiator | reset: "I have no session for you; open a new one" |
+//!
+//! ## Trust
+//!
+//! Both sides present their endorsement chain (see [`crate::endorse`]) as
+//! the handshake credential. The responder checks the initiator's before it
+//! sends Finish, the initiator checks the responder's on Finish; a peer
+//! without a valid chain to a trusted key gets no session, so none of its
+//! messages reaches a node. The transport vouches for `from` in every
+//! delivered message: the sender's id must be one of the virtual node ids
+//! of the key that proved itself in the handshake, and a message is only
+//! sent to a peer id that belongs to the key at that address.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::endorse::{decode_chain, TrustStore};
+use crate::id::Id;
+use crate::record::Signer;
+use crate::session::{
+    HandshakeLimiter, Initiator, InitiatorWait, LimiterConfig, Opened, PeerIdentity, Responder,
+    ResponderHandshake, Session, SessionConfig,
+};
+use crate::vnode::vnode_id;
+use crate::wire::{Addr, Message, Peer};
+
+const HELLO: u8 = 0;
+const AUTH: u8 = 1;
+const FRAME: u8 = 2;
+const CHALLENGE: u8 = 3;
+const FINISH: u8 = 4;
+const RESET: u8 = 5;
+
+/// Parameters of a machine's links.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub session: SessionConfig,
+    pub limiter: LimiterConfig,
+    /// Messages held per peer while its handshake runs; the oldest go first.
+    pub queue_max: usize,
+    /// A handshake not done after this long is started again.
+    pub handshake_timeout_ms: u64,
+    /// Virtual node ids checked per key (ids `vnode_id(key, 0..vnodes_max)`).
+    pub vnodes_max: u32,
+}
+
+impl Default for LinkConfig {
+    fn default() -> LinkConfig {
+        LinkConfig {
+            session: SessionConfig::default(),
+            limiter: LimiterConfig::default(),
+            queue_max: 1024,
+            handshake_timeout_ms: 10_000,
+            vnodes_max: 64,
+        }
+    }
+}
+
+/// Counters, for reports and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub handshakes_started: u64,
+    pub handshakes_done: u64,
+    /// Handshakes refused because the peer's endorsement chain did not
+    /// lead to a trusted key (either side).
+    pub refused_untrusted: u64,
+    /// Hellos refused by the handshake rate limit.
+    pub refused_rate: u64,
+    /// Handshakes that failed cryptographically, or packets out of place.
+    pub bad_handshakes: u64,
+    /// Frames that failed to open (the session died), or whose sender id
+    /// did not belong to the session's key.
+    pub bad_frames: u64,
+    /// Resets received (our session was gone at the peer).
+    pub resets: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Messages dropped: queue full, no route, or addressed to an id the
+    /// key at that address does not own.
+    pub dropped: u64,
+}
+
+/// A packet to put on the wire to `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub to: Addr,
+    pub bytes: Vec<u8>,
+}
+
+/// A message that arrived over a session, from a vouched-for sender, for
+/// the virtual node `to` of this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub from: Peer,
+    pub to: Id,
+    pub msg: Message,
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    from: Id,
+    to: Id,
+    msg: &'a Message,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    from: Id,
+    to: Id,
+    msg: Message,
+}
+
+enum Outgoing {
+    /// Hello sent; `init` is taken when the Challenge arrives.
+    Hello {
+        init: Option<Initiator>,
+        queue: VecDeque<(Id, Vec<u8>)>,
+        since_ms: u64,
+    },
+    /// Auth sent; waiting for Finish.
+    Auth {
+        wait: InitiatorWait,
+        queue: VecDeque<(Id, Vec<u8>)>,
+        since_ms: u64,
+    },
+    Open(Box<Session>),
+}
+
+enum Incoming {
+    Challenged(ResponderHandshake),
+    Open(Box<Session>),
+}
+
+/// One machine's secure links to its peers.
+pub struct Links {
+    cfg: LinkConfig,
+    identity: Signer,
+    credential: Vec<u8>,
+    trust: TrustStore,
+    responder: Responder,
+    limiter: HandshakeLimiter<Addr>,
+    out: BTreeMap<Addr, Outgoing>,
+    inc: BTreeMap<Addr, Incoming>,
+    outbox: VecDeque<Packet>,
+    rng: ChaCha20Rng,
+    stats: LinkStats,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("identity", &self.identity.user_id())
+            .field("outgoing", &self.out.len())
+            .field("incoming", &self.inc.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Links {
+    /// Links for the machine whose identity is `identity`, presenting
+    /// `credential` (its encoded endorsement chain), trusting `trust`, with
+    /// `responder` answering handshakes. `seed` seeds the IVs and nonces.
+    pub fn new(
+        cfg: LinkConfig,
+        identity: Signer,
+        credential: Vec<u8>,
+        trust: TrustStore,
+        responder: Responder,
+        seed: u64,
+    ) -> Links {
+        let limiter = HandshakeLimiter::new(cfg.limiter);
+        Links {
+            cfg,
+            identity,
+            credential,
+            trust,
+            responder,
+            limiter,
+            out: BTreeMap::new(),
+            inc: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            stats: LinkStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// The next packet to put on the wire.
+    pub fn poll_packet(&mut self) -> Option<Packet> {
+        self.outbox.pop_front()
+    }
+
+    /// Whether `id` is one of the virtual node ids of `key_der`.
+    fn owns(&self, key_der: &[u8], id: Id) -> bool {
+        (0..self.cfg.vnodes_max.max(1)).any(|i| vnode_id(key_der, i) == id)
+    }
+
+    fn trusted(&self, peer: &PeerIdentity, now_ms: u64) -> bool {
+        match decode_chain(&peer.credential) {
+            Ok(chain) => self
+                .trust
+                .verify_chain(&peer.key_der, peer.id, &chain, now_ms)
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn push(&mut self, to: Addr, kind: u8, body: &[u8]) {
+        let mut bytes = Vec::with_capacity(1 + body.len());
+        bytes.push(kind);
+        bytes.extend_from_slice(body);
+        self.outbox.push_back(Packet { to, bytes });
+    }
+
+    /// Sends `msg` from our virtual node `from` to `to`: sealed at once if
+    /// a session is open, else held while one is set up.
+    pub fn send(&mut self, now_ms: u64, from: Id, to: Peer, msg: &Message) {
+        let plain = match postcard::to_allocvec(&EnvelopeRef {
+            from,
+            to: to.id,
+            msg,
+        }) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        let stale = match self.out.get(&to.addr) {
+            Some(Outgoing::Hello { since_ms, .. }) | Some(Outgoing::Auth { since_ms, .. }) => {
+                now_ms.saturating_sub(*since_ms) >= self.cfg.handshake_timeout_ms
+            }
+            _ => false,
+        };
+        if stale {
+            // The handshake got lost: start again, keeping what waits.
+            let queue = match self.out.remove(&to.addr) {
+                Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => queue,
+                _ => VecDeque::new(),
+            };
+            self.start(now_ms, to.addr, queue);
+        }
+        match self.out.get_mut(&to.addr) {
+            None => {
+                let mut queue = VecDeque::new();
+                queue.push_back((to.id, plain));
+                self.start(now_ms, to.addr, queue);
+            }
+            Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => {
+                if queue.len() >= self.cfg.queue_max {
+                    queue.pop_front();
+                    self.stats.dropped += 1;
+                }
+                queue.push_back((to.id, plain));
+            }
+            Some(Outgoing::Open(_)) => self.seal_to(to.addr, to.id, &plain),
+        }
+    }
+
+    fn start(&mut self, now_ms: u64, to: Addr, queue: VecDeque<(Id, Vec<u8>)>) {
+        match Initiator::new(
+            &mut self.rng,
+            &self.cfg.session,
+            &self.identity,
+            self.credential.clone(),
+        ) {
+            Ok((init, hello)) => {
+                self.stats.handshakes_started += 1;
+                self.out.insert(
+                    to,
+                    Outgoing::Hello {
+                        init: Some(init),
+                        queue,
+                        since_ms: now_ms,
+                    },
+                );
+                self.push(to, HELLO, &hello);
+            }
+            Err(_) => self.stats.dropped += queue.len() as u64,
+        }
+    }
+
+    /// Seals one envelope on the open session to `to`, if the session's
+    /// key owns `to_id`.
+    fn seal_to(&mut self, to: Addr, to_id: Id, plain: &[u8]) {
+        let Some(Outgoing::Open(s)) = self.out.get_mut(&to) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let key = s.peer().key_der.clone();
+        if !self.owns(&key, to_id) {
+            // Someone else answers at that address.
+            self.stats.dropped += 1;
+            return;
+        }
+        let Some(Outgoing::Open(s)) = self.out.get_mut(&to) else {
+            return;
+        };
+        match s.seal(&mut self.rng, plain) {
+            Ok(frame) => {
+                self.stats.frames_sent += 1;
+                self.push(to, FRAME, &frame);
+            }
+            Err(_) => {
+                // Too large, or the session is spent: drop it; the next
+                // message opens a new one.
+                self.stats.dropped += 1;
+                self.out.remove(&to);
+            }
+        }
+    }
+
+    /// A packet from `from` arrived. Returns the messages it carried for our
+    /// virtual nodes (checked: a session, a trusted peer, a sender id the
+    /// peer's key owns); replies go to [`Links::poll_packet`].
+    pub fn receive(&mut self, now_ms: u64, from: Addr, bytes: &[u8]) -> Vec<Delivery> {
+        let Some((&kind, body)) = bytes.split_first() else {
+            self.stats.bad_frames += 1;
+            return Vec::new();
+        };
+        match kind {
+            HELLO => self.on_hello(now_ms, from, body),
+            AUTH => self.on_auth(now_ms, from, body),
+            FRAME => return self.on_frame(from, body),
+            CHALLENGE => self.on_challenge(now_ms, from, body),
+            FINISH => self.on_finish(now_ms, from, body),
+            RESET => {
+                if matches!(self.out.get(&from), Some(Outgoing::Open(_))) {
+                    self.stats.resets += 1;
+                    self.out.remove(&from);
+                }
+            }
+            _ => self.stats.bad_frames += 1,
+        }
+        Vec::new()
+    }
+
+    fn on_hello(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
+        if !self.limiter.allow(&from, now_ms) {
+            self.stats.refused_rate += 1;
+            return;
+        }
+        match self.responder.handle_hello(&mut self.rng, now_ms, body) {
+            Ok((hs, challenge)) => {
+                // A new connection from that address replaces the old one.
+                self.inc.insert(from, Incoming::Challenged(hs));
+                self.push(from, CHALLENGE, &challenge);
+            }
+            Err(_) => self.stats.bad_handshakes += 1,
+        }
+    }
+
+    fn on_auth(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
+        let Some(Incoming::Challenged(hs)) = self.inc.remove(&from) else {
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        match self.responder.handle_auth(&mut self.rng, now_ms, hs, body) {
+            Ok((session, finish)) => {
+                if !self.trusted(session.peer(), now_ms) {
+                    // Proven, but not endorsed by anyone we trust: no Finish,
+                    // no session, nothing it sends reaches a node.
+                    self.stats.refused_untrusted += 1;
+                    return;
+                }
+                self.stats.handshakes_done += 1;
+                self.inc.insert(from, Incoming::Open(Box::new(session)));
+                self.push(from, FINISH, &finish);
+            }
+            Err(_) => self.stats.bad_handshakes += 1,
+        }
+    }
+
+    fn on_frame(&mut self, from: Addr, body: &[u8]) -> Vec<Delivery> {
+        let Some(Incoming::Open(s)) = self.inc.get_mut(&from) else {
+            // No session (we restarted, or it died): tell the sender.
+            self.push(from, RESET, &[]);
+            return Vec::new();
+        };
+        let plain = match s.open(body) {
+            Ok(Opened::Data(p)) => p,
+            Ok(Opened::Close) => {
+                self.inc.remove(&from);
+                return Vec::new();
+            }
+            Err(_) => {
+                self.stats.bad_frames += 1;
+                self.inc.remove(&from);
+                self.push(from, RESET, &[]);
+                return Vec::new();
+            }
+        };
+        let key = s.peer().key_der.clone();
+        let env: Envelope = match postcard::from_bytes(&plain) {
+            Ok(e) => e,
+            Err(_) => {
+                self.stats.bad_frames += 1;
+                return Vec::new();
+            }
+        };
+        if !self.owns(&key, env.from) {
+            // A machine speaking for an id that is not its own.
+            self.stats.bad_frames += 1;
+            return Vec::new();
+        }
+        self.stats.frames_received += 1;
+        vec![Delivery {
+            from: Peer {
+                id: env.from,
+                addr: from,
+            },
+            to: env.to,
+            msg: env.msg,
+        }]
+    }
+
+    fn on_challenge(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
+        let Some(Outgoing::Hello {
+            init,
+            queue,
+            since_ms,
+        }) = self.out.get_mut(&from)
+        else {
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        let Some(initiator) = init.take() else {
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        let (queue, since_ms) = (std::mem::take(queue), *since_ms);
+        match initiator.handle_challenge(&mut self.rng, now_ms, body) {
+            Ok((wait, auth)) => {
+                self.out.insert(
+                    from,
+                    Outgoing::Auth {
+                        wait,
+                        queue,
+                        since_ms,
+                    },
+                );
+                self.push(from, AUTH, &auth);
+            }
+            Err(_) => {
+                self.stats.bad_handshakes += 1;
+                self.stats.dropped += queue.len() as u64;
+                self.out.remove(&from);
+            }
+        }
+    }
+
+    fn on_finish(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
+        let Some(Outgoing::Auth { .. }) = self.out.get(&from) else {
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        let Some(Outgoing::Auth { wait, queue, .. }) = self.out.remove(&from) else {
+            return;
+        };
+        let session = match wait.handle_finish(body) {
+            Ok(s) => s,
+            Err(_) => {
+                self.stats.bad_handshakes += 1;
+                self.stats.dropped += queue.len() as u64;
+                return;
+            }
+        };
+        if !self.trusted(session.peer(), now_ms) {
+            self.stats.refused_untrusted += 1;
+            self.stats.dropped += queue.len() as u64;
+            return;
+        }
+        self.stats.handshakes_done += 1;
+        self.out.insert(from, Outgoing::Open(Box::new(session)));
+        for (to_id, plain) in queue {
+            self.seal_to(from, to_id, &plain);
+        }
+    }
+
+    /// Forgets every connection to and from `peer` (its machine is gone, or
+    /// the stream under the connection broke).
+    pub fn reset(&mut self, peer: Addr) {
+        self.out.remove(&peer);
+        self.inc.remove(&peer);
+    }
+
+    /// Ids of the peers with an open outgoing session (for tests).
+    pub fn open_peers(&self) -> BTreeSet<Addr> {
+        self.out
+            .iter()
+            .filter(|(_, o)| matches!(o, Outgoing::Open(_)))
+            .map(|(a, _)| *a)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endorse::{encode_chain, endorse};
+    use crate::wire::ReqId;
+    use std::sync::OnceLock;
+
+    const BITS: usize = 1024;
+    const NOW: u64 = 1_000_000;
+    const ROOT: usize = 0;
+
+    fn key(i: usize) -> &'static Signer {
+        static KEYS: [OnceLock<Signer>; 5] = [const { OnceLock::new() }; 5];
+        KEYS[i].get_or_init(|| {
+            let mut rng = ChaCha20Rng::seed_from_u64(0x11_0000 + i as u64);
+            Signer::generate(&mut rng, BITS).expect("test key")
+        })
+    }
+
+    fn cfg() -> LinkConfig {
+        LinkConfig {
+            session: SessionConfig {
+                min_identity_bits: BITS,
+                ephemeral_bits: BITS,
+                min_ephemeral_bits: BITS,
+                ..SessionConfig::default()
+            },
+            ..LinkConfig::default()
+        }
+    }
+
+    fn addr(i: usize) -> Addr {
+        Addr::Slot(i as u32)
+    }
+
+    /// Machine `i`, endorsed by the root unless `endorsed` is false.
+    fn machine(i: usize, endorsed: bool) -> Links {
+        let mut rng = ChaCha20Rng::seed_from_u64(i as u64);
+        let s = key(i);
+        let credential = if endorsed {
+            let e = endorse(
+                &mut rng,
+                key(ROOT),
+                s.public_der(),
+                s.user_id(),
+                &format!("{:?}", addr(i)),
+                NOW + 86_400_000,
+            )
+            .expect("endorse");
+            encode_chain(&[e])
+        } else {
+            // Endorsed by itself: a chain to nobody we trust.
+            let e = endorse(
+                &mut rng,
+                s,
+                s.public_der(),
+                s.user_id(),
+                "x",
+                NOW + 86_400_000,
+            )
+            .expect("endorse");
+            encode_chain(&[e])
+        };
+        let mut trust = TrustStore::new(BITS);
+        trust.add_root(key(ROOT).public_der()).expect("root");
+        let responder =
+            Responder::new(&mut rng, NOW, &cfg().session, s, credential.clone()).expect("resp");
+        Links::new(cfg(), s.clone(), credential, trust, responder, i as u64)
+    }
+
+    fn peer(i: usize) -> Peer {
+        Peer {
+            id: vnode_id(key(i).public_der(), 0),
+            addr: addr(i),
+        }
+    }
+
+    fn ping(n: u64) -> Message {
+        Message::GetState { req: n as ReqId }
+    }
+
+    /// Moves packets between machines until none is left (bounded);
+    /// returns what was delivered, per machine. `drop_frame` drops the
+    /// n-th frame packet seen (1-based) to exercise loss.
+    fn run(ms: &mut [Links], mut swap_frames: bool) -> Vec<Vec<Delivery>> {
+        let mut got = vec![Vec::new(); ms.len()];
+        for _ in 0..1000 {
+            let mut moved = false;
+            for i in 0..ms.len() {
+                let mut packets = Vec::new();
+                while let Some(p) = ms[i].poll_packet() {
+                    packets.push(p);
+                }
+                if swap_frames {
+                    let frames: Vec<usize> = (0..packets.len())
+                        .filter(|&j| packets[j].bytes[0] == FRAME)
+                        .collect();
+                    if frames.len() >= 2 {
+                        packets.swap(frames[0], frames[1]);
+                        swap_frames = false;
+                    }
+                }
+                for p in packets {
+                    moved = true;
+                    let Addr::Slot(t) = p.to else { unreachable!() };
+                    let d = ms[t as usize].receive(NOW, addr(i), &p.bytes);
+                    got[t as usize].extend(d);
+                }
+            }
+            if !moved {
+                return got;
+            }
+        }
+        panic!("links did not settle");
+    }
+
+    #[test]
+    fn endorsed_machines_talk_both_ways_with_vouched_senders() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(1));
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(2));
+        ms[2].send(NOW, peer(2).id, peer(1), &ping(3));
+        let got = run(&mut ms, false);
+        assert_eq!(
+            got[2],
+            vec![
+                Delivery {
+                    from: peer(1),
+                    to: peer(2).id,
+                    msg: ping(1)
+                },
+                Delivery {
+                    from: peer(1),
+                    to: peer(2).id,
+                    msg: ping(2)
+                },
+            ]
+        );
+        assert_eq!(
+            got[1],
+            vec![Delivery {
+                from: peer(2),
+                to: peer(1).id,
+                msg: ping(3)
+            }]
+        );
+        assert_eq!(ms[1].stats().handshakes_done, 2, "one each way");
+        // A virtual node id of the same key is vouched for too.
+        let v3 = Peer {
+            id: vnode_id(key(1).public_der(), 3),
+            addr: addr(1),
+        };
+        ms[1].send(NOW, v3.id, peer(2), &ping(4));
+        let got = run(&mut ms, false);
+        assert_eq!(
+            got[2],
+            vec![Delivery {
+                from: v3,
+                to: peer(2).id,
+                msg: ping(4)
+            }]
+        );
+    }
+
+    #[test]
+    fn an_unendorsed_machine_gets_no_session_either_way() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, false)];
+        // The stranger calls a member: refused before Finish.
+        ms[2].send(NOW, peer(2).id, peer(1), &ping(1));
+        // A member calls the stranger: refused on Finish.
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(2));
+        let got = run(&mut ms, false);
+        assert!(
+            got[1].is_empty(),
+            "nothing from the stranger reached a node"
+        );
+        assert!(got[2].is_empty(), "nothing was sent to the stranger");
+        assert_eq!(ms[1].stats().refused_untrusted, 2);
+        assert_eq!(ms[1].stats().handshakes_done, 0);
+    }
+
+    #[test]
+    fn a_machine_cannot_speak_for_an_id_its_key_does_not_own() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        // Machine 1 claims machine 0's id.
+        ms[1].send(NOW, peer(0).id, peer(2), &ping(1));
+        let got = run(&mut ms, false);
+        assert!(got[2].is_empty());
+        assert_eq!(ms[2].stats().bad_frames, 1);
+        // And a message for an id machine 2's key does not own is not sent
+        // to machine 2's address.
+        let wrong = Peer {
+            id: peer(0).id,
+            addr: addr(2),
+        };
+        ms[1].send(NOW, peer(1).id, wrong, &ping(2));
+        let got = run(&mut ms, false);
+        assert!(got[2].is_empty());
+        assert_eq!(ms[1].stats().dropped, 1);
+    }
+
+    #[test]
+    fn reordered_frames_kill_the_session_and_a_reset_opens_a_new_one() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(1));
+        run(&mut ms, false);
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(2));
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(3));
+        let got = run(&mut ms, true);
+        assert!(got[2].is_empty(), "out of order: neither delivered");
+        assert_eq!(ms[2].stats().bad_frames, 1);
+        assert_eq!(ms[1].stats().resets, 1);
+        assert!(ms[1].open_peers().is_empty(), "the dead session is gone");
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(4));
+        let got = run(&mut ms, false);
+        assert_eq!(got[2].len(), 1, "a new session carries on");
+        assert_eq!(ms[1].stats().handshakes_started, 2);
+    }
+
+    #[test]
+    fn a_lost_handshake_starts_again_after_the_timeout_with_its_queue() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(1));
+        while ms[1].poll_packet().is_some() {} // the Hello is lost
+        ms[1].send(NOW + 1, peer(1).id, peer(2), &ping(2));
+        assert!(run(&mut ms, false)[2].is_empty(), "still waiting");
+        let later = NOW + cfg().handshake_timeout_ms;
+        ms[1].send(later, peer(1).id, peer(2), &ping(3));
+        let got = run(&mut ms, false);
+        let reqs: Vec<Message> = got[2].iter().map(|d| d.msg.clone()).collect();
+        assert_eq!(reqs, vec![ping(1), ping(2), ping(3)]);
+    }
+
+    #[test]
+    fn garbage_packets_change_nothing() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(1));
+        run(&mut ms, false);
+        for junk in [
+            &[][..],
+            &[9, 9][..],
+            &[FRAME, 1, 2, 3][..],
+            &[AUTH][..],
+            &[FINISH, 0][..],
+        ] {
+            assert!(ms[2].receive(NOW, addr(0), junk).is_empty());
+        }
+        // The session from machine 1 is untouched.
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(2));
+        assert_eq!(run(&mut ms, false)[2].len(), 1);
+    }
+}
