@@ -138,6 +138,15 @@ pub struct SimConfig {
     /// address, disk and fate (a crash, pause, partition or departure takes
     /// all of them).
     pub vnodes: usize,
+    /// Real identities, endorsements and secure sessions on every link
+    /// between machines (see `secure.rs`).
+    pub secure: bool,
+    /// Machines without a trusted endorsement that try to join and store
+    /// (with `secure`).
+    pub attackers: usize,
+    /// Negative control: the attackers' chains lead to the trusted root
+    /// (they are let in, and the security checker must say so).
+    pub attackers_endorsed: bool,
     /// Length of the phase with churn, faults and lookups; then the network
     /// heals and liveness is checked.
     pub duration_ms: u64,
@@ -195,6 +204,9 @@ impl Default for SimConfig {
             seed: 1,
             nodes: 64,
             vnodes: 1,
+            secure: false,
+            attackers: 0,
+            attackers_endorsed: false,
             duration_ms: 600_000,
             successors: 0,
             protocol: Protocol::Zave,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod net;
 pub mod report;
 pub mod script;
+pub mod secure;
 pub mod storage;
 pub mod svg;
 pub mod world;

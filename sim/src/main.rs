@@ -52,6 +52,18 @@ struct Args {
     /// Replicas go to distinct machines.
     #[arg(long, default_value_t = 1, value_name = "V")]
     vnodes: usize,
+    /// Real identities on every machine (RSA keys; ids derive from them), an
+    /// operator root that endorses every honest machine, and all traffic
+    /// between machines in secure sessions (handshake, trust check, sealed
+    /// frames) over ordered links. Slower: every message is encrypted.
+    #[arg(long)]
+    secure: bool,
+    /// With --secure: this many machines whose endorsement chain leads to a
+    /// root nobody trusts try to join and store. The run fails if any of
+    /// their messages reaches an honest node, any honest node points at
+    /// them, or any of their puts is acknowledged.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    attackers: usize,
     /// Seed of the run (every random choice derives from it).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -234,6 +246,8 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         seed,
         nodes: a.nodes,
         vnodes: a.vnodes,
+        secure: a.secure,
+        attackers: a.attackers,
         duration_ms: a.duration.as_millis() as u64,
         successors: a.successors,
         protocol: match a.protocol {
@@ -265,6 +279,15 @@ fn config(a: &Args, seed: u64) -> Result<SimConfig> {
         route_via_successor_lists: !a.fingers_only,
         ..SimConfig::default()
     };
+    if a.attackers > 0 && !a.secure {
+        bail!("--attackers needs --secure (without it there is no trust to refuse them)");
+    }
+    if a.secure && (a.nodes + a.attackers) as u64 > peerstore_sim::secure::POOL / 2 {
+        bail!(
+            "--secure runs at most {} machines (--nodes plus --attackers), leaving room for churn",
+            peerstore_sim::secure::POOL / 2
+        );
+    }
     if !(1..=64).contains(&a.vnodes) {
         bail!("--vnodes must be between 1 and 64 (got {})", a.vnodes);
     }

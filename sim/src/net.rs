@@ -7,6 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal};
 use std::collections::BTreeMap;
 
+/// TCP's smallest retransmission timeout (Linux: 200 ms), doubled per retry.
+const STREAM_RTO_MIN_MS: u64 = 200;
+
 /// A partition in force, resolved to concrete sides.
 #[derive(Clone, Debug)]
 pub struct ActiveCut {
@@ -86,6 +89,30 @@ impl Network {
             None
         };
         Fate::Deliver(first, second)
+    }
+
+    /// The fate of a packet on an ordered, reliable stream (TCP) from `a`
+    /// to `b`: a cut link loses it (the connection breaks); random loss only
+    /// delays it by a retransmission timeout per lost try, as TCP turns loss
+    /// into latency. `None` when lost.
+    pub fn route_stream(&mut self, rng: &mut ChaCha8Rng, now: u64, a: u32, b: u32) -> Option<u64> {
+        self.sent += 1;
+        if self.blocked(a, b) {
+            self.dropped += 1;
+            return None;
+        }
+        let mut retransmit_ms = 0;
+        let mut rto_ms = STREAM_RTO_MIN_MS;
+        while self.cfg.loss > 0.0 && rng.gen_bool(self.cfg.loss.min(0.9)) && rto_ms < 64_000 {
+            retransmit_ms += rto_ms;
+            rto_ms *= 2;
+        }
+        let key = (a.min(b), a.max(b));
+        let hold = match self.clogs.get(&key) {
+            Some(&until) if until > now => until - now,
+            _ => 0,
+        };
+        Some(hold + retransmit_ms + self.one_latency(rng))
     }
 
     fn blocked(&self, a: u32, b: u32) -> bool {

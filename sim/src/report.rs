@@ -69,7 +69,45 @@ pub struct Report {
     pub trace_tail: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::storage::StorageReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecurityReport>,
     pub config: SimConfig,
+}
+
+/// Secure links and attackers (with `--secure`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SecurityReport {
+    pub handshakes_started: u64,
+    /// Completed handshakes, counted at both ends.
+    pub handshakes_done: u64,
+    /// Handshakes refused: the peer's chain led to no trusted key.
+    pub refused_untrusted: u64,
+    pub refused_rate: u64,
+    pub bad_handshakes: u64,
+    pub bad_frames: u64,
+    pub resets: u64,
+    pub frames: u64,
+    pub attackers: u64,
+    /// Attacker nodes that became ring members (must be 0).
+    pub attacker_members: u64,
+    /// Honest members' successor, predecessor or finger pointers naming an
+    /// attacker, seen at any sample (must be 0).
+    pub attacker_pointers: u64,
+    /// Messages from attacker nodes that reached an honest node (must be 0).
+    pub attacker_messages_delivered: u64,
+    pub attack_puts: u64,
+    /// Attacker puts acknowledged (must be 0).
+    pub attack_puts_acked: u64,
+}
+
+impl SecurityReport {
+    pub fn passed(&self) -> bool {
+        self.attacker_members == 0
+            && self.attacker_pointers == 0
+            && self.attacker_messages_delivered == 0
+            && self.attack_puts_acked == 0
+            && (self.attackers == 0 || self.refused_untrusted > 0)
+    }
 }
 
 impl Report {
@@ -81,6 +119,10 @@ impl Report {
             && match &self.storage {
                 None => true,
                 Some(s) => s.passed() && s.repaired,
+            }
+            && match &self.security {
+                None => true,
+                Some(s) => s.passed(),
             }
     }
 
@@ -135,6 +177,23 @@ impl Report {
                 )
             }
             _ => s += "did not reach the liveness phase\n",
+        }
+        if let Some(sec) = &self.security {
+            s += &format!(
+                "secure links: {} handshakes started, {} completed (counting both ends), {} refused untrusted, {} frames, {} bad frames, {} resets\n",
+                sec.handshakes_started, sec.handshakes_done, sec.refused_untrusted, sec.frames,
+                sec.bad_frames, sec.resets
+            );
+            if sec.attackers > 0 {
+                s += &format!(
+                    "attackers: {} machines; {} became members, {} honest pointers to them, {} of their messages delivered, {} of {} puts acked\n",
+                    sec.attackers, sec.attacker_members, sec.attacker_pointers,
+                    sec.attacker_messages_delivered, sec.attack_puts_acked, sec.attack_puts
+                );
+            }
+            if !sec.passed() {
+                s += "SECURITY FAILED: an unendorsed machine got in\n";
+            }
         }
         if let Some(st) = &self.storage {
             s += &format!(

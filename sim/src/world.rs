@@ -6,8 +6,9 @@
 use crate::check::{self, View, Violation};
 use crate::config::{CheckMode, Cut, Fault, FaultKind, Session, SimConfig, Start};
 use crate::net::{Fate, Network};
-use crate::report::{LookupStats, Report, Sample, ViolationReport};
+use crate::report::{LookupStats, Report, Sample, SecurityReport, ViolationReport};
 use crate::storage::{Disk, Expect, Records, StorageReport};
+use peerstore_core::link::{LinkStats, Links};
 use peerstore_core::{
     Addr, CmdId, CmdResult, Command, Event, Id, Input, Message, Node, NodeStats, Output, Peer,
     ID_BITS,
@@ -25,6 +26,14 @@ enum Ev {
         from: Peer,
         msg: Message,
     },
+    /// Bytes on a secure link, for the machine whose head slot is `to`.
+    Packet {
+        to: u32,
+        from: Addr,
+        bytes: Vec<u8>,
+    },
+    /// Attacker machines try to store something.
+    AttackPut,
     Wake {
         node: u32,
     },
@@ -82,6 +91,8 @@ impl Ev {
             Ev::StoreGet => "client get",
             Ev::RecordWrite => "client record write",
             Ev::Register => "client registers users",
+            Ev::Packet { .. } => "packet",
+            Ev::AttackPut => "attacker put",
         }
     }
 
@@ -105,6 +116,8 @@ impl Ev {
             Ev::StoreGet => 16,
             Ev::RecordWrite => 17,
             Ev::Register => 18,
+            Ev::Packet { .. } => 19,
+            Ev::AttackPut => 20,
         }
     }
 }
@@ -131,6 +144,8 @@ struct Slot {
     /// The machine's first slot: every virtual node of a machine sits in
     /// the slots `head..head + vnodes` and answers at `Addr::Slot(head)`.
     head: u32,
+    /// A machine without a trusted endorsement (with `--secure`).
+    attacker: bool,
     node: Option<Node>,
     incarnation: u32,
     paused_until: u64,
@@ -223,6 +238,16 @@ pub struct World {
     joins_failed: u64,
     /// (time, live principals) from the fail guard's last count.
     principals_cache: std::cell::Cell<Option<(u64, usize)>>,
+    /// Secure links per machine (index: head / vnodes), with `--secure`.
+    links: Vec<Option<Links>>,
+    attacker_ids: std::collections::BTreeSet<Id>,
+    /// When the last packet on each directed link arrives: links are
+    /// ordered streams.
+    link_fifo: BTreeMap<(u32, u32), u64>,
+    /// Counters of links already dropped with their machines.
+    retired_links: LinkStats,
+    sec: SecurityReport,
+    attack_cmds: std::collections::BTreeSet<CmdId>,
     /// Slot whose every output is printed (PEERSTORE_SIM_WATCH=slot), for
     /// replaying a failing seed.
     watch: Option<u32>,
@@ -315,6 +340,10 @@ impl World {
             cfg.rates.partition_per_s = rng_fault.gen_range(0.0..0.03);
             cfg.rates.clog_per_s = rng_fault.gen_range(0.0..0.05);
         }
+        if cfg.secure {
+            // Links run on ordered streams (TCP): no duplicates reach them.
+            cfg.net.duplicate = 0.0;
+        }
         let r = cfg.r();
         let node_cfg = cfg.node_config();
         let net = Network::new(cfg.net.clone());
@@ -360,6 +389,12 @@ impl World {
             crashes_refused: 0,
             joins_failed: 0,
             principals_cache: std::cell::Cell::new(None),
+            links: Vec::new(),
+            attacker_ids: Default::default(),
+            link_fifo: BTreeMap::new(),
+            retired_links: LinkStats::default(),
+            sec: SecurityReport::default(),
+            attack_cmds: Default::default(),
             watch: std::env::var("PEERSTORE_SIM_WATCH")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -399,12 +434,24 @@ impl World {
     /// (virtual node 0's id is the identity's plain hash). Returns its head.
     fn new_host(&mut self) -> u32 {
         let head = self.slots.len() as u32;
-        let identity = format!("peerstore-sim/{}/node/{head}", self.cfg.seed);
+        let identity = if self.cfg.secure {
+            // Ring ids derive from the machine's key, as in a real node.
+            crate::secure::key_for(self.cfg.seed, self.machine(head) as u64)
+                .public_der()
+                .to_vec()
+        } else {
+            format!("peerstore-sim/{}/node/{head}", self.cfg.seed).into_bytes()
+        };
         for i in 0..self.cfg.vnodes.max(1) as u32 {
-            let id = peerstore_core::vnode::vnode_id(identity.as_bytes(), i);
+            let id = peerstore_core::vnode::vnode_id(&identity, i);
             self.new_slot(head, id);
         }
         head
+    }
+
+    /// Machine number of slot `k`.
+    fn machine(&self, k: u32) -> usize {
+        k as usize / self.cfg.vnodes.max(1)
     }
 
     fn new_slot(&mut self, head: u32, id: Id) -> u32 {
@@ -415,6 +462,7 @@ impl World {
                 addr: Addr::Slot(head),
             },
             head,
+            attacker: false,
             node: None,
             incarnation: 0,
             paused_until: 0,
@@ -443,6 +491,9 @@ impl World {
     }
 
     fn fresh_node(&mut self, k: u32) {
+        if self.cfg.secure {
+            self.machine_up(k);
+        }
         let slot = &mut self.slots[k as usize];
         slot.incarnation += 1;
         let seed = splitmix(self.cfg.seed ^ splitmix(((k as u64) << 20) | slot.incarnation as u64));
@@ -513,6 +564,114 @@ impl World {
         s.disk.crash();
         s.wake_at = u64::MAX;
         self.dirty = true;
+        if self.cfg.secure && self.host_live(k).is_empty() {
+            // The machine is down: its sessions die with it.
+            let m = self.machine(k);
+            if let Some(l) = self.links.get_mut(m).and_then(Option::take) {
+                add_link_stats(&mut self.retired_links, l.stats());
+            }
+        }
+    }
+
+    /// A machine (re)starts: new links, nothing of the old sessions.
+    fn machine_up(&mut self, k: u32) {
+        let m = self.machine(k);
+        if self.links.len() <= m {
+            self.links.resize_with(m + 1, || None);
+        }
+        if self.links[m].is_some() {
+            return;
+        }
+        let head = self.slots[k as usize].head;
+        let key = crate::secure::key_for(self.cfg.seed, m as u64);
+        let inc = self.slots[k as usize].incarnation as u64;
+        let seed = splitmix(self.cfg.seed ^ splitmix(((m as u64) << 24) | inc) ^ 0x11);
+        self.links[m] = Some(crate::secure::links(
+            &key,
+            &format!("slot:{head}"),
+            self.slots[k as usize].attacker && !self.cfg.attackers_endorsed,
+            self.now,
+            seed,
+        ));
+    }
+
+    /// Puts a machine's outgoing packets on the network: each directed
+    /// link is an ordered stream, so a packet never overtakes an earlier one.
+    fn flush_links(&mut self, head: u32) {
+        let m = self.machine(head);
+        loop {
+            let Some(p) = self
+                .links
+                .get_mut(m)
+                .and_then(|l| l.as_mut()?.poll_packet())
+            else {
+                return;
+            };
+            let Addr::Slot(to) = p.to else { continue };
+            if let Some(d) = self.net.route_stream(&mut self.rng_net, self.now, head, to) {
+                let last = self.link_fifo.entry((head, to)).or_insert(0);
+                let at = (self.now + d).max(*last);
+                *last = at;
+                self.push(
+                    at,
+                    Ev::Packet {
+                        to,
+                        from: Addr::Slot(head),
+                        bytes: p.bytes,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Bytes arrived at machine `head` on a secure link.
+    fn on_packet(&mut self, head: u32, from: Addr, bytes: Vec<u8>) {
+        if self.host_live(head).is_empty() {
+            return;
+        }
+        if self.slots[head as usize].paused_until > self.now {
+            let at = self.slots[head as usize].paused_until;
+            self.push(
+                at,
+                Ev::Packet {
+                    to: head,
+                    from,
+                    bytes,
+                },
+            );
+            return;
+        }
+        let m = self.machine(head);
+        let Some(links) = self.links.get_mut(m).and_then(Option::as_mut) else {
+            return;
+        };
+        let got = links.receive(self.now, from, &bytes);
+        self.flush_links(head);
+        let from_attacker = match from {
+            Addr::Slot(h) => self.slots.get(h as usize).is_some_and(|s| s.attacker),
+            Addr::Tcp(_) => false,
+        };
+        for d in got {
+            let Some(j) = self
+                .host_slots(head)
+                .find(|&j| self.slots[j as usize].peer.id == d.to)
+            else {
+                continue;
+            };
+            if self.slots[j as usize].node.is_none() {
+                continue;
+            }
+            if from_attacker && !self.slots[j as usize].attacker {
+                self.sec.attacker_messages_delivered += 1;
+            }
+            self.handle(
+                j,
+                Input::Message {
+                    from: d.from,
+                    msg: d.msg,
+                },
+            );
+        }
     }
 
     fn session_ms(&mut self) -> u64 {
@@ -605,6 +764,9 @@ impl World {
             self.push(gap, Ev::Arrive);
         }
         self.plan_faults();
+        if self.cfg.secure && self.cfg.attackers > 0 {
+            self.setup_attackers();
+        }
         if self.cfg.lookups_per_node_per_min > 0.0 {
             let gap = self.lookup_gap();
             self.push(gap, Ev::Lookup);
@@ -746,6 +908,7 @@ impl World {
                 (*node, 0, 0, 0)
             }
             Ev::StartJoin { node, .. } => (*node, 0, 0, 0),
+            Ev::Packet { to, bytes, .. } => (*to, bytes.first().copied().unwrap_or(0), 0, 0),
             _ => (u32::MAX, 0, 0, 0),
         };
         self.trace.add(q.at);
@@ -789,6 +952,8 @@ impl World {
                 }
                 self.handle(to, Input::Message { from, msg });
             }
+            Ev::Packet { to, from, bytes } => self.on_packet(to, from, bytes),
+            Ev::AttackPut => self.attack_put(),
             Ev::Wake { node } => {
                 let s = &mut self.slots[node as usize];
                 if s.wake_at != self.now || s.node.is_none() {
@@ -824,7 +989,9 @@ impl World {
                 }
             }
             Ev::Arrive => {
-                if self.healed_at.is_none() {
+                let full = self.cfg.secure
+                    && self.machine(self.slots.len() as u32) as u64 >= crate::secure::POOL;
+                if self.healed_at.is_none() && !full {
                     let k = self.new_host();
                     for j in self.host_slots(k) {
                         self.fresh_node(j);
@@ -987,6 +1154,19 @@ impl World {
                 }
             }
         }
+        if self.cfg.secure {
+            if a == head {
+                // Between virtual nodes of one machine: no network.
+                self.push(self.now, Ev::Deliver { to: b, from, msg });
+            } else {
+                let m = self.machine(a);
+                if let Some(l) = self.links.get_mut(m).and_then(Option::as_mut) {
+                    l.send(self.now, from.id, to, &msg);
+                }
+                self.flush_links(a);
+            }
+            return;
+        }
         match self.net.route(&mut self.rng_net, self.now, a, head) {
             Fate::Dropped => {}
             Fate::Deliver(d1, d2) => {
@@ -1006,6 +1186,12 @@ impl World {
     }
 
     fn on_reply(&mut self, k: u32, cmd: CmdId, result: CmdResult) {
+        if self.attack_cmds.remove(&cmd) {
+            if matches!(result, CmdResult::Put(Ok(_))) {
+                self.sec.attack_puts_acked += 1;
+            }
+            return;
+        }
         match result {
             CmdResult::Lookup(r) => {
                 let Some((_, key)) = self.lookups.remove(&cmd) else {
@@ -1193,7 +1379,8 @@ impl World {
         // a round trip here): while one is joining just before f, f's
         // failure could hand it a list with no live entry. Wait for it.
         for s in self.slots.iter().filter(|s| {
-            s.node.as_ref().map(|n| n.status()) == Some(peerstore_core::Status::Joining)
+            !s.attacker
+                && s.node.as_ref().map(|n| n.status()) == Some(peerstore_core::Status::Joining)
         }) {
             let after = self
                 .members
@@ -1598,6 +1785,9 @@ impl World {
     }
 
     fn sample(&mut self) {
+        if !self.attacker_ids.is_empty() {
+            self.count_attacker_pointers();
+        }
         if let Some(w) = self.watch_key.clone() {
             let keys: Vec<Id> = self
                 .store
@@ -1731,6 +1921,7 @@ impl World {
     }
 
     fn report(mut self, wall_ms: u64) -> Report {
+        let security = self.cfg.secure.then(|| self.security_report());
         let storage = self.cfg.storage.enabled.then(|| self.storage_report());
         let mut st = self.retired_stats.clone();
         for n in self.slots.iter().filter_map(|s| s.node.as_ref()) {
@@ -1798,6 +1989,7 @@ impl World {
             samples: self.samples,
             trace_tail,
             storage,
+            security,
             config: self.cfg,
         }
     }
@@ -2242,7 +2434,7 @@ impl World {
         let joining = self
             .slots
             .iter()
-            .any(|s| s.node.is_some() && !s.departed && !s.member);
+            .any(|s| s.node.is_some() && !s.departed && !s.member && !s.attacker);
         if leaving || writing || joining {
             return false;
         }
@@ -2353,5 +2545,108 @@ fn covers(have: &peerstore_core::Held, other: &peerstore_core::Held) -> bool {
         // A block on the right nodes and a block elsewhere under one key are
         // the same block.
         _ => have.is_block() && other.is_block(),
+    }
+}
+
+// ----- security: attackers and link counters -----------------------------------
+
+fn add_link_stats(sum: &mut LinkStats, s: &LinkStats) {
+    sum.handshakes_started += s.handshakes_started;
+    sum.handshakes_done += s.handshakes_done;
+    sum.refused_untrusted += s.refused_untrusted;
+    sum.refused_rate += s.refused_rate;
+    sum.bad_handshakes += s.bad_handshakes;
+    sum.bad_frames += s.bad_frames;
+    sum.resets += s.resets;
+    sum.frames_sent += s.frames_sent;
+    sum.frames_received += s.frames_received;
+    sum.dropped += s.dropped;
+}
+
+impl World {
+    /// Machines with a chain to a root nobody trusts: they try to join
+    /// through a random member, and (with storage) to store blocks.
+    fn setup_attackers(&mut self) {
+        for _ in 0..self.cfg.attackers {
+            let head = self.new_host();
+            for j in self.host_slots(head) {
+                self.slots[j as usize].attacker = true;
+                self.attacker_ids.insert(self.slots[j as usize].peer.id);
+            }
+            for j in self.host_slots(head) {
+                self.fresh_node(j);
+                let at = self
+                    .rng_work
+                    .gen_range(1_000..=self.cfg.join_spread_ms.max(2_000));
+                self.push(
+                    at,
+                    Ev::StartJoin {
+                        node: j,
+                        incarnation: 1,
+                    },
+                );
+            }
+        }
+        if self.cfg.storage.enabled {
+            self.push(10_000, Ev::AttackPut);
+        }
+    }
+
+    fn attack_put(&mut self) {
+        if self.healed_at.is_some() {
+            return;
+        }
+        let attackers: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&k| self.slots[k as usize].attacker && self.slots[k as usize].node.is_some())
+            .collect();
+        let owner = crate::storage::users()[0].user_id();
+        for k in attackers {
+            let item = self.random_block(owner);
+            self.sec.attack_puts += 1;
+            self.attack_cmds.insert(self.next_cmd + 1);
+            self.command(k, Command::Put(item));
+        }
+        self.push(self.now + 5_000, Ev::AttackPut);
+    }
+
+    /// Honest members whose pointers name an attacker (must never happen:
+    /// nothing an attacker sends reaches them).
+    fn count_attacker_pointers(&mut self) {
+        let mut bad = 0;
+        for &k in &self.member_list {
+            let s = &self.slots[k as usize];
+            if s.attacker {
+                continue;
+            }
+            let Some(n) = s.node.as_ref() else { continue };
+            let names = |p: &Peer| self.attacker_ids.contains(&p.id);
+            if n.successors().iter().any(names)
+                || n.predecessor().as_ref().is_some_and(names)
+                || n.fingers().iter().flatten().any(names)
+            {
+                bad += 1;
+            }
+        }
+        self.sec.attacker_pointers += bad;
+    }
+
+    fn security_report(&mut self) -> SecurityReport {
+        self.count_attacker_pointers();
+        let mut sum = self.retired_links.clone();
+        for l in self.links.iter().flatten() {
+            add_link_stats(&mut sum, l.stats());
+        }
+        let mut rep = std::mem::take(&mut self.sec);
+        rep.handshakes_started = sum.handshakes_started;
+        rep.handshakes_done = sum.handshakes_done;
+        rep.refused_untrusted = sum.refused_untrusted;
+        rep.refused_rate = sum.refused_rate;
+        rep.bad_handshakes = sum.bad_handshakes;
+        rep.bad_frames = sum.bad_frames;
+        rep.resets = sum.resets;
+        rep.frames = sum.frames_received;
+        rep.attackers = self.cfg.attackers as u64;
+        rep.attacker_members = self.slots.iter().filter(|s| s.attacker && s.member).count() as u64;
+        rep
     }
 }
