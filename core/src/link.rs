@@ -30,6 +30,22 @@
 //! | 3 | to initiator | Challenge |
 //! | 4 | to initiator | Finish |
 //! | 5 | to initiator | reset: "I have no session for you; open a new one" |
+//! | 6 | to initiator | a session frame from the responder (registration replies) |
+//!
+//! ## Registration
+//!
+//! A new machine has no endorsement. Its operator starts it trusting the
+//! key of a node already in the ring (the entry) and has that node admit
+//! the new key ([`Links::admit`], by SHA-256 fingerprint). The new machine
+//! calls [`Links::register`]: the entry completes the handshake on
+//! probation (the key is admitted, though not yet trusted), accepts only a
+//! registration request on it, endorses the new key, learns it as trusted,
+//! and answers on the same session with the chain (its endorsement, then
+//! its own chain) and the machines it is connected to. The new machine
+//! checks the chain against its own trust, presents it from then on, and
+//! may register with each of those machines in turn: a machine with a
+//! valid chain that asks is endorsed directly, and the shortest chain is
+//! kept. [`Links::poll_event`] reports a completed registration.
 //!
 //! ## Trust
 //!
@@ -48,7 +64,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::endorse::{decode_chain, TrustStore};
+use crate::endorse::{decode_chain, encode_chain, endorse, TrustStore};
 use crate::id::Id;
 use crate::record::Signer;
 use crate::session::{
@@ -57,6 +73,11 @@ use crate::session::{
 };
 use crate::vnode::vnode_id;
 use crate::wire::{Addr, Message, Peer};
+use sha2::{Digest, Sha256};
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
 
 const HELLO: u8 = 0;
 const AUTH: u8 = 1;
@@ -64,6 +85,10 @@ const FRAME: u8 = 2;
 const CHALLENGE: u8 = 3;
 const FINISH: u8 = 4;
 const RESET: u8 = 5;
+const FRAME_BACK: u8 = 6;
+
+/// Machines named in a registration reply, at most.
+const KNOWN_MAX: usize = 32;
 
 /// Parameters of a machine's links.
 #[derive(Clone, Debug)]
@@ -76,6 +101,8 @@ pub struct LinkConfig {
     pub handshake_timeout_ms: u64,
     /// Virtual node ids checked per key (ids `vnode_id(key, 0..vnodes_max)`).
     pub vnodes_max: u32,
+    /// How long the endorsements this machine gives are valid.
+    pub endorse_ttl_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -86,6 +113,7 @@ impl Default for LinkConfig {
             queue_max: 1024,
             handshake_timeout_ms: 10_000,
             vnodes_max: 64,
+            endorse_ttl_ms: 30 * 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -112,6 +140,23 @@ pub struct LinkStats {
     /// Messages dropped: queue full, no route, or addressed to an id the
     /// key at that address does not own.
     pub dropped: u64,
+    /// Endorsements this machine gave on request.
+    pub endorsements_given: u64,
+    /// Endorsement chains this machine received and accepted.
+    pub endorsements_received: u64,
+}
+
+/// Something the caller should know about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A registration with `by` succeeded: this machine now presents a
+    /// chain of `chain_len` endorsements, and `by` named `known` machines
+    /// to register with in turn.
+    Registered {
+        by: Addr,
+        chain_len: usize,
+        known: Vec<Addr>,
+    },
 }
 
 /// A packet to put on the wire to `to`.
@@ -130,31 +175,41 @@ pub struct Delivery {
     pub msg: Message,
 }
 
+/// What a frame carries (the two forms encode alike).
 #[derive(Serialize)]
-struct EnvelopeRef<'a> {
-    from: Id,
-    to: Id,
-    msg: &'a Message,
+enum PayloadRef<'a> {
+    Msg { from: Id, to: Id, msg: &'a Message },
+    Register { addr: &'a str },
+    Endorsed { chain: &'a [u8], known: &'a [Addr] },
 }
 
 #[derive(Deserialize)]
+enum Payload {
+    Msg { from: Id, to: Id, msg: Message },
+    Register { addr: String },
+    Endorsed { chain: Vec<u8>, known: Vec<Addr> },
+}
+
 struct Envelope {
     from: Id,
     to: Id,
     msg: Message,
 }
 
+/// A sealed-to-be payload and, for a message, the peer id it is for.
+type Queued = (Option<Id>, Vec<u8>);
+
 enum Outgoing {
     /// Hello sent; `init` is taken when the Challenge arrives.
     Hello {
         init: Option<Initiator>,
-        queue: VecDeque<(Id, Vec<u8>)>,
+        queue: VecDeque<Queued>,
         since_ms: u64,
     },
     /// Auth sent; waiting for Finish.
     Auth {
         wait: InitiatorWait,
-        queue: VecDeque<(Id, Vec<u8>)>,
+        queue: VecDeque<Queued>,
         since_ms: u64,
     },
     Open(Box<Session>),
@@ -163,6 +218,9 @@ enum Outgoing {
 enum Incoming {
     Challenged(ResponderHandshake),
     Open(Box<Session>),
+    /// An admitted but not yet endorsed machine: only a registration
+    /// request is accepted on this session.
+    Probation(Box<Session>),
 }
 
 /// One machine's secure links to its peers.
@@ -176,6 +234,9 @@ pub struct Links {
     out: BTreeMap<Addr, Outgoing>,
     inc: BTreeMap<Addr, Incoming>,
     outbox: VecDeque<Packet>,
+    /// SHA-256 of keys this machine endorses when they ask.
+    admitted: BTreeSet<[u8; 32]>,
+    events: VecDeque<LinkEvent>,
     rng: ChaCha20Rng,
     stats: LinkStats,
 }
@@ -214,6 +275,8 @@ impl Links {
             out: BTreeMap::new(),
             inc: BTreeMap::new(),
             outbox: VecDeque::new(),
+            admitted: BTreeSet::new(),
+            events: VecDeque::new(),
             rng: ChaCha20Rng::seed_from_u64(seed),
             stats: LinkStats::default(),
         }
@@ -221,6 +284,31 @@ impl Links {
 
     pub fn stats(&self) -> &LinkStats {
         &self.stats
+    }
+
+    /// Lets the machine whose key has this SHA-256 register here (the
+    /// operator approved it).
+    pub fn admit(&mut self, key_sha256: [u8; 32]) {
+        self.admitted.insert(key_sha256);
+    }
+
+    /// Whether this machine presents an endorsement chain.
+    pub fn endorsed(&self) -> bool {
+        !self.credential.is_empty()
+    }
+
+    /// The next event for the caller.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// Asks the machine at `entry` to endorse us; we can be reached at
+    /// `my_addr`. The answer arrives as [`LinkEvent::Registered`].
+    pub fn register(&mut self, now_ms: u64, entry: Addr, my_addr: &str) {
+        match postcard::to_allocvec(&PayloadRef::Register { addr: my_addr }) {
+            Ok(plain) => self.enqueue(now_ms, entry, None, plain),
+            Err(_) => self.stats.dropped += 1,
+        }
     }
 
     /// The next packet to put on the wire.
@@ -253,7 +341,7 @@ impl Links {
     /// Sends `msg` from our virtual node `from` to `to`: sealed at once if
     /// a session is open, else held while one is set up.
     pub fn send(&mut self, now_ms: u64, from: Id, to: Peer, msg: &Message) {
-        let plain = match postcard::to_allocvec(&EnvelopeRef {
+        let plain = match postcard::to_allocvec(&PayloadRef::Msg {
             from,
             to: to.id,
             msg,
@@ -264,7 +352,12 @@ impl Links {
                 return;
             }
         };
-        let stale = match self.out.get(&to.addr) {
+        self.enqueue(now_ms, to.addr, Some(to.id), plain);
+    }
+
+    fn enqueue(&mut self, now_ms: u64, to_addr: Addr, to_id: Option<Id>, plain: Vec<u8>) {
+        let to = (to_addr, to_id);
+        let stale = match self.out.get(&to.0) {
             Some(Outgoing::Hello { since_ms, .. }) | Some(Outgoing::Auth { since_ms, .. }) => {
                 now_ms.saturating_sub(*since_ms) >= self.cfg.handshake_timeout_ms
             }
@@ -272,30 +365,30 @@ impl Links {
         };
         if stale {
             // The handshake got lost: start again, keeping what waits.
-            let queue = match self.out.remove(&to.addr) {
+            let queue = match self.out.remove(&to.0) {
                 Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => queue,
                 _ => VecDeque::new(),
             };
-            self.start(now_ms, to.addr, queue);
+            self.start(now_ms, to.0, queue);
         }
-        match self.out.get_mut(&to.addr) {
+        match self.out.get_mut(&to.0) {
             None => {
                 let mut queue = VecDeque::new();
-                queue.push_back((to.id, plain));
-                self.start(now_ms, to.addr, queue);
+                queue.push_back((to.1, plain));
+                self.start(now_ms, to.0, queue);
             }
             Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => {
                 if queue.len() >= self.cfg.queue_max {
                     queue.pop_front();
                     self.stats.dropped += 1;
                 }
-                queue.push_back((to.id, plain));
+                queue.push_back((to.1, plain));
             }
-            Some(Outgoing::Open(_)) => self.seal_to(to.addr, to.id, &plain),
+            Some(Outgoing::Open(_)) => self.seal_to(to.0, to.1, &plain),
         }
     }
 
-    fn start(&mut self, now_ms: u64, to: Addr, queue: VecDeque<(Id, Vec<u8>)>) {
+    fn start(&mut self, now_ms: u64, to: Addr, queue: VecDeque<Queued>) {
         match Initiator::new(
             &mut self.rng,
             &self.cfg.session,
@@ -318,15 +411,15 @@ impl Links {
         }
     }
 
-    /// Seals one envelope on the open session to `to`, if the session's
-    /// key owns `to_id`.
-    fn seal_to(&mut self, to: Addr, to_id: Id, plain: &[u8]) {
+    /// Seals one payload on the open session to `to`; a message only if
+    /// the session's key owns `to_id`.
+    fn seal_to(&mut self, to: Addr, to_id: Option<Id>, plain: &[u8]) {
         let Some(Outgoing::Open(s)) = self.out.get_mut(&to) else {
             self.stats.dropped += 1;
             return;
         };
         let key = s.peer().key_der.clone();
-        if !self.owns(&key, to_id) {
+        if to_id.is_some_and(|id| !self.owns(&key, id)) {
             // Someone else answers at that address.
             self.stats.dropped += 1;
             return;
@@ -359,7 +452,8 @@ impl Links {
         match kind {
             HELLO => self.on_hello(now_ms, from, body),
             AUTH => self.on_auth(now_ms, from, body),
-            FRAME => return self.on_frame(from, body),
+            FRAME => return self.on_frame(now_ms, from, body),
+            FRAME_BACK => self.on_frame_back(now_ms, from, body),
             CHALLENGE => self.on_challenge(now_ms, from, body),
             FINISH => self.on_finish(now_ms, from, body),
             RESET => {
@@ -395,25 +489,35 @@ impl Links {
         };
         match self.responder.handle_auth(&mut self.rng, now_ms, hs, body) {
             Ok((session, finish)) => {
-                if !self.trusted(session.peer(), now_ms) {
+                let state = if self.trusted(session.peer(), now_ms) {
+                    Incoming::Open(Box::new(session))
+                } else if self.admitted.contains(&sha256(&session.peer().key_der)) {
+                    // Approved by the operator but not yet endorsed: it may
+                    // only ask to register.
+                    Incoming::Probation(Box::new(session))
+                } else {
                     // Proven, but not endorsed by anyone we trust: no Finish,
                     // no session, nothing it sends reaches a node.
                     self.stats.refused_untrusted += 1;
                     return;
-                }
+                };
                 self.stats.handshakes_done += 1;
-                self.inc.insert(from, Incoming::Open(Box::new(session)));
+                self.inc.insert(from, state);
                 self.push(from, FINISH, &finish);
             }
             Err(_) => self.stats.bad_handshakes += 1,
         }
     }
 
-    fn on_frame(&mut self, from: Addr, body: &[u8]) -> Vec<Delivery> {
-        let Some(Incoming::Open(s)) = self.inc.get_mut(&from) else {
-            // No session (we restarted, or it died): tell the sender.
-            self.push(from, RESET, &[]);
-            return Vec::new();
+    fn on_frame(&mut self, now_ms: u64, from: Addr, body: &[u8]) -> Vec<Delivery> {
+        let (s, probation) = match self.inc.get_mut(&from) {
+            Some(Incoming::Open(s)) => (s, false),
+            Some(Incoming::Probation(s)) => (s, true),
+            _ => {
+                // No session (we restarted, or it died): tell the sender.
+                self.push(from, RESET, &[]);
+                return Vec::new();
+            }
         };
         let plain = match s.open(body) {
             Ok(Opened::Data(p)) => p,
@@ -429,9 +533,15 @@ impl Links {
             }
         };
         let key = s.peer().key_der.clone();
-        let env: Envelope = match postcard::from_bytes(&plain) {
-            Ok(e) => e,
-            Err(_) => {
+        let env = match postcard::from_bytes::<Payload>(&plain) {
+            Ok(Payload::Msg { from, to, msg }) if !probation => Envelope { from, to, msg },
+            Ok(Payload::Register { addr }) => {
+                self.on_register(now_ms, from, addr);
+                return Vec::new();
+            }
+            _ => {
+                // Garbage, a reply sent the wrong way, or a message from a
+                // machine still on probation.
                 self.stats.bad_frames += 1;
                 return Vec::new();
             }
@@ -450,6 +560,123 @@ impl Links {
             to: env.to,
             msg: env.msg,
         }]
+    }
+
+    /// The machine on the incoming session from `from` asks for our
+    /// endorsement: given if it is admitted or already trusted.
+    fn on_register(&mut self, now_ms: u64, from: Addr, addr: String) {
+        let Some(Incoming::Open(s) | Incoming::Probation(s)) = self.inc.get(&from) else {
+            return;
+        };
+        let peer = s.peer().clone();
+        let admitted = self.admitted.contains(&sha256(&peer.key_der));
+        if !admitted && !self.trusted(&peer, now_ms) {
+            self.stats.refused_untrusted += 1;
+            return;
+        }
+        let own_chain = decode_chain(&self.credential).unwrap_or_default();
+        let expires = now_ms.saturating_add(self.cfg.endorse_ttl_ms);
+        let e = match endorse(
+            &mut self.rng,
+            &self.identity,
+            &peer.key_der,
+            peer.id,
+            &addr,
+            expires,
+        ) {
+            Ok(e) => e,
+            Err(_) => {
+                self.stats.refused_untrusted += 1;
+                return;
+            }
+        };
+        let mut chain = vec![e];
+        chain.extend(own_chain);
+        if self
+            .trust
+            .learn(&peer.key_der, peer.id, &chain, now_ms)
+            .is_err()
+        {
+            // Our own chain does not lead to what we trust: nothing to give.
+            self.stats.refused_untrusted += 1;
+            return;
+        }
+        self.stats.endorsements_given += 1;
+        let chain = encode_chain(&chain);
+        let known: Vec<Addr> = self
+            .out
+            .iter()
+            .filter(|(a, o)| **a != from && matches!(o, Outgoing::Open(_)))
+            .map(|(a, _)| *a)
+            .take(KNOWN_MAX)
+            .collect();
+        let plain = match postcard::to_allocvec(&PayloadRef::Endorsed {
+            chain: &chain,
+            known: &known,
+        }) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        // Off probation: it is endorsed now.
+        let Some(Incoming::Open(s) | Incoming::Probation(s)) = self.inc.remove(&from) else {
+            return;
+        };
+        let mut s = s;
+        match s.seal(&mut self.rng, &plain) {
+            Ok(frame) => {
+                self.push(from, FRAME_BACK, &frame);
+                self.inc.insert(from, Incoming::Open(s));
+            }
+            Err(_) => self.stats.dropped += 1,
+        }
+    }
+
+    /// A frame from the responder on our outgoing session: a registration
+    /// reply.
+    fn on_frame_back(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
+        let Some(Outgoing::Open(s)) = self.out.get_mut(&from) else {
+            self.stats.bad_frames += 1;
+            return;
+        };
+        let plain = match s.open(body) {
+            Ok(Opened::Data(p)) => p,
+            _ => {
+                self.stats.bad_frames += 1;
+                self.out.remove(&from);
+                return;
+            }
+        };
+        let Ok(Payload::Endorsed { chain, known }) = postcard::from_bytes::<Payload>(&plain) else {
+            self.stats.bad_frames += 1;
+            return;
+        };
+        let Ok(links) = decode_chain(&chain) else {
+            self.stats.bad_frames += 1;
+            return;
+        };
+        let me = self.identity.public_der().to_vec();
+        if self
+            .trust
+            .verify_chain(&me, self.identity.user_id(), &links, now_ms)
+            .is_err()
+        {
+            // A chain to nobody we trust is worth nothing to us.
+            self.stats.refused_untrusted += 1;
+            return;
+        }
+        self.stats.endorsements_received += 1;
+        let current = decode_chain(&self.credential).map(|c| c.len()).ok();
+        if self.credential.is_empty() || current.is_some_and(|n| links.len() < n) {
+            if self.responder.set_credential(chain.clone()).is_err() {
+                return;
+            }
+            self.credential = chain;
+        }
+        self.events.push_back(LinkEvent::Registered {
+            by: from,
+            chain_len: links.len(),
+            known: known.into_iter().take(KNOWN_MAX).collect(),
+        });
     }
 
     fn on_challenge(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
@@ -600,6 +827,20 @@ mod tests {
         let responder =
             Responder::new(&mut rng, NOW, &cfg().session, s, credential.clone()).expect("resp");
         Links::new(cfg(), s.clone(), credential, trust, responder, i as u64)
+    }
+
+    /// Machine `i` with no endorsement yet, trusting the root.
+    fn newcomer(i: usize) -> Links {
+        let mut rng = ChaCha20Rng::seed_from_u64(i as u64);
+        let s = key(i);
+        let mut trust = TrustStore::new(BITS);
+        trust.add_root(key(ROOT).public_der()).expect("root");
+        let responder = Responder::new(&mut rng, NOW, &cfg().session, s, Vec::new()).expect("resp");
+        Links::new(cfg(), s.clone(), Vec::new(), trust, responder, i as u64)
+    }
+
+    fn fingerprint(i: usize) -> [u8; 32] {
+        sha256(key(i).public_der())
     }
 
     fn peer(i: usize) -> Peer {
@@ -763,6 +1004,82 @@ mod tests {
         let got = run(&mut ms, false);
         let reqs: Vec<Message> = got[2].iter().map(|d| d.msg.clone()).collect();
         assert_eq!(reqs, vec![ping(1), ping(2), ping(3)]);
+    }
+
+    #[test]
+    fn an_admitted_machine_registers_and_then_talks_to_anyone() {
+        let mut ms = vec![
+            machine(0, true),
+            machine(1, true),
+            machine(2, true),
+            newcomer(3),
+        ];
+        // Before: nobody lets it in.
+        ms[3].send(NOW, peer(3).id, peer(2), &ping(1));
+        assert!(run(&mut ms, false)[2].is_empty());
+        assert_eq!(ms[2].stats().refused_untrusted, 1);
+        // The operator approves it on machine 1; it registers there.
+        ms[1].admit(fingerprint(3));
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(2)); // so 1 knows 2
+        ms[3].register(NOW, addr(1), "slot:3");
+        run(&mut ms, false);
+        assert!(ms[3].endorsed());
+        match ms[3].poll_event() {
+            Some(LinkEvent::Registered {
+                by,
+                chain_len,
+                known,
+            }) => {
+                assert_eq!(by, addr(1));
+                assert_eq!(chain_len, 2, "machine 1's endorsement, then the root's");
+                assert_eq!(known, vec![addr(2)]);
+            }
+            other => panic!("no registration: {other:?}"),
+        }
+        assert_eq!(ms[1].stats().endorsements_given, 1);
+        // Now machine 2, which never heard of it, accepts it on the chain.
+        // (The refused handshake had held the first message; the new one,
+        // started after the timeout, carries it too.)
+        let later = NOW + cfg().handshake_timeout_ms;
+        ms[3].send(later, peer(3).id, peer(2), &ping(3));
+        let got = run(&mut ms, false);
+        let d = |n| Delivery {
+            from: peer(3),
+            to: peer(2).id,
+            msg: ping(n),
+        };
+        assert_eq!(got[2], vec![d(1), d(3)]);
+        // And machine 2 endorses it in turn when asked.
+        ms[3].register(later, addr(2), "slot:3");
+        run(&mut ms, false);
+        assert!(matches!(
+            ms[3].poll_event(),
+            Some(LinkEvent::Registered { chain_len: 2, .. })
+        ));
+        assert_eq!(ms[2].stats().endorsements_given, 1);
+    }
+
+    #[test]
+    fn a_machine_nobody_admitted_cannot_register() {
+        let mut ms = vec![machine(0, true), machine(1, true), newcomer(2)];
+        ms[2].register(NOW, addr(1), "slot:2");
+        run(&mut ms, false);
+        assert!(!ms[2].endorsed());
+        assert_eq!(ms[2].poll_event(), None);
+        assert_eq!(ms[1].stats().refused_untrusted, 1);
+        assert_eq!(ms[1].stats().endorsements_given, 0);
+    }
+
+    #[test]
+    fn on_probation_a_machine_can_only_ask_to_register() {
+        let mut ms = vec![machine(0, true), machine(1, true), newcomer(2)];
+        ms[1].admit(fingerprint(2));
+        // Admitted, so the handshake completes, but a Chord message is
+        // not delivered before registration.
+        ms[2].send(NOW, peer(2).id, peer(1), &ping(1));
+        let got = run(&mut ms, false);
+        assert!(got[1].is_empty());
+        assert_eq!(ms[1].stats().bad_frames, 1);
     }
 
     #[test]

@@ -837,6 +837,16 @@ impl Responder {
         })
     }
 
+    /// Presents `credential` from now on (e.g. a new endorsement chain
+    /// after registration). Handshakes already answered keep the old one.
+    pub fn set_credential(&mut self, credential: Vec<u8>) -> Result<(), HandshakeError> {
+        if credential.len() > self.config.max_credential_bytes {
+            return Err(HandshakeError::CredentialTooLarge);
+        }
+        self.credential = credential;
+        Ok(())
+    }
+
     /// When [`Responder::maybe_rotate`] next has work: the current key's
     /// rotation time or the previous key's discard time, whichever is first.
     pub fn next_rotation_ms(&self) -> u64 {
