@@ -79,6 +79,11 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// SHA-256 of a key's SPKI DER: what [`Links::admit`] takes.
+pub fn key_sha256(key_der: &[u8]) -> [u8; 32] {
+    sha256(key_der)
+}
+
 const HELLO: u8 = 0;
 const AUTH: u8 = 1;
 const FRAME: u8 = 2;
@@ -290,6 +295,12 @@ impl Links {
     /// operator approved it).
     pub fn admit(&mut self, key_sha256: [u8; 32]) {
         self.admitted.insert(key_sha256);
+    }
+
+    /// The endorsement chain this machine presents (encoded; empty if none):
+    /// what a node keeps on disk to present again after a restart.
+    pub fn credential(&self) -> &[u8] {
+        &self.credential
     }
 
     /// Whether this machine presents an endorsement chain.

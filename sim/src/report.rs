@@ -87,6 +87,9 @@ pub struct SecurityReport {
     pub bad_frames: u64,
     pub resets: u64,
     pub frames: u64,
+    /// Machines that arrived unendorsed and registered with a member.
+    pub registrations: u64,
+    pub endorsements_given: u64,
     pub attackers: u64,
     /// Attacker nodes that became ring members (must be 0).
     pub attacker_members: u64,
@@ -184,6 +187,12 @@ impl Report {
                 sec.handshakes_started, sec.handshakes_done, sec.refused_untrusted, sec.frames,
                 sec.bad_frames, sec.resets
             );
+            if sec.registrations > 0 {
+                s += &format!(
+                    "registration: {} machines arrived unendorsed and registered; {} endorsements given\n",
+                    sec.registrations, sec.endorsements_given
+                );
+            }
             if sec.attackers > 0 {
                 s += &format!(
                     "attackers: {} machines; {} became members, {} honest pointers to them, {} of their messages delivered, {} of {} puts acked\n",

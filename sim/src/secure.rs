@@ -97,15 +97,35 @@ pub fn link_config() -> LinkConfig {
     }
 }
 
-/// The links of a machine with `key`, reachable at `addr`; endorsed by the
-/// root unless it is an attacker.
-pub fn links(key: &Signer, addr: &str, attacker: bool, now_ms: u64, seed: u64) -> Links {
+/// What a simulated machine presents.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// Endorsed by the operators' root (the machines the ring starts with).
+    Root,
+    /// Endorsed by a root nobody trusts (attackers).
+    Rogue,
+    /// Nothing yet: it must register with a member first.
+    None,
+    /// The chain it got by registering (kept across restarts).
+    Chain(Vec<u8>),
+}
+
+/// The links of a machine with `key`, reachable at `addr`, presenting
+/// `credential`; every machine trusts the operators' root.
+pub fn links(key: &Signer, addr: &str, credential: Credential, now_ms: u64, seed: u64) -> Links {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let endorser = if attacker { rogue_root() } else { root() };
     let id: Id = key.user_id();
-    let e = endorse(&mut rng, endorser, key.public_der(), id, addr, EXPIRES_MS)
-        .expect("ids match their keys");
-    let credential = encode_chain(&[e]);
+    let mut by = |endorser: &Signer| {
+        let e = endorse(&mut rng, endorser, key.public_der(), id, addr, EXPIRES_MS)
+            .expect("ids match their keys");
+        encode_chain(&[e])
+    };
+    let credential = match credential {
+        Credential::Root => by(root()),
+        Credential::Rogue => by(rogue_root()),
+        Credential::None => Vec::new(),
+        Credential::Chain(c) => c,
+    };
     let mut trust = TrustStore::new(SIM_KEY_BITS);
     trust.add_root(root().public_der()).expect("root key");
     let cfg = link_config();

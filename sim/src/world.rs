@@ -146,6 +146,9 @@ struct Slot {
     head: u32,
     /// A machine without a trusted endorsement (with `--secure`).
     attacker: bool,
+    /// With `--secure`: a machine that arrived later, unendorsed; it
+    /// registers with a member before it joins.
+    registers: bool,
     node: Option<Node>,
     incarnation: u32,
     paused_until: u64,
@@ -241,6 +244,8 @@ pub struct World {
     /// Secure links per machine (index: head / vnodes), with `--secure`.
     links: Vec<Option<Links>>,
     attacker_ids: std::collections::BTreeSet<Id>,
+    /// Chains machines got by registering (what a node keeps on disk).
+    chains: BTreeMap<usize, Vec<u8>>,
     /// When the last packet on each directed link arrives: links are
     /// ordered streams.
     link_fifo: BTreeMap<(u32, u32), u64>,
@@ -391,6 +396,7 @@ impl World {
             principals_cache: std::cell::Cell::new(None),
             links: Vec::new(),
             attacker_ids: Default::default(),
+            chains: BTreeMap::new(),
             link_fifo: BTreeMap::new(),
             retired_links: LinkStats::default(),
             sec: SecurityReport::default(),
@@ -463,6 +469,7 @@ impl World {
             },
             head,
             attacker: false,
+            registers: false,
             node: None,
             incarnation: 0,
             paused_until: 0,
@@ -586,10 +593,24 @@ impl World {
         let key = crate::secure::key_for(self.cfg.seed, m as u64);
         let inc = self.slots[k as usize].incarnation as u64;
         let seed = splitmix(self.cfg.seed ^ splitmix(((m as u64) << 24) | inc) ^ 0x11);
+        use crate::secure::Credential;
+        let credential = if self.slots[k as usize].attacker {
+            if self.cfg.attackers_endorsed {
+                Credential::Root
+            } else {
+                Credential::Rogue
+            }
+        } else if let Some(chain) = self.chains.get(&m) {
+            Credential::Chain(chain.clone())
+        } else if self.slots[k as usize].registers {
+            Credential::None
+        } else {
+            Credential::Root
+        };
         self.links[m] = Some(crate::secure::links(
             &key,
             &format!("slot:{head}"),
-            self.slots[k as usize].attacker && !self.cfg.attackers_endorsed,
+            credential,
             self.now,
             seed,
         ));
@@ -646,6 +667,32 @@ impl World {
             return;
         };
         let got = links.receive(self.now, from, &bytes);
+        let mut registered = Vec::new();
+        while let Some(peerstore_core::link::LinkEvent::Registered { known, .. }) =
+            links.poll_event()
+        {
+            registered.push(known);
+        }
+        // Only the first registration starts the join and the round of
+        // endorsements in turn (their answers are registrations too).
+        if !registered.is_empty() && !self.chains.contains_key(&m) {
+            let chain = links.credential().to_vec();
+            self.chains.insert(m, chain);
+            self.sec.registrations += 1;
+            // Registered: join now, and ask a few of the machines it was
+            // told about to endorse it in turn.
+            for known in registered {
+                for a in known.into_iter().take(2) {
+                    if let Some(l) = self.links.get_mut(m).and_then(Option::as_mut) {
+                        l.register(self.now, a, &format!("slot:{head}"));
+                    }
+                }
+            }
+            for j in self.host_slots(head) {
+                let inc = self.slots[j as usize].incarnation;
+                self.start_join(j, inc);
+            }
+        }
         self.flush_links(head);
         let from_attacker = match from {
             Addr::Slot(h) => self.slots.get(h as usize).is_some_and(|s| s.attacker),
@@ -994,6 +1041,9 @@ impl World {
                 if self.healed_at.is_none() && !full {
                     let k = self.new_host();
                     for j in self.host_slots(k) {
+                        self.slots[j as usize].registers = self.cfg.secure;
+                    }
+                    for j in self.host_slots(k) {
                         self.fresh_node(j);
                         self.start_join(j, 1);
                     }
@@ -1279,8 +1329,57 @@ impl World {
         let Some(via) = self.random_member() else {
             return;
         };
+        if self.cfg.secure && !self.secure_ready(k, via, incarnation) {
+            return;
+        }
         let via = self.slots[via as usize].peer;
         self.command(k, Command::Join { via });
+    }
+
+    /// With `--secure`, a machine needs an endorsement before it can join:
+    /// one that has none registers with `via`'s machine (which its operator
+    /// approved it on) and tries again a little later. Attackers try too,
+    /// and no member admits them. True when `k` may join now.
+    fn secure_ready(&mut self, k: u32, via: u32, incarnation: u32) -> bool {
+        let m = self.machine(k);
+        let endorsed = self
+            .links
+            .get(m)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.endorsed());
+        let attacker = self.slots[k as usize].attacker;
+        let may_present = !attacker || self.cfg.attackers_endorsed;
+        if endorsed && may_present {
+            return true;
+        }
+        let head = self.slots[k as usize].head;
+        let entry = self.slots[via as usize].head;
+        if !attacker {
+            // The operator approves the new machine on its entry node.
+            let key = crate::secure::key_for(self.cfg.seed, m as u64);
+            let fp = peerstore_core::link::key_sha256(key.public_der());
+            let em = self.machine(entry);
+            if let Some(l) = self.links.get_mut(em).and_then(Option::as_mut) {
+                l.admit(fp);
+            }
+        }
+        if let Some(l) = self.links.get_mut(m).and_then(Option::as_mut) {
+            l.register(self.now, Addr::Slot(entry), &format!("slot:{head}"));
+        }
+        self.flush_links(head);
+        if attacker {
+            // It tries the ring anyway.
+            return true;
+        }
+        let at = self.now + 5_000;
+        self.push(
+            at,
+            Ev::StartJoin {
+                node: k,
+                incarnation,
+            },
+        );
+        false
     }
 
     // ----- faults -------------------------------------------------------------------
@@ -2561,6 +2660,8 @@ fn add_link_stats(sum: &mut LinkStats, s: &LinkStats) {
     sum.frames_sent += s.frames_sent;
     sum.frames_received += s.frames_received;
     sum.dropped += s.dropped;
+    sum.endorsements_given += s.endorsements_given;
+    sum.endorsements_received += s.endorsements_received;
 }
 
 impl World {
@@ -2645,6 +2746,7 @@ impl World {
         rep.bad_frames = sum.bad_frames;
         rep.resets = sum.resets;
         rep.frames = sum.frames_received;
+        rep.endorsements_given = sum.endorsements_given;
         rep.attackers = self.cfg.attackers as u64;
         rep.attacker_members = self.slots.iter().filter(|s| s.attacker && s.member).count() as u64;
         rep

@@ -1,6 +1,8 @@
 //! Nodes with real identities and secure sessions on every link: the ring,
-//! storage and durability checkers still pass, and machines whose
-//! endorsement chain leads to no trusted key never get in.
+//! storage and durability checkers still pass, machines arriving later
+//! register with a member (which their operator approved them on) before
+//! they join, and machines whose endorsement chain leads to no trusted key
+//! never get in.
 
 mod common;
 
@@ -25,13 +27,14 @@ fn secure(seed: u64, attackers: usize) -> SimConfig {
 fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     let n = common::seeds(200) / 20;
     let mut bad = Vec::new();
-    let (mut refused, mut attack_puts, mut frames) = (0, 0, 0);
+    let (mut refused, mut attack_puts, mut frames, mut registered) = (0, 0, 0, 0);
     for seed in 700_000..700_000 + n {
         let rep = peerstore_sim::run(secure(seed, 2));
         let sec = rep.security.as_ref().expect("secure run");
         refused += sec.refused_untrusted;
         attack_puts += sec.attack_puts;
         frames += sec.frames;
+        registered += sec.registrations;
         if !rep.passed() {
             bad.push(format!("seed {seed}:\n{}", rep.summary()));
         }
@@ -50,6 +53,8 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
         refused > 0 && attack_puts > 0,
         "{refused} refusals, {attack_puts} attack puts"
     );
+    // Machines that arrived by churn registered with a member first.
+    assert!(registered > 0, "no machine registered over {n} seeds");
 }
 
 #[test]
