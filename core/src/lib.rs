@@ -9,6 +9,7 @@
 pub mod config;
 pub mod endorse;
 pub mod filecrypt;
+pub mod gate;
 pub mod id;
 pub mod identity;
 pub mod link;
