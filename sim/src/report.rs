@@ -101,6 +101,15 @@ pub struct SecurityReport {
     pub attack_puts: u64,
     /// Attacker puts acknowledged (must be 0).
     pub attack_puts_acked: u64,
+    /// Client requests checked by node gates (signed by the client's user).
+    pub gate_requests: u64,
+    /// Refused by a gate (unknown user, bad or replayed signature, not
+    /// the user's to store or read), as opposed to failing in the store.
+    pub gate_refused: u64,
+    /// Puts from a client whose user never registered.
+    pub rogue_client_puts: u64,
+    /// ...acknowledged (must be 0).
+    pub rogue_client_puts_acked: u64,
 }
 
 impl SecurityReport {
@@ -109,6 +118,7 @@ impl SecurityReport {
             && self.attacker_pointers == 0
             && self.attacker_messages_delivered == 0
             && self.attack_puts_acked == 0
+            && self.rogue_client_puts_acked == 0
             && (self.attackers == 0 || self.refused_untrusted > 0)
     }
 }
@@ -200,6 +210,10 @@ impl Report {
                     sec.attacker_messages_delivered, sec.attack_puts_acked, sec.attack_puts
                 );
             }
+            s += &format!(
+                "client gates: {} signed requests, {} refused; unregistered client: {} puts, {} acked\n",
+                sec.gate_requests, sec.gate_refused, sec.rogue_client_puts, sec.rogue_client_puts_acked
+            );
             if !sec.passed() {
                 s += "SECURITY FAILED: an unendorsed machine got in\n";
             }

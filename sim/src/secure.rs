@@ -70,6 +70,12 @@ fn rogue_root() -> &'static Signer {
     R.get_or_init(|| generate(0x5ec0_0bad))
 }
 
+/// A user who never registers: its requests must act on nothing.
+pub fn rogue_user() -> &'static Signer {
+    static R: OnceLock<Signer> = OnceLock::new();
+    R.get_or_init(|| generate(0x5ec0_0b0b))
+}
+
 /// One ephemeral key for every simulated responder (each certifies it with
 /// its own identity; forward secrecy is not what the simulator studies).
 fn ephemeral() -> &'static RsaPrivateKey {

@@ -8,10 +8,11 @@ use crate::config::{CheckMode, Cut, Fault, FaultKind, Session, SimConfig, Start}
 use crate::net::{Fate, Network};
 use crate::report::{LookupStats, Report, Sample, SecurityReport, ViolationReport};
 use crate::storage::{Disk, Expect, Records, StorageReport};
+use peerstore_core::gate::{ClientOp, ClientRequest, Gate, GateCmd, GateOutput, GateReply};
 use peerstore_core::link::{LinkStats, Links};
 use peerstore_core::{
     Addr, CmdId, CmdResult, Command, Event, Id, Input, Message, Node, NodeStats, Output, Peer,
-    ID_BITS,
+    Signer, ID_BITS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -213,6 +214,15 @@ pub struct World {
     rng_net: ChaCha8Rng,
     rng_fault: ChaCha8Rng,
     rng_work: ChaCha8Rng,
+    /// Client signatures (with `--secure`; its own stream, so other runs
+    /// draw nothing from it).
+    rng_sig: ChaCha8Rng,
+    /// The client gate of each node that clients have used (with `--secure`).
+    gates: BTreeMap<u32, Gate>,
+    /// Node commands run for a gate: which node's gate, and its handle.
+    gate_cmds: BTreeMap<CmdId, (u32, GateCmd)>,
+    /// Requests from a client whose user never registered.
+    rogue_cmds: std::collections::BTreeSet<CmdId>,
     next_cut: u64,
     trace: TraceHash,
     tail: VecDeque<TraceRec>,
@@ -369,6 +379,10 @@ impl World {
             rng_net: stream(cfg.seed, 1),
             rng_fault,
             rng_work: stream(cfg.seed, 3),
+            rng_sig: stream(cfg.seed, 7),
+            gates: BTreeMap::new(),
+            gate_cmds: BTreeMap::new(),
+            rogue_cmds: Default::default(),
             next_cut: 0,
             trace: TraceHash::default(),
             tail: VecDeque::new(),
@@ -558,6 +572,7 @@ impl World {
     /// Removes a node's state (crash, departure), keeping its counters.
     fn retire(&mut self, k: u32) {
         self.remove_member(k);
+        self.gates.remove(&k);
         let s = &mut self.slots[k as usize];
         if let Some(n) = s.node.take() {
             let st = n.stats();
@@ -1236,6 +1251,12 @@ impl World {
     }
 
     fn on_reply(&mut self, k: u32, cmd: CmdId, result: CmdResult) {
+        if let Some((g, gc)) = self.gate_cmds.remove(&cmd) {
+            if let Some(gate) = self.gates.get_mut(&g) {
+                gate.command_done(self.now, gc, result);
+            }
+            return self.pump_gate(g);
+        }
         if self.attack_cmds.remove(&cmd) {
             if matches!(result, CmdResult::Put(Ok(_))) {
                 self.sec.attack_puts_acked += 1;
@@ -2229,7 +2250,94 @@ impl World {
         self.store.cmds.insert(id, (self.now, key, expect));
         let inc = self.slots[k as usize].incarnation;
         self.store.cmd_node.insert(id, (k, inc));
+        if self.cfg.secure {
+            // Clients sign their requests; the node's gate checks them.
+            match c {
+                Command::Put(item) => {
+                    let signer = signer_for(&item);
+                    return self.gate_request(k, id, ClientOp::Put(item), signer);
+                }
+                Command::Get(key) if self.is_block_key(&key) => {
+                    let signer = &crate::storage::users()[0];
+                    return self.gate_request(k, id, ClientOp::Get(key), signer);
+                }
+                c => return self.handle(k, Input::Command(id, c)),
+            }
+        }
         self.handle(k, Input::Command(id, c));
+    }
+
+    /// Whether `key` was acknowledged as a block (readable by any
+    /// registered user; records are read by the users they list).
+    fn is_block_key(&self, key: &Id) -> bool {
+        self.store
+            .acked
+            .get(key)
+            .and_then(|e| e.first())
+            .is_some_and(|e| matches!(e, Expect::Block(_)))
+    }
+
+    /// A client's request `id`, signed by `signer`, to node `k`'s gate.
+    fn gate_request(&mut self, k: u32, id: CmdId, op: ClientOp, signer: &Signer) {
+        let me = self.slots[k as usize].peer.id;
+        let req = ClientRequest::new(signer, me, op, self.now, &mut self.rng_sig);
+        let cfg = peerstore_core::reqauth::GuardConfig {
+            min_key_bits: crate::secure::SIM_KEY_BITS,
+            ..Default::default()
+        };
+        self.gates
+            .entry(k)
+            .or_insert_with(|| Gate::new(me, cfg))
+            .request(self.now, id, req);
+        self.pump_gate(k);
+    }
+
+    /// Runs what node `k`'s gate asks for, and passes its answers on.
+    fn pump_gate(&mut self, k: u32) {
+        for _ in 0..10_000 {
+            let Some(o) = self.gates.get_mut(&k).and_then(Gate::poll) else {
+                return;
+            };
+            match o {
+                GateOutput::Command(gc, c) => {
+                    self.next_cmd += 1;
+                    let id = self.next_cmd;
+                    self.gate_cmds.insert(id, (k, gc));
+                    self.handle(k, Input::Command(id, c));
+                }
+                GateOutput::Reply(client, GateReply::Put(r)) => {
+                    self.sec.gate_requests += 1;
+                    if matches!(&r, Err(e) if !matches!(e, peerstore_core::gate::GateError::Store(_)))
+                    {
+                        self.sec.gate_refused += 1;
+                    }
+                    if self.rogue_cmds.remove(&client) {
+                        if r.is_ok() {
+                            self.sec.rogue_client_puts_acked += 1;
+                        }
+                        continue;
+                    }
+                    let key = self
+                        .store
+                        .cmds
+                        .get(&client)
+                        .map(|c| c.1)
+                        .unwrap_or_default();
+                    let r = r
+                        .map(|()| peerstore_core::PutOk {
+                            key,
+                            acks: 0,
+                            latency_ms: 0,
+                        })
+                        .map_err(gate_error);
+                    self.on_put_reply(client, r);
+                }
+                GateOutput::Reply(client, GateReply::Get(r)) => {
+                    self.sec.gate_requests += 1;
+                    self.on_get_reply(client, r.map_err(gate_error));
+                }
+            }
+        }
     }
 
     fn workload(&mut self, ev: Ev) {
@@ -2502,7 +2610,12 @@ impl World {
             self.next_cmd += 1;
             let id = self.next_cmd;
             self.store.cmds.insert(id, (u64::MAX, key, None));
-            self.handle(k, Input::Command(id, Command::Get(key)));
+            if self.cfg.secure && self.is_block_key(&key) {
+                let signer = &crate::storage::users()[0];
+                self.gate_request(k, id, ClientOp::Get(key), signer);
+            } else {
+                self.handle(k, Input::Command(id, Command::Get(key)));
+            }
         }
         if self.store.final_reads_waiting == 0 && self.store.final_reads.is_empty() {
             self.stop = true;
@@ -2707,6 +2820,16 @@ impl World {
             self.attack_cmds.insert(self.next_cmd + 1);
             self.command(k, Command::Put(item));
         }
+        // And a client whose user never registered asks an honest node.
+        if let Some(k) = self.random_member() {
+            let rogue = crate::secure::rogue_user();
+            let item = self.random_block(rogue.user_id());
+            self.next_cmd += 1;
+            let id = self.next_cmd;
+            self.rogue_cmds.insert(id);
+            self.sec.rogue_client_puts += 1;
+            self.gate_request(k, id, ClientOp::Put(item), rogue);
+        }
         self.push(self.now + 5_000, Ev::AttackPut);
     }
 
@@ -2750,5 +2873,30 @@ impl World {
         rep.attackers = self.cfg.attackers as u64;
         rep.attacker_members = self.slots.iter().filter(|s| s.attacker && s.member).count() as u64;
         rep
+    }
+}
+
+/// The user a simulated client signs as for `item`: its owner or signer.
+fn signer_for(item: &peerstore_core::Item) -> &'static Signer {
+    use peerstore_core::{Item, Record};
+    let users = crate::storage::users();
+    let by_key = |der: &[u8]| users.iter().find(|u| u.public_der() == der);
+    let found = match item {
+        Item::Block(b) => users.iter().find(|u| u.user_id() == b.owner),
+        Item::Tombstone(t) => by_key(&t.owner_key),
+        Item::Record(r) => match r.as_ref() {
+            Record::PubKey(pk) => by_key(&pk.signing_key),
+            Record::Manifest(m) => by_key(&m.signer_key),
+            Record::TxLog(l) => by_key(&l.owner_key),
+        },
+    };
+    found.unwrap_or(&users[0])
+}
+
+/// A gate's refusal, as the store error the workload counts.
+fn gate_error(e: peerstore_core::gate::GateError) -> peerstore_core::StoreError {
+    match e {
+        peerstore_core::gate::GateError::Store(e) => e,
+        other => peerstore_core::StoreError::Invalid(other.to_string()),
     }
 }

@@ -1,8 +1,9 @@
 //! Nodes with real identities and secure sessions on every link: the ring,
 //! storage and durability checkers still pass, machines arriving later
 //! register with a member (which their operator approved them on) before
-//! they join, and machines whose endorsement chain leads to no trusted key
-//! never get in.
+//! they join, machines whose endorsement chain leads to no trusted key
+//! never get in, clients sign their requests and each node's gate checks
+//! them, and a user who never registered stores nothing.
 
 mod common;
 
@@ -28,6 +29,7 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     let n = common::seeds(200) / 20;
     let mut bad = Vec::new();
     let (mut refused, mut attack_puts, mut frames, mut registered) = (0, 0, 0, 0);
+    let (mut gated, mut rogue) = (0, 0);
     for seed in 700_000..700_000 + n {
         let rep = peerstore_sim::run(secure(seed, 2));
         let sec = rep.security.as_ref().expect("secure run");
@@ -35,6 +37,8 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
         attack_puts += sec.attack_puts;
         frames += sec.frames;
         registered += sec.registrations;
+        gated += sec.gate_requests;
+        rogue += sec.rogue_client_puts;
         if !rep.passed() {
             bad.push(format!("seed {seed}:\n{}", rep.summary()));
         }
@@ -55,6 +59,12 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     );
     // Machines that arrived by churn registered with a member first.
     assert!(registered > 0, "no machine registered over {n} seeds");
+    // Clients signed every write; an unregistered user's puts were tried
+    // (and, by `passed`, none acknowledged).
+    assert!(
+        gated > 100 * n && rogue > 0,
+        "{gated} gated requests, {rogue} rogue puts"
+    );
 }
 
 #[test]
