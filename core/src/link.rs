@@ -123,8 +123,8 @@ impl Default for LinkConfig {
     }
 }
 
-/// Counters, for reports and tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Counters, for reports and tests. `+=` adds another machine's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LinkStats {
     pub handshakes_started: u64,
     pub handshakes_done: u64,
@@ -149,6 +149,37 @@ pub struct LinkStats {
     pub endorsements_given: u64,
     /// Endorsement chains this machine received and accepted.
     pub endorsements_received: u64,
+}
+
+impl std::ops::AddAssign<&LinkStats> for LinkStats {
+    fn add_assign(&mut self, o: &LinkStats) {
+        let LinkStats {
+            handshakes_started,
+            handshakes_done,
+            refused_untrusted,
+            refused_rate,
+            bad_handshakes,
+            bad_frames,
+            resets,
+            frames_sent,
+            frames_received,
+            dropped,
+            endorsements_given,
+            endorsements_received,
+        } = o;
+        self.handshakes_started += handshakes_started;
+        self.handshakes_done += handshakes_done;
+        self.refused_untrusted += refused_untrusted;
+        self.refused_rate += refused_rate;
+        self.bad_handshakes += bad_handshakes;
+        self.bad_frames += bad_frames;
+        self.resets += resets;
+        self.frames_sent += frames_sent;
+        self.frames_received += frames_received;
+        self.dropped += dropped;
+        self.endorsements_given += endorsements_given;
+        self.endorsements_received += endorsements_received;
+    }
 }
 
 /// Something the caller should know about.

@@ -77,19 +77,11 @@ pub struct Report {
 /// Secure links and attackers (with `--secure`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SecurityReport {
-    pub handshakes_started: u64,
-    /// Completed handshakes, counted at both ends.
-    pub handshakes_done: u64,
-    /// Handshakes refused: the peer's chain led to no trusted key.
-    pub refused_untrusted: u64,
-    pub refused_rate: u64,
-    pub bad_handshakes: u64,
-    pub bad_frames: u64,
-    pub resets: u64,
-    pub frames: u64,
+    /// Every machine's link counters, summed (handshakes completed are
+    /// counted at both ends).
+    pub links: peerstore_core::link::LinkStats,
     /// Machines that arrived unendorsed and registered with a member.
     pub registrations: u64,
-    pub endorsements_given: u64,
     pub attackers: u64,
     /// Attacker nodes that became ring members (must be 0).
     pub attacker_members: u64,
@@ -119,7 +111,7 @@ impl SecurityReport {
             && self.attacker_messages_delivered == 0
             && self.attack_puts_acked == 0
             && self.rogue_client_puts_acked == 0
-            && (self.attackers == 0 || self.refused_untrusted > 0)
+            && (self.attackers == 0 || self.links.refused_untrusted > 0)
     }
 }
 
@@ -194,13 +186,13 @@ impl Report {
         if let Some(sec) = &self.security {
             s += &format!(
                 "secure links: {} handshakes started, {} completed (counting both ends), {} refused untrusted, {} frames, {} bad frames, {} resets\n",
-                sec.handshakes_started, sec.handshakes_done, sec.refused_untrusted, sec.frames,
-                sec.bad_frames, sec.resets
+                sec.links.handshakes_started, sec.links.handshakes_done, sec.links.refused_untrusted,
+                sec.links.frames_received, sec.links.bad_frames, sec.links.resets
             );
             if sec.registrations > 0 {
                 s += &format!(
                     "registration: {} machines arrived unendorsed and registered; {} endorsements given\n",
-                    sec.registrations, sec.endorsements_given
+                    sec.registrations, sec.links.endorsements_given
                 );
             }
             if sec.attackers > 0 {

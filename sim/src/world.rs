@@ -590,7 +590,7 @@ impl World {
             // The machine is down: its sessions die with it.
             let m = self.machine(k);
             if let Some(l) = self.links.get_mut(m).and_then(Option::take) {
-                add_link_stats(&mut self.retired_links, l.stats());
+                self.retired_links += l.stats();
             }
         }
     }
@@ -2762,21 +2762,6 @@ fn covers(have: &peerstore_core::Held, other: &peerstore_core::Held) -> bool {
 
 // ----- security: attackers and link counters -----------------------------------
 
-fn add_link_stats(sum: &mut LinkStats, s: &LinkStats) {
-    sum.handshakes_started += s.handshakes_started;
-    sum.handshakes_done += s.handshakes_done;
-    sum.refused_untrusted += s.refused_untrusted;
-    sum.refused_rate += s.refused_rate;
-    sum.bad_handshakes += s.bad_handshakes;
-    sum.bad_frames += s.bad_frames;
-    sum.resets += s.resets;
-    sum.frames_sent += s.frames_sent;
-    sum.frames_received += s.frames_received;
-    sum.dropped += s.dropped;
-    sum.endorsements_given += s.endorsements_given;
-    sum.endorsements_received += s.endorsements_received;
-}
-
 impl World {
     /// Machines with a chain to a root nobody trusts: they try to join
     /// through a random member, and (with storage) to store blocks.
@@ -2856,20 +2841,11 @@ impl World {
 
     fn security_report(&mut self) -> SecurityReport {
         self.count_attacker_pointers();
-        let mut sum = self.retired_links.clone();
-        for l in self.links.iter().flatten() {
-            add_link_stats(&mut sum, l.stats());
-        }
         let mut rep = std::mem::take(&mut self.sec);
-        rep.handshakes_started = sum.handshakes_started;
-        rep.handshakes_done = sum.handshakes_done;
-        rep.refused_untrusted = sum.refused_untrusted;
-        rep.refused_rate = sum.refused_rate;
-        rep.bad_handshakes = sum.bad_handshakes;
-        rep.bad_frames = sum.bad_frames;
-        rep.resets = sum.resets;
-        rep.frames = sum.frames_received;
-        rep.endorsements_given = sum.endorsements_given;
+        rep.links = self.retired_links.clone();
+        for l in self.links.iter().flatten() {
+            rep.links += l.stats();
+        }
         rep.attackers = self.cfg.attackers as u64;
         rep.attacker_members = self.slots.iter().filter(|s| s.attacker && s.member).count() as u64;
         rep

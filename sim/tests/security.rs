@@ -33,9 +33,9 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     for seed in 700_000..700_000 + n {
         let rep = peerstore_sim::run(secure(seed, 2));
         let sec = rep.security.as_ref().expect("secure run");
-        refused += sec.refused_untrusted;
+        refused += sec.links.refused_untrusted;
         attack_puts += sec.attack_puts;
-        frames += sec.frames;
+        frames += sec.links.frames_received;
         registered += sec.registrations;
         gated += sec.gate_requests;
         rogue += sec.rogue_client_puts;
@@ -87,7 +87,7 @@ fn endorsed_attackers_get_in_and_the_checker_says_so() {
     let sec = rep.security.as_ref().expect("secure run");
     assert!(!rep.passed(), "{}", rep.summary());
     assert!(sec.attacker_messages_delivered > 0, "{}", rep.summary());
-    assert_eq!(sec.refused_untrusted, 0, "{}", rep.summary());
+    assert_eq!(sec.links.refused_untrusted, 0, "{}", rep.summary());
 }
 
 #[test]
@@ -96,6 +96,5 @@ fn secure_runs_replay_exactly() {
     let b = peerstore_sim::run(secure(700_003, 1));
     assert_eq!(a.trace_hash, b.trace_hash);
     let (sa, sb) = (a.security.expect("ran"), b.security.expect("ran"));
-    assert_eq!(sa.frames, sb.frames);
-    assert_eq!(sa.handshakes_started, sb.handshakes_started);
+    assert_eq!(sa.links, sb.links);
 }
