@@ -163,6 +163,18 @@ fn storage_report_has_the_promised_figures_and_bad_storage_flags_are_refused() {
         vec!["--storage", "--replicas", "3", "--write-quorum", "4"],
         vec!["--storage", "--replicas", "0"],
         vec!["--storage", "--corrupt", "2"],
+        vec!["--attackers", "1"],
+        vec!["--secure", "--nodes", "400"],
+        vec!["--vnodes", "0"],
+        vec![
+            "--storage",
+            "--nodes",
+            "2",
+            "--successors",
+            "1",
+            "--replicas",
+            "3",
+        ],
     ] {
         let out = sim().args(&bad).output().expect("runs");
         assert!(!out.status.success(), "{bad:?} was accepted");
@@ -170,4 +182,31 @@ fn storage_report_has_the_promised_figures_and_bad_storage_flags_are_refused() {
         assert!(!err.contains("panicked"), "{bad:?}: {err}");
         assert!(!err.is_empty(), "{bad:?}: no message");
     }
+}
+
+#[test]
+fn a_secure_run_reports_its_links_and_attackers() {
+    let v = run_json(&[
+        "--nodes",
+        "12",
+        "--duration",
+        "20s",
+        "--seed",
+        "3",
+        "--secure",
+        "--attackers",
+        "1",
+    ]);
+    let sec = &v["security"];
+    assert!(
+        sec["links"]["handshakes_done"].as_u64().unwrap_or(0) > 0,
+        "{sec}"
+    );
+    assert!(
+        sec["links"]["frames_received"].as_u64().unwrap_or(0) > 0,
+        "{sec}"
+    );
+    assert_eq!(sec["attackers"], 1);
+    assert_eq!(sec["attacker_members"], 0);
+    assert_eq!(sec["attacker_messages_delivered"], 0);
 }
