@@ -14,6 +14,18 @@ pub fn default_path() -> Option<PathBuf> {
     dirs::data_dir().map(|d| d.join("peerstore").join("user.pem"))
 }
 
+/// Fails, saying how to proceed, if a key file is already at `path` (an
+/// identity is never replaced unless asked).
+pub fn ensure_free(path: &Path) -> Result<()> {
+    if path.exists() {
+        bail!(
+            "{} already exists: it holds an identity; pass --force to replace it (the old identity is lost unless you kept a copy)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes `contents` to `path` with mode 0600: to a temporary file in the
 /// same directory, synced, then linked into place (which fails if `path`
 /// exists and `replace` is false), and the directory synced. A crash
@@ -24,11 +36,8 @@ pub fn write_private(path: &Path, contents: &[u8], replace: bool) -> Result<()> 
         _ => PathBuf::from("."),
     };
     create_dir_private(&dir)?;
-    if !replace && path.exists() {
-        bail!(
-            "{} already exists: it holds an identity; pass --force to replace it (the old identity is lost unless you kept a copy)",
-            path.display()
-        );
+    if !replace {
+        ensure_free(path)?;
     }
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -52,10 +61,8 @@ pub fn write_private(path: &Path, contents: &[u8], replace: bool) -> Result<()> 
     if let Err(e) = placed {
         let _ = fs::remove_file(&tmp);
         if e.kind() == io::ErrorKind::AlreadyExists {
-            bail!(
-                "{} already exists; pass --force to replace it",
-                path.display()
-            );
+            // Someone put one there since the check above.
+            ensure_free(path)?;
         }
         return Err(e).with_context(|| format!("cannot put the key file at {}", path.display()));
     }

@@ -154,11 +154,9 @@ fn run(args: Args) -> Result<()> {
             force,
         } => {
             let path = key_path(&args)?;
-            if path.exists() && !force {
-                bail!(
-                    "{} already exists: it holds an identity; pass --force to replace it (the old identity is lost unless you kept a copy)",
-                    path.display()
-                );
+            if !force {
+                // Before the slow key generation, not only at the write.
+                keyfile::ensure_free(&path)?;
             }
             let (identity, text) = match import {
                 Some(src) => {

@@ -226,10 +226,23 @@ enum Payload {
     Endorsed { chain: Vec<u8>, known: Vec<Addr> },
 }
 
-struct Envelope {
-    from: Id,
-    to: Id,
-    msg: Message,
+/// An open session and the ring ids its peer's key owns (its virtual
+/// node ids, worked out once when the session opens).
+struct Peered {
+    session: Session,
+    ids: Vec<Id>,
+}
+
+impl Peered {
+    fn new(session: Session, vnodes_max: u32) -> Box<Peered> {
+        let key = &session.peer().key_der;
+        let ids = (0..vnodes_max.max(1)).map(|i| vnode_id(key, i)).collect();
+        Box::new(Peered { session, ids })
+    }
+
+    fn owns(&self, id: Id) -> bool {
+        self.ids.contains(&id)
+    }
 }
 
 /// A sealed-to-be payload and, for a message, the peer id it is for.
@@ -248,15 +261,15 @@ enum Outgoing {
         queue: VecDeque<Queued>,
         since_ms: u64,
     },
-    Open(Box<Session>),
+    Open(Box<Peered>),
 }
 
 enum Incoming {
     Challenged(ResponderHandshake),
-    Open(Box<Session>),
+    Open(Box<Peered>),
     /// An admitted but not yet endorsed machine: only a registration
     /// request is accepted on this session.
-    Probation(Box<Session>),
+    Probation(Box<Peered>),
 }
 
 /// One machine's secure links to its peers.
@@ -358,11 +371,6 @@ impl Links {
         self.outbox.pop_front()
     }
 
-    /// Whether `id` is one of the virtual node ids of `key_der`.
-    fn owns(&self, key_der: &[u8], id: Id) -> bool {
-        (0..self.cfg.vnodes_max.max(1)).any(|i| vnode_id(key_der, i) == id)
-    }
-
     fn trusted(&self, peer: &PeerIdentity, now_ms: u64) -> bool {
         match decode_chain(&peer.credential) {
             Ok(chain) => self
@@ -397,9 +405,8 @@ impl Links {
         self.enqueue(now_ms, to.addr, Some(to.id), plain);
     }
 
-    fn enqueue(&mut self, now_ms: u64, to_addr: Addr, to_id: Option<Id>, plain: Vec<u8>) {
-        let to = (to_addr, to_id);
-        let stale = match self.out.get(&to.0) {
+    fn enqueue(&mut self, now_ms: u64, to: Addr, to_id: Option<Id>, plain: Vec<u8>) {
+        let stale = match self.out.get(&to) {
             Some(Outgoing::Hello { since_ms, .. }) | Some(Outgoing::Auth { since_ms, .. }) => {
                 now_ms.saturating_sub(*since_ms) >= self.cfg.handshake_timeout_ms
             }
@@ -407,26 +414,26 @@ impl Links {
         };
         if stale {
             // The handshake got lost: start again, keeping what waits.
-            let queue = match self.out.remove(&to.0) {
+            let queue = match self.out.remove(&to) {
                 Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => queue,
                 _ => VecDeque::new(),
             };
-            self.start(now_ms, to.0, queue);
+            self.start(now_ms, to, queue);
         }
-        match self.out.get_mut(&to.0) {
+        match self.out.get_mut(&to) {
             None => {
                 let mut queue = VecDeque::new();
-                queue.push_back((to.1, plain));
-                self.start(now_ms, to.0, queue);
+                queue.push_back((to_id, plain));
+                self.start(now_ms, to, queue);
             }
             Some(Outgoing::Hello { queue, .. }) | Some(Outgoing::Auth { queue, .. }) => {
                 if queue.len() >= self.cfg.queue_max {
                     queue.pop_front();
                     self.stats.dropped += 1;
                 }
-                queue.push_back((to.1, plain));
+                queue.push_back((to_id, plain));
             }
-            Some(Outgoing::Open(_)) => self.seal_to(to.0, to.1, &plain),
+            Some(Outgoing::Open(_)) => self.seal_to(to, to_id, &plain),
         }
     }
 
@@ -456,20 +463,16 @@ impl Links {
     /// Seals one payload on the open session to `to`; a message only if
     /// the session's key owns `to_id`.
     fn seal_to(&mut self, to: Addr, to_id: Option<Id>, plain: &[u8]) {
-        let Some(Outgoing::Open(s)) = self.out.get_mut(&to) else {
+        let Some(Outgoing::Open(p)) = self.out.get_mut(&to) else {
             self.stats.dropped += 1;
             return;
         };
-        let key = s.peer().key_der.clone();
-        if to_id.is_some_and(|id| !self.owns(&key, id)) {
+        if to_id.is_some_and(|id| !p.owns(id)) {
             // Someone else answers at that address.
             self.stats.dropped += 1;
             return;
         }
-        let Some(Outgoing::Open(s)) = self.out.get_mut(&to) else {
-            return;
-        };
-        match s.seal(&mut self.rng, plain) {
+        match p.session.seal(&mut self.rng, plain) {
             Ok(frame) => {
                 self.stats.frames_sent += 1;
                 self.push(to, FRAME, &frame);
@@ -531,12 +534,13 @@ impl Links {
         };
         match self.responder.handle_auth(&mut self.rng, now_ms, hs, body) {
             Ok((session, finish)) => {
+                let vnodes_max = self.cfg.vnodes_max;
                 let state = if self.trusted(session.peer(), now_ms) {
-                    Incoming::Open(Box::new(session))
+                    Incoming::Open(Peered::new(session, vnodes_max))
                 } else if self.admitted.contains(&sha256(&session.peer().key_der)) {
                     // Approved by the operator but not yet endorsed: it may
                     // only ask to register.
-                    Incoming::Probation(Box::new(session))
+                    Incoming::Probation(Peered::new(session, vnodes_max))
                 } else {
                     // Proven, but not endorsed by anyone we trust: no Finish,
                     // no session, nothing it sends reaches a node.
@@ -552,17 +556,17 @@ impl Links {
     }
 
     fn on_frame(&mut self, now_ms: u64, from: Addr, body: &[u8]) -> Vec<Delivery> {
-        let (s, probation) = match self.inc.get_mut(&from) {
-            Some(Incoming::Open(s)) => (s, false),
-            Some(Incoming::Probation(s)) => (s, true),
+        let (p, probation) = match self.inc.get_mut(&from) {
+            Some(Incoming::Open(p)) => (p, false),
+            Some(Incoming::Probation(p)) => (p, true),
             _ => {
                 // No session (we restarted, or it died): tell the sender.
                 self.push(from, RESET, &[]);
                 return Vec::new();
             }
         };
-        let plain = match s.open(body) {
-            Ok(Opened::Data(p)) => p,
+        let plain = match p.session.open(body) {
+            Ok(Opened::Data(d)) => d,
             Ok(Opened::Close) => {
                 self.inc.remove(&from);
                 return Vec::new();
@@ -574,9 +578,8 @@ impl Links {
                 return Vec::new();
             }
         };
-        let key = s.peer().key_der.clone();
-        let env = match postcard::from_bytes::<Payload>(&plain) {
-            Ok(Payload::Msg { from, to, msg }) if !probation => Envelope { from, to, msg },
+        let (sender, to, msg) = match postcard::from_bytes::<Payload>(&plain) {
+            Ok(Payload::Msg { from, to, msg }) if !probation => (from, to, msg),
             Ok(Payload::Register { addr }) => {
                 self.on_register(now_ms, from, addr);
                 return Vec::new();
@@ -588,7 +591,8 @@ impl Links {
                 return Vec::new();
             }
         };
-        if !self.owns(&key, env.from) {
+        let owned = matches!(self.inc.get(&from), Some(Incoming::Open(p)) if p.owns(sender));
+        if !owned {
             // A machine speaking for an id that is not its own.
             self.stats.bad_frames += 1;
             return Vec::new();
@@ -596,21 +600,21 @@ impl Links {
         self.stats.frames_received += 1;
         vec![Delivery {
             from: Peer {
-                id: env.from,
+                id: sender,
                 addr: from,
             },
-            to: env.to,
-            msg: env.msg,
+            to,
+            msg,
         }]
     }
 
     /// The machine on the incoming session from `from` asks for our
     /// endorsement: given if it is admitted or already trusted.
     fn on_register(&mut self, now_ms: u64, from: Addr, addr: String) {
-        let Some(Incoming::Open(s) | Incoming::Probation(s)) = self.inc.get(&from) else {
+        let Some(Incoming::Open(p) | Incoming::Probation(p)) = self.inc.get(&from) else {
             return;
         };
-        let peer = s.peer().clone();
+        let peer = p.session.peer().clone();
         let admitted = self.admitted.contains(&sha256(&peer.key_der));
         if !admitted && !self.trusted(&peer, now_ms) {
             self.stats.refused_untrusted += 1;
@@ -660,14 +664,14 @@ impl Links {
             Err(_) => return,
         };
         // Off probation: it is endorsed now.
-        let Some(Incoming::Open(s) | Incoming::Probation(s)) = self.inc.remove(&from) else {
+        let Some(Incoming::Open(mut p) | Incoming::Probation(mut p)) = self.inc.remove(&from)
+        else {
             return;
         };
-        let mut s = s;
-        match s.seal(&mut self.rng, &plain) {
+        match p.session.seal(&mut self.rng, &plain) {
             Ok(frame) => {
                 self.push(from, FRAME_BACK, &frame);
-                self.inc.insert(from, Incoming::Open(s));
+                self.inc.insert(from, Incoming::Open(p));
             }
             Err(_) => self.stats.dropped += 1,
         }
@@ -676,11 +680,11 @@ impl Links {
     /// A frame from the responder on our outgoing session: a registration
     /// reply.
     fn on_frame_back(&mut self, now_ms: u64, from: Addr, body: &[u8]) {
-        let Some(Outgoing::Open(s)) = self.out.get_mut(&from) else {
+        let Some(Outgoing::Open(p)) = self.out.get_mut(&from) else {
             self.stats.bad_frames += 1;
             return;
         };
-        let plain = match s.open(body) {
+        let plain = match p.session.open(body) {
             Ok(Opened::Data(p)) => p,
             _ => {
                 self.stats.bad_frames += 1;
@@ -778,7 +782,8 @@ impl Links {
             return;
         }
         self.stats.handshakes_done += 1;
-        self.out.insert(from, Outgoing::Open(Box::new(session)));
+        let peered = Peered::new(session, self.cfg.vnodes_max);
+        self.out.insert(from, Outgoing::Open(peered));
         for (to_id, plain) in queue {
             self.seal_to(from, to_id, &plain);
         }

@@ -199,6 +199,21 @@ impl Cluster {
         id
     }
 
+    /// Node i restarts under the same id with `disk` as its durable state
+    /// (its index rebuilt from it) and its ring pointers as they were.
+    fn restart(&mut self, i: usize, disk: BTreeMap<Id, Item>, seed: u64) {
+        let me = self.nodes[i].me();
+        let (succs, pred) = (
+            self.nodes[i].successors().to_vec(),
+            self.nodes[i].predecessor(),
+        );
+        self.nodes[i] = Node::new(cfg(), me, seed);
+        let items: Vec<(Id, Item)> = disk.iter().map(|(k, v)| (*k, v.clone())).collect();
+        assert!(self.nodes[i].restore(items).is_empty(), "the disk is valid");
+        self.nodes[i].bootstrap(self.now, succs, pred, None);
+        self.disks[i] = disk;
+    }
+
     /// Nodes whose durable index holds `key`.
     fn holders(&self, key: Id) -> Vec<usize> {
         (0..self.nodes.len())
@@ -472,28 +487,13 @@ fn anti_entropy_brings_a_lost_copy_back_and_hand_off_removes_a_misplaced_one() {
     assert_eq!(holders.len(), 3);
     // One replica loses its disk and comes back empty under the same id.
     let lost = holders[1];
-    let me = c.nodes[lost].me();
-    let (succs, pred) = (
-        c.nodes[lost].successors().to_vec(),
-        c.nodes[lost].predecessor(),
-    );
-    c.nodes[lost] = Node::new(cfg(), me, 99);
-    c.nodes[lost].bootstrap(c.now, succs, pred, None);
-    c.disks[lost].clear();
+    c.restart(lost, BTreeMap::new(), 99);
     assert_eq!(c.holders(key).len(), 2);
     // A misplaced copy on a node that is not a replica.
     let outsider = (0..6).find(|i| !holders.contains(i)).expect("6 > 3");
-    c.disks[outsider].insert(key, item.clone());
-    let items: Vec<(Id, Item)> = vec![(key, item.clone())];
-    let t = c.now;
-    let me = c.nodes[outsider].me();
-    let (succs, pred) = (
-        c.nodes[outsider].successors().to_vec(),
-        c.nodes[outsider].predecessor(),
-    );
-    c.nodes[outsider] = Node::new(cfg(), me, 98);
-    assert!(c.nodes[outsider].restore(items).is_empty());
-    c.nodes[outsider].bootstrap(t, succs, pred, None);
+    let mut disk = c.disks[outsider].clone();
+    disk.insert(key, item.clone());
+    c.restart(outsider, disk, 98);
     c.advance(c.now + 120_000);
     let mut h = c.holders(key);
     h.sort_unstable();
@@ -585,15 +585,7 @@ fn replicas_go_to_distinct_machines_when_nodes_run_virtual_nodes() {
 
     // Anti-entropy keeps to the same rule: the copy on machine 1 is lost,
     // and the primary (100) restores it there, not on its own sibling 200.
-    let lost = 2;
-    let me = c.nodes[lost].me();
-    let (succs, pred) = (
-        c.nodes[lost].successors().to_vec(),
-        c.nodes[lost].predecessor(),
-    );
-    c.nodes[lost] = Node::new(cfg(), me, 77);
-    c.nodes[lost].bootstrap(c.now, succs, pred, None);
-    c.disks[lost].clear();
+    c.restart(2, BTreeMap::new(), 77);
     assert_eq!(c.holders(key), vec![0, 4]);
     c.advance(c.now + 120_000);
     assert_eq!(c.holders(key), vec![0, 2, 4], "repaired on machine 1");

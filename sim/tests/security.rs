@@ -27,29 +27,29 @@ fn secure(seed: u64, attackers: usize) -> SimConfig {
 #[test]
 fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     let n = common::seeds(200) / 20;
-    let mut bad = Vec::new();
     let (mut refused, mut attack_puts, mut frames, mut registered) = (0, 0, 0, 0);
     let (mut gated, mut rogue) = (0, 0);
-    for seed in 700_000..700_000 + n {
-        let rep = peerstore_sim::run(secure(seed, 2));
-        let sec = rep.security.as_ref().expect("secure run");
-        refused += sec.links.refused_untrusted;
-        attack_puts += sec.attack_puts;
-        frames += sec.links.frames_received;
-        registered += sec.registrations;
-        gated += sec.gate_requests;
-        rogue += sec.rogue_client_puts;
-        if !rep.passed() {
-            bad.push(format!("seed {seed}:\n{}", rep.summary()));
-        }
-    }
+    let bad = common::sweep(
+        n,
+        700_000,
+        |seed| secure(seed, 2),
+        |rep| {
+            let sec = rep.security.as_ref().expect("secure run");
+            refused += sec.links.refused_untrusted;
+            attack_puts += sec.attack_puts;
+            frames += sec.links.frames_received;
+            registered += sec.registrations;
+            gated += sec.gate_requests;
+            rogue += sec.rogue_client_puts;
+        },
+    );
     assert!(
         bad.is_empty(),
         "{} of {n} seeds failed; replay with `peerstore-sim --nodes 24 --swarm --secure \
          --attackers 2 --storage --record-writes-per-s 2 --corrupt 0.02 --duration 2min \
          --seed SEED`:\n{}",
         bad.len(),
-        bad.join("\n")
+        common::listed(&bad)
     );
     // Not vacuous: traffic was sealed, attackers tried and were refused.
     assert!(frames > 10_000 * n, "{frames} frames over {n} seeds");

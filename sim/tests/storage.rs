@@ -29,24 +29,19 @@ fn swarm_storage(seed: u64) -> SimConfig {
 
 /// Runs `n` seeds from `first` (two halves run on the test threads at once).
 fn storage_sweep(first: u64, n: u64) {
-    let mut bad = Vec::new();
     let (mut acked, mut records, mut corrupted) = (0, 0, 0);
-    for seed in first..first + n {
-        let rep = peerstore_sim::run(swarm_storage(seed));
+    let bad = common::sweep(n, first, swarm_storage, |rep| {
         let st = rep.storage.as_ref().expect("storage ran");
         acked += st.puts_acked;
         records += st.record_writes_acked;
         corrupted += st.corrupted_in_flight;
-        if !rep.passed() {
-            bad.push(format!("seed {seed}:\n{}", rep.summary()));
-        }
-    }
+    });
     assert!(
         bad.is_empty(),
         "{} of {n} seeds failed; replay with `peerstore-sim --nodes 24 --swarm --storage \
          --record-writes-per-s 2 --corrupt 0.02 --duration 2min --seed SEED`:\n{}",
         bad.len(),
-        bad.join("\n")
+        common::listed(&bad)
     );
     // Not vacuous: the runs stored, wrote records and saw corruption.
     assert!(acked > 100 * n, "{acked} block puts acked over {n} seeds");
@@ -126,23 +121,21 @@ fn without_anti_entropy_the_checkers_see_under_replication() {
 #[test]
 fn storage_survives_swarm_faults_on_virtual_nodes() {
     let n = common::seeds(200) / 8;
-    let mut bad = Vec::new();
     let mut acked = 0;
-    for seed in 300_000..300_000 + n {
+    let on_four = |seed| {
         let mut cfg = swarm_storage(seed);
         cfg.vnodes = 4;
-        let rep = peerstore_sim::run(cfg);
+        cfg
+    };
+    let bad = common::sweep(n, 300_000, on_four, |rep| {
         acked += rep.storage.as_ref().expect("storage ran").puts_acked;
-        if !rep.passed() {
-            bad.push(format!("seed {seed}:\n{}", rep.summary()));
-        }
-    }
+    });
     assert!(
         bad.is_empty(),
         "{} of {n} seeds failed; replay with `peerstore-sim --nodes 24 --vnodes 4 --swarm \
          --storage --record-writes-per-s 2 --corrupt 0.02 --duration 2min --seed SEED`:\n{}",
         bad.len(),
-        bad.join("\n")
+        common::listed(&bad)
     );
     assert!(acked > 100 * n, "{acked} block puts acked over {n} seeds");
 }

@@ -47,14 +47,33 @@ pub fn failing_seeds(
     first: u64,
     make: impl Fn(u64) -> SimConfig,
 ) -> Vec<(u64, String)> {
+    sweep(count, first, make, |_| {})
+}
+
+/// [`failing_seeds`], showing every report to `each` (to total figures).
+pub fn sweep(
+    count: u64,
+    first: u64,
+    make: impl Fn(u64) -> SimConfig,
+    mut each: impl FnMut(&peerstore_sim::Report),
+) -> Vec<(u64, String)> {
     let mut bad = Vec::new();
     for seed in first..first + count {
         let rep = peerstore_sim::run(make(seed));
+        each(&rep);
         if !rep.passed() {
             bad.push((seed, rep.summary()));
         }
     }
     bad
+}
+
+/// The failures of a sweep, one per seed, for an assertion message.
+pub fn listed(bad: &[(u64, String)]) -> String {
+    bad.iter()
+        .map(|(seed, summary)| format!("seed {seed}:\n{summary}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// How many seeds a sweep runs: `PEERSTORE_SEEDS` if set, else `default`.
