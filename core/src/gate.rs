@@ -74,17 +74,25 @@ impl ClientRequest {
         let auth = crate::reqauth::sign_request(signer, &body, now_ms, rng);
         ClientRequest { auth, body }
     }
+
+    /// The node the request names, if its body decodes (unverified: the
+    /// gate checks the signature).
+    pub fn node(&self) -> Option<Id> {
+        postcard::from_bytes::<ClientBody>(&self.body)
+            .ok()
+            .map(|b| b.node)
+    }
 }
 
 /// Why a request was refused. Nothing was stored or read for it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum GateError {
     #[error("request refused: {0}")]
     Auth(#[from] AuthError),
     #[error("request is for another node; sign it for the node you send it to")]
     WrongNode,
     #[error("you may not store this: {0}")]
-    NotYours(&'static str),
+    NotYours(String),
     #[error("you are not listed on this file's manifest; ask its owner to share it")]
     NotReader,
     #[error("this transaction log belongs to another user")]
@@ -96,10 +104,23 @@ pub enum GateError {
 }
 
 /// The answer to a client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GateReply {
     Put(Result<(), GateError>),
     Get(Result<Option<Item>, GateError>),
+}
+
+impl GateReply {
+    /// `e` as the answer to `req`, shaped like the answer it asked for.
+    pub fn refusal(req: &ClientRequest, e: GateError) -> GateReply {
+        match postcard::from_bytes::<ClientBody>(&req.body) {
+            Ok(ClientBody {
+                op: ClientOp::Get(_),
+                ..
+            }) => GateReply::Get(Err(e)),
+            _ => GateReply::Put(Err(e)),
+        }
+    }
 }
 
 /// A client connection or request handle chosen by the caller.
@@ -281,21 +302,23 @@ impl Gate {
 fn may_store(user: UserId, item: &Item) -> Result<(), GateError> {
     match item {
         Item::Block(b) if b.owner != user => Err(GateError::NotYours(
-            "a block is stored under its owner's id",
+            "a block is stored under its owner's id".into(),
         )),
-        Item::Tombstone(t) if record::user_id(&t.owner_key) != user => {
-            Err(GateError::NotYours("only a block's owner deletes it"))
-        }
+        Item::Tombstone(t) if record::user_id(&t.owner_key) != user => Err(GateError::NotYours(
+            "only a block's owner deletes it".into(),
+        )),
         Item::Record(r) => match r.as_ref() {
             Record::PubKey(pk) if record::user_id(&pk.signing_key) != user => Err(
-                GateError::NotYours("a key record is registered by its own key"),
+                GateError::NotYours("a key record is registered by its own key".into()),
             ),
-            Record::TxLog(l) if record::user_id(&l.owner_key) != user => {
-                Err(GateError::NotYours("a transaction log is its owner's"))
+            Record::TxLog(l) if record::user_id(&l.owner_key) != user => Err(GateError::NotYours(
+                "a transaction log is its owner's".into(),
+            )),
+            Record::Manifest(m) if record::user_id(&m.signer_key) != user => {
+                Err(GateError::NotYours(
+                    "a manifest version is stored by the user who signed it".into(),
+                ))
             }
-            Record::Manifest(m) if record::user_id(&m.signer_key) != user => Err(
-                GateError::NotYours("a manifest version is stored by the user who signed it"),
-            ),
             _ => Ok(()),
         },
         _ => Ok(()),

@@ -30,7 +30,7 @@
 //! | 3 | to initiator | Challenge |
 //! | 4 | to initiator | Finish |
 //! | 5 | to initiator | reset: "I have no session for you; open a new one" |
-//! | 6 | to initiator | a session frame from the responder (registration replies) |
+//! | 6 | to initiator | a session frame from the responder (registration and client replies) |
 //!
 //! ## Registration
 //!
@@ -46,6 +46,22 @@
 //! may register with each of those machines in turn: a machine with a
 //! valid chain that asks is endorsed directly, and the shortest chain is
 //! kept. [`Links::poll_event`] reports a completed registration.
+//!
+//! ## Clients
+//!
+//! A user's client opens a session with its user key and presents the
+//! [`CLIENT_CREDENTIAL`] marker instead of an endorsement chain (the
+//! credential is covered by the handshake signature, so the role is
+//! proven, not assumed). A node gives such a peer a client session, on
+//! which only calls travel: [`Links::call`] seals a signed
+//! [`ClientRequest`] to the node, the node takes it from
+//! [`Links::poll_call`] (the request must be signed by the very key that
+//! proved itself in the handshake), hands it to its gate, and answers with
+//! [`Links::answer`] on the same session; the client takes the answer from
+//! [`Links::poll_answer`]. A client session never carries a Chord message
+//! or a registration, and each has a bound on calls in progress. The
+//! client checks the node's endorsement chain like any machine does, so it
+//! talks only to nodes its trust leads to.
 //!
 //! ## Trust
 //!
@@ -65,6 +81,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::endorse::{decode_chain, encode_chain, endorse, TrustStore};
+use crate::gate::{ClientRequest, GateError, GateReply};
 use crate::id::Id;
 use crate::record::Signer;
 use crate::session::{
@@ -95,6 +112,10 @@ const FRAME_BACK: u8 = 6;
 /// Machines named in a registration reply, at most.
 const KNOWN_MAX: usize = 32;
 
+/// What a client presents instead of an endorsement chain: "I am a user's
+/// client, not a machine of the ring". Signed into the handshake.
+pub const CLIENT_CREDENTIAL: &[u8] = b"peerstore/client/v1";
+
 /// Parameters of a machine's links.
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
@@ -108,6 +129,11 @@ pub struct LinkConfig {
     pub vnodes_max: u32,
     /// How long the endorsements this machine gives are valid.
     pub endorse_ttl_ms: u64,
+    /// Whether this machine opens client sessions for users' clients.
+    pub serve_clients: bool,
+    /// Calls one client session may have in progress; more are answered
+    /// "busy" at once.
+    pub client_calls_max: usize,
 }
 
 impl Default for LinkConfig {
@@ -119,6 +145,8 @@ impl Default for LinkConfig {
             handshake_timeout_ms: 10_000,
             vnodes_max: 64,
             endorse_ttl_ms: 30 * 24 * 60 * 60 * 1000,
+            serve_clients: true,
+            client_calls_max: 64,
         }
     }
 }
@@ -149,6 +177,15 @@ pub struct LinkStats {
     pub endorsements_given: u64,
     /// Endorsement chains this machine received and accepted.
     pub endorsements_received: u64,
+    /// Client sessions opened for users' clients.
+    pub client_sessions: u64,
+    /// Calls taken from clients and handed to the caller.
+    pub calls_received: u64,
+    /// Calls refused by the links: over the session's bound, or signed
+    /// by a key other than the session's.
+    pub calls_refused: u64,
+    /// Answers received (on a client's links).
+    pub answers_received: u64,
 }
 
 impl std::ops::AddAssign<&LinkStats> for LinkStats {
@@ -166,6 +203,10 @@ impl std::ops::AddAssign<&LinkStats> for LinkStats {
             dropped,
             endorsements_given,
             endorsements_received,
+            client_sessions,
+            calls_received,
+            calls_refused,
+            answers_received,
         } = o;
         self.handshakes_started += handshakes_started;
         self.handshakes_done += handshakes_done;
@@ -179,6 +220,10 @@ impl std::ops::AddAssign<&LinkStats> for LinkStats {
         self.dropped += dropped;
         self.endorsements_given += endorsements_given;
         self.endorsements_received += endorsements_received;
+        self.client_sessions += client_sessions;
+        self.calls_received += calls_received;
+        self.calls_refused += calls_refused;
+        self.answers_received += answers_received;
     }
 }
 
@@ -211,12 +256,23 @@ pub struct Delivery {
     pub msg: Message,
 }
 
+/// A client's request as the node receives it: `from` is the client's
+/// session, `id` the client's handle for the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub from: Addr,
+    pub id: u64,
+    pub req: ClientRequest,
+}
+
 /// What a frame carries (the two forms encode alike).
 #[derive(Serialize)]
 enum PayloadRef<'a> {
     Msg { from: Id, to: Id, msg: &'a Message },
     Register { addr: &'a str },
     Endorsed { chain: &'a [u8], known: &'a [Addr] },
+    Call { id: u64, req: &'a ClientRequest },
+    Answer { id: u64, reply: &'a GateReply },
 }
 
 #[derive(Deserialize)]
@@ -224,6 +280,8 @@ enum Payload {
     Msg { from: Id, to: Id, msg: Message },
     Register { addr: String },
     Endorsed { chain: Vec<u8>, known: Vec<Addr> },
+    Call { id: u64, req: ClientRequest },
+    Answer { id: u64, reply: GateReply },
 }
 
 /// An open session and the ring ids its peer's key owns (its virtual
@@ -270,6 +328,11 @@ enum Incoming {
     /// An admitted but not yet endorsed machine: only a registration
     /// request is accepted on this session.
     Probation(Box<Peered>),
+    /// A user's client: only calls, at most `client_calls_max` at once.
+    Client {
+        p: Box<Peered>,
+        calls: usize,
+    },
 }
 
 /// One machine's secure links to its peers.
@@ -278,7 +341,8 @@ pub struct Links {
     identity: Signer,
     credential: Vec<u8>,
     trust: TrustStore,
-    responder: Responder,
+    /// None on a client's links: a client only opens sessions.
+    responder: Option<Responder>,
     limiter: HandshakeLimiter<Addr>,
     out: BTreeMap<Addr, Outgoing>,
     inc: BTreeMap<Addr, Incoming>,
@@ -286,6 +350,8 @@ pub struct Links {
     /// SHA-256 of keys this machine endorses when they ask.
     admitted: BTreeSet<[u8; 32]>,
     events: VecDeque<LinkEvent>,
+    calls: VecDeque<Call>,
+    answers: VecDeque<(Addr, u64, GateReply)>,
     rng: ChaCha20Rng,
     stats: LinkStats,
 }
@@ -313,6 +379,17 @@ impl Links {
         responder: Responder,
         seed: u64,
     ) -> Links {
+        Links::build(cfg, identity, credential, trust, Some(responder), seed)
+    }
+
+    fn build(
+        cfg: LinkConfig,
+        identity: Signer,
+        credential: Vec<u8>,
+        trust: TrustStore,
+        responder: Option<Responder>,
+        seed: u64,
+    ) -> Links {
         let limiter = HandshakeLimiter::new(cfg.limiter);
         Links {
             cfg,
@@ -326,9 +403,19 @@ impl Links {
             outbox: VecDeque::new(),
             admitted: BTreeSet::new(),
             events: VecDeque::new(),
+            calls: VecDeque::new(),
+            answers: VecDeque::new(),
             rng: ChaCha20Rng::seed_from_u64(seed),
             stats: LinkStats::default(),
         }
+    }
+
+    /// A user's client links: sessions as `user` (presenting
+    /// [`CLIENT_CREDENTIAL`]) to nodes whose chains lead to `trust`; it
+    /// answers no handshakes. `seed` seeds the IVs and nonces (a real
+    /// client passes fresh OS randomness).
+    pub fn client(cfg: LinkConfig, user: Signer, trust: TrustStore, seed: u64) -> Links {
+        Links::build(cfg, user, CLIENT_CREDENTIAL.to_vec(), trust, None, seed)
     }
 
     pub fn stats(&self) -> &LinkStats {
@@ -349,7 +436,55 @@ impl Links {
 
     /// Whether this machine presents an endorsement chain.
     pub fn endorsed(&self) -> bool {
-        !self.credential.is_empty()
+        !self.credential.is_empty() && self.credential != CLIENT_CREDENTIAL
+    }
+
+    /// Sends a client's signed request to the node at `node`; its answer
+    /// comes back through [`Links::poll_answer`] with the same `id`.
+    pub fn call(&mut self, now_ms: u64, node: Addr, id: u64, req: &ClientRequest) {
+        match postcard::to_allocvec(&PayloadRef::Call { id, req }) {
+            Ok(plain) => self.enqueue(now_ms, node, None, plain),
+            Err(_) => self.stats.dropped += 1,
+        }
+    }
+
+    /// The next client request for the caller's gate (node side).
+    pub fn poll_call(&mut self) -> Option<Call> {
+        self.calls.pop_front()
+    }
+
+    /// Answers call `id` on the client session from `client` (node side).
+    /// Dropped if the session is gone (the client will open a new one and
+    /// ask again).
+    pub fn answer(&mut self, client: Addr, id: u64, reply: &GateReply) {
+        let Some(Incoming::Client { p, calls }) = self.inc.get_mut(&client) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        *calls = calls.saturating_sub(1);
+        let plain = match postcard::to_allocvec(&PayloadRef::Answer { id, reply }) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        match p.session.seal(&mut self.rng, &plain) {
+            Ok(frame) => {
+                self.stats.frames_sent += 1;
+                self.push(client, FRAME_BACK, &frame);
+            }
+            Err(_) => {
+                self.stats.dropped += 1;
+                self.inc.remove(&client);
+            }
+        }
+    }
+
+    /// The next answer to one of our calls (client side): the node it came
+    /// from, the call's id, the reply.
+    pub fn poll_answer(&mut self) -> Option<(Addr, u64, GateReply)> {
+        self.answers.pop_front()
     }
 
     /// The next event for the caller.
@@ -517,7 +652,12 @@ impl Links {
             self.stats.refused_rate += 1;
             return;
         }
-        match self.responder.handle_hello(&mut self.rng, now_ms, body) {
+        let Some(responder) = self.responder.as_mut() else {
+            // A client answers no handshakes.
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        match responder.handle_hello(&mut self.rng, now_ms, body) {
             Ok((hs, challenge)) => {
                 // A new connection from that address replaces the old one.
                 self.inc.insert(from, Incoming::Challenged(hs));
@@ -532,10 +672,26 @@ impl Links {
             self.stats.bad_handshakes += 1;
             return;
         };
-        match self.responder.handle_auth(&mut self.rng, now_ms, hs, body) {
+        let Some(responder) = self.responder.as_mut() else {
+            self.stats.bad_handshakes += 1;
+            return;
+        };
+        match responder.handle_auth(&mut self.rng, now_ms, hs, body) {
             Ok((session, finish)) => {
                 let vnodes_max = self.cfg.vnodes_max;
-                let state = if self.trusted(session.peer(), now_ms) {
+                let state = if session.peer().credential == CLIENT_CREDENTIAL {
+                    if !self.cfg.serve_clients {
+                        self.stats.refused_untrusted += 1;
+                        return;
+                    }
+                    // A user's client: calls only (their signatures are the
+                    // gate's to check).
+                    self.stats.client_sessions += 1;
+                    Incoming::Client {
+                        p: Peered::new(session, 1),
+                        calls: 0,
+                    }
+                } else if self.trusted(session.peer(), now_ms) {
                     Incoming::Open(Peered::new(session, vnodes_max))
                 } else if self.admitted.contains(&sha256(&session.peer().key_der)) {
                     // Approved by the operator but not yet endorsed: it may
@@ -559,6 +715,10 @@ impl Links {
         let (p, probation) = match self.inc.get_mut(&from) {
             Some(Incoming::Open(p)) => (p, false),
             Some(Incoming::Probation(p)) => (p, true),
+            Some(Incoming::Client { .. }) => {
+                self.on_client_frame(from, body);
+                return Vec::new();
+            }
             _ => {
                 // No session (we restarted, or it died): tell the sender.
                 self.push(from, RESET, &[]);
@@ -606,6 +766,50 @@ impl Links {
             to,
             msg,
         }]
+    }
+
+    /// A frame on a client session: a call, or nothing.
+    fn on_client_frame(&mut self, from: Addr, body: &[u8]) {
+        let Some(Incoming::Client { p, calls }) = self.inc.get_mut(&from) else {
+            return;
+        };
+        let plain = match p.session.open(body) {
+            Ok(Opened::Data(d)) => d,
+            Ok(Opened::Close) => {
+                self.inc.remove(&from);
+                return;
+            }
+            Err(_) => {
+                self.stats.bad_frames += 1;
+                self.inc.remove(&from);
+                self.push(from, RESET, &[]);
+                return;
+            }
+        };
+        let Ok(Payload::Call { id, req }) = postcard::from_bytes::<Payload>(&plain) else {
+            // A Chord message, a registration or garbage: not on a client
+            // session.
+            self.stats.bad_frames += 1;
+            return;
+        };
+        let refusal = if req.auth.user_key != p.session.peer().key_der {
+            // Someone else's signed request, replayed over this session.
+            Some(GateError::Auth(crate::reqauth::AuthError::WrongKey))
+        } else if *calls >= self.cfg.client_calls_max {
+            Some(GateError::Busy)
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            self.stats.calls_refused += 1;
+            *calls += 1; // `answer` takes it back off
+            let reply = GateReply::refusal(&req, e);
+            self.answer(from, id, &reply);
+            return;
+        }
+        *calls += 1;
+        self.stats.calls_received += 1;
+        self.calls.push_back(Call { from, id, req });
     }
 
     /// The machine on the incoming session from `from` asks for our
@@ -692,9 +896,17 @@ impl Links {
                 return;
             }
         };
-        let Ok(Payload::Endorsed { chain, known }) = postcard::from_bytes::<Payload>(&plain) else {
-            self.stats.bad_frames += 1;
-            return;
+        let (chain, known) = match postcard::from_bytes::<Payload>(&plain) {
+            Ok(Payload::Endorsed { chain, known }) => (chain, known),
+            Ok(Payload::Answer { id, reply }) if self.credential == CLIENT_CREDENTIAL => {
+                self.stats.answers_received += 1;
+                self.answers.push_back((from, id, reply));
+                return;
+            }
+            _ => {
+                self.stats.bad_frames += 1;
+                return;
+            }
         };
         let Ok(links) = decode_chain(&chain) else {
             self.stats.bad_frames += 1;
@@ -713,8 +925,10 @@ impl Links {
         self.stats.endorsements_received += 1;
         let current = decode_chain(&self.credential).map(|c| c.len()).ok();
         if self.credential.is_empty() || current.is_some_and(|n| links.len() < n) {
-            if self.responder.set_credential(chain.clone()).is_err() {
-                return;
+            if let Some(r) = self.responder.as_mut() {
+                if r.set_credential(chain.clone()).is_err() {
+                    return;
+                }
             }
             self.credential = chain;
         }
@@ -1127,6 +1341,127 @@ mod tests {
         let got = run(&mut ms, false);
         assert!(got[1].is_empty());
         assert_eq!(ms[1].stats().bad_frames, 1);
+    }
+
+    /// A user's client (user key `i`) trusting the root.
+    fn client(i: usize) -> Links {
+        let mut trust = TrustStore::new(BITS);
+        trust.add_root(key(ROOT).public_der()).expect("root");
+        Links::client(cfg(), key(i).clone(), trust, 100 + i as u64)
+    }
+
+    fn get_request(user: usize, node: usize, n: u8) -> ClientRequest {
+        let mut rng = ChaCha20Rng::seed_from_u64(u64::from(n));
+        let op = crate::gate::ClientOp::Get(Id([n; 20]));
+        ClientRequest::new(key(user), peer(node).id, op, NOW, &mut rng)
+    }
+
+    fn calls(m: &mut Links) -> Vec<Call> {
+        std::iter::from_fn(|| m.poll_call()).collect()
+    }
+
+    #[test]
+    fn a_client_calls_a_node_over_a_session_and_gets_the_answer_back() {
+        let mut ms = vec![machine(0, true), machine(1, true), client(2)];
+        let req = get_request(2, 1, 1);
+        ms[2].call(NOW, addr(1), 7, &req);
+        run(&mut ms, false);
+        let got = calls(&mut ms[1]);
+        assert_eq!(
+            got,
+            vec![Call {
+                from: addr(2),
+                id: 7,
+                req
+            }]
+        );
+        assert_eq!(ms[1].stats().client_sessions, 1);
+        let reply = GateReply::Get(Ok(None));
+        ms[1].answer(addr(2), 7, &reply);
+        run(&mut ms, false);
+        assert_eq!(ms[2].poll_answer(), Some((addr(1), 7, reply)));
+        assert_eq!(ms[2].poll_answer(), None);
+        // A client is not an endorsed machine.
+        assert!(!ms[2].endorsed());
+    }
+
+    #[test]
+    fn a_client_session_carries_no_chord_messages_and_no_registration() {
+        let mut ms = vec![machine(0, true), machine(1, true), client(2)];
+        ms[1].admit(fingerprint(2)); // even admitted, a client stays a client
+        ms[2].send(NOW, peer(2).id, peer(1), &ping(1));
+        ms[2].register(NOW, addr(1), "slot:2");
+        let got = run(&mut ms, false);
+        assert!(got[1].is_empty(), "no Chord message from a client");
+        assert_eq!(ms[1].stats().bad_frames, 2);
+        assert_eq!(ms[1].stats().endorsements_given, 0);
+        assert!(calls(&mut ms[1]).is_empty());
+    }
+
+    #[test]
+    fn a_request_signed_by_another_key_is_answered_wrong_key_not_passed_on() {
+        let mut ms = vec![machine(0, true), machine(1, true), client(2)];
+        // User 3's signed request, captured and sent over user 2's session.
+        let stolen = get_request(3, 1, 2);
+        ms[2].call(NOW, addr(1), 9, &stolen);
+        run(&mut ms, false);
+        assert!(calls(&mut ms[1]).is_empty());
+        assert_eq!(ms[1].stats().calls_refused, 1);
+        assert_eq!(
+            ms[2].poll_answer(),
+            Some((
+                addr(1),
+                9,
+                GateReply::Get(Err(GateError::Auth(crate::reqauth::AuthError::WrongKey)))
+            ))
+        );
+    }
+
+    #[test]
+    fn calls_beyond_the_session_bound_are_answered_busy() {
+        let mut ms = vec![machine(0, true), machine(1, true), client(2)];
+        let max = cfg().client_calls_max;
+        for n in 0..max + 2 {
+            ms[2].call(NOW, addr(1), n as u64, &get_request(2, 1, n as u8));
+        }
+        run(&mut ms, false);
+        assert_eq!(calls(&mut ms[1]).len(), max);
+        let busy: Vec<u64> = std::iter::from_fn(|| ms[2].poll_answer())
+            .map(|(_, id, r)| {
+                assert_eq!(r, GateReply::Get(Err(GateError::Busy)));
+                id
+            })
+            .collect();
+        assert_eq!(busy, vec![max as u64, max as u64 + 1]);
+        // Answering one frees a place.
+        ms[1].answer(addr(2), 0, &GateReply::Get(Ok(None)));
+        ms[2].call(NOW, addr(1), 1000, &get_request(2, 1, 200));
+        run(&mut ms, false);
+        assert_eq!(calls(&mut ms[1]).len(), 1);
+    }
+
+    #[test]
+    fn a_client_talks_only_to_nodes_its_trust_leads_to_and_nodes_may_refuse_clients() {
+        let mut ms = vec![machine(0, true), machine(1, false), client(2)];
+        ms[2].call(NOW, addr(1), 1, &get_request(2, 1, 1));
+        run(&mut ms, false);
+        assert!(calls(&mut ms[1]).is_empty(), "sent nothing to a stranger");
+        assert_eq!(ms[2].stats().refused_untrusted, 1);
+
+        let mut ms = vec![machine(0, true), machine(1, true), client(2)];
+        let mut c = cfg();
+        c.serve_clients = false;
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let cred = ms[1].credential().to_vec();
+        let responder = Responder::new(&mut rng, NOW, &c.session, key(1), cred.clone()).unwrap();
+        let mut trust = TrustStore::new(BITS);
+        trust.add_root(key(ROOT).public_der()).expect("root");
+        ms[1] = Links::new(c, key(1).clone(), cred, trust, responder, 1);
+        ms[2].call(NOW, addr(1), 1, &get_request(2, 1, 1));
+        run(&mut ms, false);
+        assert!(calls(&mut ms[1]).is_empty());
+        assert_eq!(ms[1].stats().refused_untrusted, 1);
+        assert_eq!(ms[1].stats().client_sessions, 0);
     }
 
     #[test]

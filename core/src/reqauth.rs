@@ -127,7 +127,7 @@ impl SignedRequest {
 }
 
 /// Why a request was refused. Each says what to do about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum AuthError {
     /// No public key record is registered for the user.
     #[error("unknown user: no public key is registered for this user id; register first")]

@@ -203,8 +203,9 @@ impl Report {
                 );
             }
             s += &format!(
-                "client gates: {} signed requests, {} refused; unregistered client: {} puts, {} acked\n",
-                sec.gate_requests, sec.gate_refused, sec.rogue_client_puts, sec.rogue_client_puts_acked
+                "client gates: {} signed requests over {} client sessions ({} calls taken, {} refused by the links), {} refused by gates; unregistered client: {} puts, {} acked\n",
+                sec.gate_requests, sec.links.client_sessions, sec.links.calls_received,
+                sec.links.calls_refused, sec.gate_refused, sec.rogue_client_puts, sec.rogue_client_puts_acked
             );
             if !sec.passed() {
                 s += "SECURITY FAILED: an unendorsed machine got in\n";

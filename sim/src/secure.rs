@@ -146,3 +146,11 @@ pub fn links(key: &Signer, addr: &str, credential: Credential, now_ms: u64, seed
     .expect("responder");
     Links::new(cfg, key.clone(), credential, trust, responder, seed)
 }
+
+/// The links of a user's client: sessions as `user` to nodes endorsed
+/// under the operators' root.
+pub fn client_links(user: &Signer, seed: u64) -> Links {
+    let mut trust = TrustStore::new(SIM_KEY_BITS);
+    trust.add_root(root().public_der()).expect("root key");
+    Links::client(link_config(), user.clone(), trust, seed)
+}

@@ -223,6 +223,14 @@ pub struct World {
     gate_cmds: BTreeMap<CmdId, (u32, GateCmd)>,
     /// Requests from a client whose user never registered.
     rogue_cmds: std::collections::BTreeSet<CmdId>,
+    /// Each simulated user's client (with `--secure`): its own links, at
+    /// address `CLIENT_BASE + index`. Index `users().len()` is the user
+    /// who never registered.
+    clients: Vec<Links>,
+    /// Calls a gate is working on: (node slot, gate client handle) to the
+    /// client's address and its call id.
+    gate_calls: BTreeMap<(u32, u64), (Addr, CmdId)>,
+    next_gate_call: u64,
     next_cut: u64,
     trace: TraceHash,
     tail: VecDeque<TraceRec>,
@@ -329,6 +337,11 @@ impl TraceHash {
     }
 }
 
+/// Client addresses start here (machine heads are slot numbers below it).
+const CLIENT_BASE: u32 = 1 << 30;
+/// A client's hop to the node it calls (it runs beside it).
+const CLIENT_HOP_MS: u64 = 1;
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -383,6 +396,9 @@ impl World {
             gates: BTreeMap::new(),
             gate_cmds: BTreeMap::new(),
             rogue_cmds: Default::default(),
+            clients: Vec::new(),
+            gate_calls: BTreeMap::new(),
+            next_gate_call: 0,
             next_cut: 0,
             trace: TraceHash::default(),
             tail: VecDeque::new(),
@@ -573,6 +589,7 @@ impl World {
     fn retire(&mut self, k: u32) {
         self.remove_member(k);
         self.gates.remove(&k);
+        self.gate_calls.retain(|(g, _), _| *g != k);
         let s = &mut self.slots[k as usize];
         if let Some(n) = s.node.take() {
             let st = n.stats();
@@ -591,6 +608,11 @@ impl World {
             let m = self.machine(k);
             if let Some(l) = self.links.get_mut(m).and_then(Option::take) {
                 self.retired_links += l.stats();
+            }
+            // Its clients' connections close with it (as TCP's would).
+            let head = Addr::Slot(self.slots[k as usize].head);
+            for c in &mut self.clients {
+                c.reset(head);
             }
         }
     }
@@ -644,6 +666,19 @@ impl World {
                 return;
             };
             let Addr::Slot(to) = p.to else { continue };
+            if to >= CLIENT_BASE {
+                // A client sits beside the node it calls: a fixed short hop,
+                // in order, never lost.
+                self.push(
+                    self.now + CLIENT_HOP_MS,
+                    Ev::Packet {
+                        to,
+                        from: Addr::Slot(head),
+                        bytes: p.bytes,
+                    },
+                );
+                continue;
+            }
             if let Some(d) = self.net.route_stream(&mut self.rng_net, self.now, head, to) {
                 let last = self.link_fifo.entry((head, to)).or_insert(0);
                 let at = (self.now + d).max(*last);
@@ -662,6 +697,9 @@ impl World {
 
     /// Bytes arrived at machine `head` on a secure link.
     fn on_packet(&mut self, head: u32, from: Addr, bytes: Vec<u8>) {
+        if head >= CLIENT_BASE {
+            return self.on_client_packet((head - CLIENT_BASE) as usize, from, bytes);
+        }
         if self.host_live(head).is_empty() {
             return;
         }
@@ -731,6 +769,80 @@ impl World {
                 Input::Message {
                     from: d.from,
                     msg: d.msg,
+                },
+            );
+        }
+        self.take_calls(head);
+    }
+
+    /// Hands the client calls that reached machine `head` to the gate of
+    /// the node each names.
+    fn take_calls(&mut self, head: u32) {
+        let m = self.machine(head);
+        let mut calls = Vec::new();
+        while let Some(c) = self.links.get_mut(m).and_then(|l| l.as_mut()?.poll_call()) {
+            calls.push(c);
+        }
+        for call in calls {
+            // The node the request names (the gate refuses any other).
+            let named = call.req.node().and_then(|node| {
+                self.host_slots(head)
+                    .find(|&j| self.slots[j as usize].peer.id == node)
+            });
+            let k = named.unwrap_or(head);
+            if self.slots[k as usize].node.is_none() {
+                let reply = GateReply::refusal(
+                    &call.req,
+                    peerstore_core::gate::GateError::Store(peerstore_core::StoreError::NotJoined),
+                );
+                if let Some(l) = self.links.get_mut(m).and_then(Option::as_mut) {
+                    l.answer(call.from, call.id, &reply);
+                }
+                continue;
+            }
+            self.next_gate_call += 1;
+            let handle = self.next_gate_call;
+            self.gate_calls.insert((k, handle), (call.from, call.id));
+            let me = self.slots[k as usize].peer.id;
+            let cfg = peerstore_core::reqauth::GuardConfig {
+                min_key_bits: crate::secure::SIM_KEY_BITS,
+                ..Default::default()
+            };
+            self.gates
+                .entry(k)
+                .or_insert_with(|| Gate::new(me, cfg))
+                .request(self.now, handle, call.req);
+            self.pump_gate(k);
+        }
+        self.flush_links(head);
+    }
+
+    /// Bytes arrived at client `c` from a node.
+    fn on_client_packet(&mut self, c: usize, from: Addr, bytes: Vec<u8>) {
+        let Some(client) = self.clients.get_mut(c) else {
+            return;
+        };
+        let _ = client.receive(self.now, from, &bytes);
+        let mut answers = Vec::new();
+        while let Some(a) = client.poll_answer() {
+            answers.push(a);
+        }
+        self.flush_client(c);
+        for (_, id, reply) in answers {
+            self.on_answer(id, reply);
+        }
+    }
+
+    /// Puts client `c`'s packets on its hop to the node it calls.
+    fn flush_client(&mut self, c: usize) {
+        while let Some(p) = self.clients.get_mut(c).and_then(Links::poll_packet) {
+            let Addr::Slot(to) = p.to else { continue };
+            self.push(
+                self.now + CLIENT_HOP_MS,
+                Ev::Packet {
+                    to,
+                    from: Addr::Slot(CLIENT_BASE + c as u32),
+                    bytes: p.bytes,
                 },
             );
         }
@@ -2277,19 +2389,30 @@ impl World {
             .is_some_and(|e| matches!(e, Expect::Block(_)))
     }
 
-    /// A client's request `id`, signed by `signer`, to node `k`'s gate.
+    /// A client's request `id`, signed by `signer`, to node `k`: sent by
+    /// that user's client over its secure session to `k`'s machine, where
+    /// the node's gate checks it; the answer comes back the same way.
     fn gate_request(&mut self, k: u32, id: CmdId, op: ClientOp, signer: &Signer) {
         let me = self.slots[k as usize].peer.id;
         let req = ClientRequest::new(signer, me, op, self.now, &mut self.rng_sig);
-        let cfg = peerstore_core::reqauth::GuardConfig {
-            min_key_bits: crate::secure::SIM_KEY_BITS,
-            ..Default::default()
-        };
-        self.gates
-            .entry(k)
-            .or_insert_with(|| Gate::new(me, cfg))
-            .request(self.now, id, req);
-        self.pump_gate(k);
+        if self.clients.is_empty() {
+            let users = crate::storage::users();
+            let everyone = users.iter().chain([crate::secure::rogue_user()]);
+            self.clients = everyone
+                .enumerate()
+                .map(|(i, u)| {
+                    crate::secure::client_links(u, splitmix(self.cfg.seed ^ 0xc11e ^ i as u64))
+                })
+                .collect();
+        }
+        let users = crate::storage::users();
+        let c = users
+            .iter()
+            .position(|u| u.public_der() == signer.public_der())
+            .unwrap_or(users.len());
+        let node = Addr::Slot(self.slots[k as usize].head);
+        self.clients[c].call(self.now, node, id, &req);
+        self.flush_client(c);
     }
 
     /// Runs what node `k`'s gate asks for, and passes its answers on.
@@ -2305,7 +2428,26 @@ impl World {
                     self.gate_cmds.insert(id, (k, gc));
                     self.handle(k, Input::Command(id, c));
                 }
-                GateOutput::Reply(client, GateReply::Put(r)) => {
+                GateOutput::Reply(handle, reply) => {
+                    let Some((client, id)) = self.gate_calls.remove(&(k, handle)) else {
+                        continue;
+                    };
+                    let m = self.machine(k);
+                    if let Some(l) = self.links.get_mut(m).and_then(Option::as_mut) {
+                        l.answer(client, id, &reply);
+                    }
+                    let head = self.slots[k as usize].head;
+                    self.flush_links(head);
+                }
+            }
+        }
+    }
+
+    /// A node's answer to the client call `client` reached the client.
+    fn on_answer(&mut self, client: CmdId, reply: GateReply) {
+        {
+            match reply {
+                GateReply::Put(r) => {
                     self.sec.gate_requests += 1;
                     if matches!(&r, Err(e) if !matches!(e, peerstore_core::gate::GateError::Store(_)))
                     {
@@ -2315,7 +2457,7 @@ impl World {
                         if r.is_ok() {
                             self.sec.rogue_client_puts_acked += 1;
                         }
-                        continue;
+                        return;
                     }
                     let key = self
                         .store
@@ -2332,7 +2474,7 @@ impl World {
                         .map_err(gate_error);
                     self.on_put_reply(client, r);
                 }
-                GateOutput::Reply(client, GateReply::Get(r)) => {
+                GateReply::Get(r) => {
                     self.sec.gate_requests += 1;
                     self.on_get_reply(client, r.map_err(gate_error));
                 }
@@ -2843,7 +2985,7 @@ impl World {
         self.count_attacker_pointers();
         let mut rep = std::mem::take(&mut self.sec);
         rep.links = self.retired_links.clone();
-        for l in self.links.iter().flatten() {
+        for l in self.links.iter().flatten().chain(&self.clients) {
             rep.links += l.stats();
         }
         rep.attackers = self.cfg.attackers as u64;

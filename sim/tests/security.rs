@@ -2,8 +2,9 @@
 //! storage and durability checkers still pass, machines arriving later
 //! register with a member (which their operator approved them on) before
 //! they join, machines whose endorsement chain leads to no trusted key
-//! never get in, clients sign their requests and each node's gate checks
-//! them, and a user who never registered stores nothing.
+//! never get in, clients reach nodes over their own secure sessions and
+//! sign their requests, each node's gate checks them, and a user who never
+//! registered stores nothing.
 
 mod common;
 
@@ -28,7 +29,7 @@ fn secure(seed: u64, attackers: usize) -> SimConfig {
 fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     let n = common::seeds(200) / 20;
     let (mut refused, mut attack_puts, mut frames, mut registered) = (0, 0, 0, 0);
-    let (mut gated, mut rogue) = (0, 0);
+    let (mut gated, mut rogue, mut client_sessions, mut calls) = (0, 0, 0, 0);
     let bad = common::sweep(
         n,
         700_000,
@@ -41,6 +42,8 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
             registered += sec.registrations;
             gated += sec.gate_requests;
             rogue += sec.rogue_client_puts;
+            client_sessions += sec.links.client_sessions;
+            calls += sec.links.calls_received;
         },
     );
     assert!(
@@ -64,6 +67,12 @@ fn secure_swarm_runs_pass_every_checker_and_keep_attackers_out() {
     assert!(
         gated > 100 * n && rogue > 0,
         "{gated} gated requests, {rogue} rogue puts"
+    );
+    // ...and every request travelled over a client's own session: the
+    // gates answered nothing the links had not taken as a call.
+    assert!(
+        client_sessions >= 5 * n && calls >= gated,
+        "{client_sessions} client sessions, {calls} calls, {gated} answered"
     );
 }
 
