@@ -42,6 +42,22 @@ pub enum ClientOp {
     Put(Item),
     /// Read the item at a ring position.
     Get(Id),
+    /// The ring as the node sees it. Answered by the machine, not the
+    /// gate (see [`crate::machine`]): any client with a session may ask.
+    Status,
+}
+
+/// The ring as one node sees it (the answer to [`ClientOp::Status`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingStatus {
+    pub me: crate::wire::Peer,
+    pub joined: bool,
+    pub successors: Vec<crate::wire::Peer>,
+    pub predecessor: Option<crate::wire::Peer>,
+    /// Distinct peers in the finger table.
+    pub fingers: Vec<crate::wire::Peer>,
+    pub items: u64,
+    pub bytes: u64,
 }
 
 /// The bytes a client signs: the node it addresses and the operation.
@@ -108,6 +124,7 @@ pub enum GateError {
 pub enum GateReply {
     Put(Result<(), GateError>),
     Get(Result<Option<Item>, GateError>),
+    Status(Box<RingStatus>),
 }
 
 impl GateReply {
@@ -279,6 +296,11 @@ impl Gate {
         }
         let user = req.auth.user();
         let command = match body.op {
+            ClientOp::Status => {
+                // The machine answers these; one that reaches the gate is
+                // not something it does.
+                return self.reply(client, false, Err(AuthError::Malformed.into()));
+            }
             ClientOp::Get(key) => Command::Get(key),
             ClientOp::Put(item) => {
                 if let Err(e) = may_store(user, &item) {

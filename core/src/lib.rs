@@ -14,6 +14,7 @@ pub mod id;
 pub mod identity;
 pub mod link;
 pub mod lookup;
+pub mod machine;
 pub mod node;
 pub mod record;
 pub mod reqauth;

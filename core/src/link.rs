@@ -1010,6 +1010,16 @@ impl Links {
         self.inc.remove(&peer);
     }
 
+    /// The ring id (first position) of the key on our open session to
+    /// `peer`: how a machine that knows only an address learns whom it
+    /// talks to.
+    pub fn peer_id(&self, peer: Addr) -> Option<Id> {
+        match self.out.get(&peer) {
+            Some(Outgoing::Open(p)) => p.ids.first().copied(),
+            _ => None,
+        }
+    }
+
     /// Ids of the peers with an open outgoing session (for tests).
     pub fn open_peers(&self) -> BTreeSet<Addr> {
         self.out

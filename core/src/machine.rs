@@ -1,0 +1,644 @@
+//! One real machine of the ring as a value: its Chord node, its secure
+//! links and its client gate, wired together the way the daemon runs them.
+//!
+//! The daemon (`peerstore-node`, through `peerstore-net`) owns sockets,
+//! clocks and the disk; everything else happens here, sans-IO, so a test
+//! can wire a few machines together in memory and watch a ring form, a
+//! node register, a client store and read. Inputs: packets
+//! ([`Machine::receive`]), time ([`Machine::tick`]), finished disk work
+//! ([`Machine::storage_done`]). Outputs ([`Machine::poll`]): packets to
+//! put on the wire, disk work to carry out, and events worth logging.
+//!
+//! A machine holds one ring position (its id is [`vnode_id`] of its key,
+//! index 0). Everything a peer sends arrives through [`Links`], so only
+//! endorsed machines reach the node and only clients' signed requests
+//! reach the gate. A client's [`ClientOp::Status`] is answered here, from
+//! the node's own view, without the DHT.
+//!
+//! Joining: a machine that is not yet endorsed first registers with its
+//! entry (which its operator admitted it on), and joins once the entry
+//! answers; one that already presents a chain registers anyway (an
+//! endorsed machine is endorsed again directly), which is how it learns
+//! the entry's ring id before it joins through it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::config::Config;
+use crate::gate::{ClientOp, Gate, GateCmd, GateOutput, GateReply, RingStatus};
+use crate::id::Id;
+use crate::link::{Call, LinkConfig, LinkEvent, Links, Packet};
+use crate::node::{CmdId, CmdResult, Command, Event, Input, IoId, Node, Output, Status};
+use crate::node::{StorageOp, StorageResult};
+use crate::reqauth::GuardConfig;
+use crate::store::Item;
+use crate::wire::{Addr, Peer};
+
+/// Settings of a machine.
+#[derive(Clone, Debug, Default)]
+pub struct MachineConfig {
+    pub node: Config,
+    pub link: LinkConfig,
+    pub guard: GuardConfig,
+}
+
+/// Something the daemon should do or know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MachineOutput {
+    /// Put these bytes on the wire to `to`.
+    Packet(Packet),
+    /// Carry out this disk operation; answer with [`Machine::storage_done`].
+    /// Operations must complete in the order they were given.
+    Storage { io: IoId, op: StorageOp },
+    /// Worth a log line.
+    Event(MachineEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MachineEvent {
+    /// The entry endorsed us; `chain` is the credential to keep on disk.
+    Registered {
+        by: Addr,
+        chain_len: usize,
+        chain: Vec<u8>,
+    },
+    /// The node is in the ring.
+    Joined { successor: Peer },
+    /// The join failed; the daemon may try again.
+    JoinFailed(String),
+    /// The node lost every successor and is alone.
+    SuccessorsLost,
+}
+
+/// Why a join is under way.
+#[derive(Clone, Debug)]
+struct Joining {
+    entry: Addr,
+    /// Our own address as others should reach us.
+    my_addr: String,
+    /// The join command once it is sent.
+    cmd: Option<CmdId>,
+}
+
+/// A machine: node, links, gate.
+pub struct Machine {
+    node: Node,
+    links: Links,
+    gate: Gate,
+    /// Gate handle of a call -> the client's session and its call id.
+    calls: BTreeMap<u64, (Addr, u64)>,
+    next_call: u64,
+    /// Node commands run for the gate.
+    gate_cmds: BTreeMap<CmdId, GateCmd>,
+    next_cmd: CmdId,
+    joining: Option<Joining>,
+    out: VecDeque<MachineOutput>,
+    now_ms: u64,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("me", &self.node.me())
+            .field("status", &self.node.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// A machine at `addr` whose links are `links` (built from its identity,
+    /// credential and trust). `seed` seeds the node's own jitter.
+    pub fn new(cfg: MachineConfig, links: Links, id: Id, addr: Addr, seed: u64) -> Machine {
+        let me = Peer { id, addr };
+        Machine {
+            node: Node::new(cfg.node, me, seed),
+            links,
+            gate: Gate::new(id, cfg.guard),
+            calls: BTreeMap::new(),
+            next_call: 0,
+            gate_cmds: BTreeMap::new(),
+            next_cmd: 0,
+            joining: None,
+            out: VecDeque::new(),
+            now_ms: 0,
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// Lets the machine whose key has this SHA-256 register here.
+    pub fn admit(&mut self, key_sha256: [u8; 32]) {
+        self.links.admit(key_sha256);
+    }
+
+    /// Rebuilds the node's index from the disk (before serving); returns
+    /// the keys of invalid items for the daemon to delete.
+    pub fn restore(&mut self, items: impl IntoIterator<Item = (Id, Item)>) -> Vec<Id> {
+        self.node.restore(items)
+    }
+
+    /// Starts a new ring with this machine as its only member.
+    pub fn create(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.command(Command::Create);
+    }
+
+    /// Joins the ring the machine at `entry` belongs to: registers there
+    /// first, then joins through it. We are reachable at `my_addr`.
+    pub fn join(&mut self, now_ms: u64, entry: Addr, my_addr: &str) {
+        self.now_ms = now_ms;
+        self.joining = Some(Joining {
+            entry,
+            my_addr: my_addr.to_string(),
+            cmd: None,
+        });
+        self.links.register(now_ms, entry, my_addr);
+        self.flush();
+    }
+
+    /// Leaves gracefully: hands keys off and tells the neighbours.
+    pub fn leave(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.command(Command::Leave);
+    }
+
+    /// The ring as this node sees it.
+    pub fn status(&self) -> RingStatus {
+        let mut fingers: Vec<Peer> = self.node.fingers().iter().flatten().copied().collect();
+        fingers.sort();
+        fingers.dedup();
+        let index = self.node.store_index();
+        RingStatus {
+            me: self.node.me(),
+            joined: self.node.status() == Status::Joined,
+            successors: self.node.successors().to_vec(),
+            predecessor: self.node.predecessor(),
+            fingers,
+            items: index.len() as u64,
+            bytes: index.bytes(),
+        }
+    }
+
+    /// When the machine next wants [`Machine::tick`].
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.node.poll_timeout()
+    }
+
+    /// Time passed.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.node.handle(now_ms, Input::Timeout);
+        self.drain();
+    }
+
+    /// A packet arrived from `from`.
+    pub fn receive(&mut self, now_ms: u64, from: Addr, bytes: &[u8]) {
+        self.now_ms = now_ms;
+        for d in self.links.receive(now_ms, from, bytes) {
+            if d.to == self.node.me().id {
+                self.node.handle(
+                    now_ms,
+                    Input::Message {
+                        from: d.from,
+                        msg: d.msg,
+                    },
+                );
+            }
+        }
+        while let Some(e) = self.links.poll_event() {
+            self.on_link_event(e);
+        }
+        while let Some(call) = self.links.poll_call() {
+            self.on_call(call);
+        }
+        self.drain();
+    }
+
+    /// The connection to or from `peer` broke: its sessions are gone.
+    pub fn disconnected(&mut self, peer: Addr) {
+        self.links.reset(peer);
+    }
+
+    /// A disk operation finished.
+    pub fn storage_done(&mut self, now_ms: u64, io: IoId, result: StorageResult) {
+        self.now_ms = now_ms;
+        self.node.handle(now_ms, Input::StorageDone { io, result });
+        self.drain();
+    }
+
+    /// The next thing for the daemon to do.
+    pub fn poll(&mut self) -> Option<MachineOutput> {
+        self.out.pop_front()
+    }
+
+    fn command(&mut self, c: Command) -> CmdId {
+        self.next_cmd += 1;
+        let id = self.next_cmd;
+        self.node.handle(self.now_ms, Input::Command(id, c));
+        self.drain();
+        id
+    }
+
+    fn on_link_event(&mut self, e: LinkEvent) {
+        let LinkEvent::Registered { by, chain_len, .. } = e;
+        self.out
+            .push_back(MachineOutput::Event(MachineEvent::Registered {
+                by,
+                chain_len,
+                chain: self.links.credential().to_vec(),
+            }));
+        let Some(j) = self.joining.as_mut() else {
+            return;
+        };
+        if j.entry != by || j.cmd.is_some() {
+            return;
+        }
+        let Some(id) = self.links.peer_id(by) else {
+            return;
+        };
+        self.next_cmd += 1;
+        let cmd = self.next_cmd;
+        j.cmd = Some(cmd);
+        let via = Peer { id, addr: by };
+        self.node
+            .handle(self.now_ms, Input::Command(cmd, Command::Join { via }));
+    }
+
+    fn on_call(&mut self, call: Call) {
+        let status = matches!(
+            postcard::from_bytes::<crate::gate::ClientBody>(&call.req.body),
+            Ok(crate::gate::ClientBody {
+                op: ClientOp::Status,
+                ..
+            })
+        );
+        if status {
+            let reply = GateReply::Status(Box::new(self.status()));
+            self.links.answer(call.from, call.id, &reply);
+            return;
+        }
+        self.next_call += 1;
+        let handle = self.next_call;
+        self.calls.insert(handle, (call.from, call.id));
+        self.gate.request(self.now_ms, handle, call.req);
+    }
+
+    /// Runs node outputs and gate outputs to a standstill, then collects
+    /// the packets.
+    fn drain(&mut self) {
+        for _ in 0..1_000_000 {
+            if let Some(o) = self.node.poll_output() {
+                self.on_node_output(o);
+                continue;
+            }
+            if let Some(g) = self.gate.poll() {
+                self.on_gate_output(g);
+                continue;
+            }
+            break;
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while let Some(p) = self.links.poll_packet() {
+            self.out.push_back(MachineOutput::Packet(p));
+        }
+    }
+
+    fn on_node_output(&mut self, o: Output) {
+        match o {
+            Output::Send { to, msg } => {
+                let from = self.node.me().id;
+                self.links.send(self.now_ms, from, to, &msg);
+            }
+            Output::Storage { io, op } => self.out.push_back(MachineOutput::Storage { io, op }),
+            Output::Event(Event::Joined) => {}
+            Output::Event(Event::SuccessorsLost) => self
+                .out
+                .push_back(MachineOutput::Event(MachineEvent::SuccessorsLost)),
+            Output::Reply { cmd, result } => {
+                if let Some(gc) = self.gate_cmds.remove(&cmd) {
+                    self.gate.command_done(self.now_ms, gc, result);
+                    return;
+                }
+                let joined = self.joining.as_ref().is_some_and(|j| j.cmd == Some(cmd));
+                if !joined {
+                    return;
+                }
+                let event = match result {
+                    CmdResult::Joined { successor } => {
+                        self.joining = None;
+                        MachineEvent::Joined { successor }
+                    }
+                    other => {
+                        if let Some(j) = self.joining.as_mut() {
+                            j.cmd = None;
+                        }
+                        MachineEvent::JoinFailed(format!("{other:?}"))
+                    }
+                };
+                self.out.push_back(MachineOutput::Event(event));
+            }
+        }
+    }
+
+    fn on_gate_output(&mut self, g: GateOutput) {
+        match g {
+            GateOutput::Command(gc, c) => {
+                self.next_cmd += 1;
+                let id = self.next_cmd;
+                self.gate_cmds.insert(id, gc);
+                self.node.handle(self.now_ms, Input::Command(id, c));
+            }
+            GateOutput::Reply(handle, reply) => {
+                if let Some((client, id)) = self.calls.remove(&handle) {
+                    self.links.answer(client, id, &reply);
+                }
+            }
+        }
+    }
+
+    /// Whether a join is waiting (for the daemon's retry policy).
+    pub fn join_pending(&self) -> bool {
+        self.joining.is_some()
+    }
+
+    /// Asks the entry again (a lost registration or a failed join).
+    pub fn retry_join(&mut self, now_ms: u64) {
+        let Some(j) = self.joining.clone() else {
+            return;
+        };
+        self.join(now_ms, j.entry, &j.my_addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endorse::{encode_chain, endorse, TrustStore};
+    use crate::link::key_sha256;
+    use crate::record::Signer;
+    use crate::session::{Responder, SessionConfig};
+    use crate::store::Block;
+    use crate::vnode::vnode_id;
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+    use std::sync::OnceLock;
+
+    const BITS: usize = 1024;
+    const T0: u64 = 1_700_000_000_000;
+
+    fn key(i: usize) -> &'static Signer {
+        static KEYS: [OnceLock<Signer>; 6] = [const { OnceLock::new() }; 6];
+        KEYS[i].get_or_init(|| {
+            let mut rng = ChaCha20Rng::seed_from_u64(0x3a_0000 + i as u64);
+            Signer::generate(&mut rng, BITS).expect("test key")
+        })
+    }
+
+    fn cfg() -> MachineConfig {
+        let mut c = MachineConfig::default();
+        c.node.min_key_bits = BITS;
+        c.node.successors_max = 4;
+        c.guard.min_key_bits = BITS;
+        c.link.session = SessionConfig {
+            min_identity_bits: BITS,
+            ephemeral_bits: BITS,
+            min_ephemeral_bits: BITS,
+            ..SessionConfig::default()
+        };
+        c
+    }
+
+    fn addr(i: usize) -> Addr {
+        Addr::Slot(i as u32)
+    }
+
+    fn trust() -> TrustStore {
+        let mut t = TrustStore::new(BITS);
+        t.add_root(key(0).public_der()).expect("root");
+        t
+    }
+
+    /// Machine `i`; machine 0 is the ring's root (endorsed by itself).
+    fn machine(i: usize) -> Machine {
+        let mut rng = ChaCha20Rng::seed_from_u64(i as u64);
+        let s = key(i);
+        let credential = if i == 0 {
+            let e = endorse(&mut rng, s, s.public_der(), s.user_id(), "0", u64::MAX / 2)
+                .expect("endorse");
+            encode_chain(&[e])
+        } else {
+            Vec::new()
+        };
+        let c = cfg();
+        let responder = Responder::new(&mut rng, T0, &c.link.session, s, credential.clone())
+            .expect("responder");
+        let links = Links::new(
+            c.link.clone(),
+            s.clone(),
+            credential,
+            trust(),
+            responder,
+            7 + i as u64,
+        );
+        Machine::new(c, links, vnode_id(s.public_der(), 0), addr(i), i as u64)
+    }
+
+    /// Moves packets between machines (and a client at index `ms.len()`)
+    /// and advances time to the next deadline, until `until` or `done`.
+    struct Net {
+        ms: Vec<Machine>,
+        client: Links,
+        now: u64,
+        answers: Vec<(u64, GateReply)>,
+        storage: Vec<BTreeMap<Id, Item>>,
+    }
+
+    impl Net {
+        fn new(n: usize) -> Net {
+            Net {
+                ms: (0..n).map(machine).collect(),
+                client: Links::client(cfg().link, key(5).clone(), trust(), 99),
+                now: T0,
+                answers: Vec::new(),
+                storage: vec![BTreeMap::new(); n],
+            }
+        }
+
+        fn client_addr(&self) -> Addr {
+            addr(self.ms.len())
+        }
+
+        /// Delivers everything in flight (bounded).
+        fn settle(&mut self) {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                for i in 0..self.ms.len() {
+                    while let Some(o) = self.ms[i].poll() {
+                        moved = true;
+                        match o {
+                            MachineOutput::Packet(p) => self.deliver(addr(i), p),
+                            MachineOutput::Storage { io, op } => {
+                                let r = match op {
+                                    StorageOp::Write { key, item } => {
+                                        self.storage[i].insert(key, item);
+                                        StorageResult::Done
+                                    }
+                                    StorageOp::Remove { key } => {
+                                        self.storage[i].remove(&key);
+                                        StorageResult::Done
+                                    }
+                                    StorageOp::Read { key } => {
+                                        StorageResult::Read(self.storage[i].get(&key).cloned())
+                                    }
+                                };
+                                self.ms[i].storage_done(self.now, io, r);
+                            }
+                            MachineOutput::Event(_) => {}
+                        }
+                    }
+                }
+                while let Some(p) = self.client.poll_packet() {
+                    moved = true;
+                    let from = self.client_addr();
+                    self.deliver(from, p);
+                }
+                while let Some((_, id, r)) = self.client.poll_answer() {
+                    self.answers.push((id, r));
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("machines did not settle");
+        }
+
+        fn deliver(&mut self, from: Addr, p: Packet) {
+            let Addr::Slot(t) = p.to else { unreachable!() };
+            let t = t as usize;
+            if t == self.ms.len() {
+                self.client.receive(self.now, from, &p.bytes);
+            } else {
+                self.ms[t].receive(self.now, from, &p.bytes);
+            }
+        }
+
+        /// Runs for `ms` of time, waking machines at their deadlines.
+        fn run_for(&mut self, ms: u64) {
+            let end = self.now + ms;
+            self.settle();
+            for _ in 0..1_000_000 {
+                let next = self.ms.iter().filter_map(Machine::poll_timeout).min();
+                let Some(next) = next.filter(|&t| t <= end) else {
+                    break;
+                };
+                self.now = self.now.max(next);
+                for m in &mut self.ms {
+                    if m.poll_timeout().is_some_and(|t| t <= self.now) {
+                        m.tick(self.now);
+                    }
+                }
+                self.settle();
+            }
+            self.now = end;
+        }
+
+        fn call(&mut self, to: usize, id: u64, op: ClientOp) -> GateReply {
+            let mut rng = ChaCha20Rng::seed_from_u64(id);
+            let node = self.ms[to].node().me().id;
+            let req = crate::gate::ClientRequest::new(key(5), node, op, self.now, &mut rng);
+            self.client.call(self.now, addr(to), id, &req);
+            self.run_for(2_000);
+            let i = self
+                .answers
+                .iter()
+                .position(|(a, _)| *a == id)
+                .expect("answered");
+            self.answers.remove(i).1
+        }
+    }
+
+    fn ring_ok(net: &Net) -> bool {
+        let mut ids: Vec<Id> = net.ms.iter().map(|m| m.node().me().id).collect();
+        ids.sort();
+        net.ms.iter().all(|m| {
+            let me = m.node().me().id;
+            let i = ids.iter().position(|x| *x == me).expect("member");
+            let next = ids[(i + 1) % ids.len()];
+            m.node().is_joined() && m.node().successors().first().map(|p| p.id) == Some(next)
+        })
+    }
+
+    #[test]
+    fn machines_register_join_and_serve_a_client_over_sessions() {
+        let mut net = Net::new(4);
+        net.ms[0].create(net.now);
+        for i in 1..4 {
+            net.ms[0].admit(key_sha256(key(i).public_der()));
+            let now = net.now;
+            net.ms[i].join(now, addr(0), &format!("slot:{i}"));
+            net.run_for(3_000);
+        }
+        net.run_for(60_000);
+        assert!(ring_ok(&net), "ring did not form");
+        for m in &net.ms[1..] {
+            assert!(m.links().endorsed(), "registered before joining");
+        }
+        // The client asks any node for the ring.
+        match net.call(2, 1, ClientOp::Status) {
+            GateReply::Status(st) => {
+                assert!(st.joined);
+                assert_eq!(st.me, net.ms[2].node().me());
+                assert_eq!(st.successors.len(), 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unregistered, its writes are refused...
+        let block = Item::Block(Block {
+            owner: key(5).user_id(),
+            data: vec![7; 100],
+        });
+        let put = net.call(1, 2, ClientOp::Put(block.clone()));
+        assert!(
+            matches!(&put, GateReply::Put(Err(crate::gate::GateError::Auth(_)))),
+            "{put:?}"
+        );
+        // ...until it registers its key; then a block goes in and comes out.
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let rec = crate::record::new_pubkey_record(&mut rng, key(5), Vec::new());
+        let reg = net.call(3, 3, ClientOp::Put(Item::Record(Box::new(rec))));
+        assert_eq!(reg, GateReply::Put(Ok(())));
+        assert_eq!(
+            net.call(1, 4, ClientOp::Put(block.clone())),
+            GateReply::Put(Ok(()))
+        );
+        let at = block.position();
+        assert_eq!(
+            net.call(3, 5, ClientOp::Get(at)),
+            GateReply::Get(Ok(Some(block)))
+        );
+        let copies = net.storage.iter().filter(|s| s.contains_key(&at)).count();
+        assert_eq!(copies, 3, "R = 3 replicas");
+    }
+
+    #[test]
+    fn a_machine_nobody_admitted_never_joins() {
+        let mut net = Net::new(2);
+        net.ms[0].create(net.now);
+        let now = net.now;
+        net.ms[1].join(now, addr(0), "slot:1");
+        net.run_for(30_000);
+        assert!(!net.ms[1].node().is_joined());
+        assert!(net.ms[1].join_pending());
+        let stranger = net.ms[1].node().me();
+        assert!(!net.ms[0].node().successors().contains(&stranger));
+        assert_eq!(net.ms[0].links().stats().refused_untrusted, 1);
+    }
+}
