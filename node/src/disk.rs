@@ -1,0 +1,827 @@
+//! The node's crash-safe disk store: it carries out the core's storage effects
+//! ([`StorageOp`]) and answers them ([`StorageResult`]).
+//!
+//! # Layout
+//!
+//! ```text
+//! DATA_DIR/items/xx/<40 hex digits>   one file per item; xx = the key's first byte
+//! DATA_DIR/quarantine/                files found corrupt, kept for an operator
+//! ```
+//!
+//! One file per item keeps memory flat (an item is read, checked and dropped
+//! on its own, whatever the store's size) and makes a write a single atomic
+//! rename. The 256 shard directories keep directories small. (An embedded
+//! database such as redb would add a second copy-on-write layer and hold
+//! whole values in memory on the way in and out, for no gain here: items are
+//! written whole, never updated in place, and only looked up by key.)
+//!
+//! Each file is a 48-byte header followed by the postcard encoding of the
+//! [`Item`]:
+//!
+//! ```text
+//! magic "PSI1" | format version u32 LE | payload length u64 LE | SHA-256(payload)
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **A write is durable when it says `Done`.** The item goes to a temporary
+//!   file in the key's shard directory, that file is fsynced, renamed over the
+//!   final name, and then the shard directory itself is fsynced. The rename
+//!   only changes the directory; until the directory is fsynced the new name
+//!   may not be on disk, and a crash could bring back the old version or no
+//!   file at all after the write was acknowledged. A remove likewise unlinks
+//!   and fsyncs the directory before it says `Done`.
+//! - **Nothing torn is ever seen.** Readers see the old file or the new one,
+//!   never a mix: rename replaces a name atomically. A crash mid-write leaves
+//!   only a temporary file, which [`DiskStore::open`] deletes (that write was
+//!   never acknowledged).
+//! - **Nothing corrupt is ever returned.** Every read checks the magic, the
+//!   version, the length against the file's size, the SHA-256 of the payload,
+//!   that the payload decodes, and that the item's own ring position is the
+//!   key in the file name (a file moved to another key is corrupt too). A file
+//!   failing any check is counted, moved to `quarantine/` and reported as
+//!   absent, so the core drops it from its index and anti-entropy fetches a
+//!   good copy from another replica. Signatures are not checked here: the core
+//!   validates every item it restores or receives.
+//! - **Writes and removes of one key complete in issue order**: operations are
+//!   synchronous and need `&mut self`.
+//! - **The capacity is a budget**: a write that would take the sum of item file
+//!   sizes past [`DiskConfig::capacity_bytes`], or that meets a full disk or
+//!   quota, fails with [`StoreError::Full`] and leaves no temporary file (one
+//!   whose unlink failed too is deleted by the next open). Other
+//!   I/O failures answer [`StoreError::Io`] and are counted, with the last one
+//!   kept for the logs ([`DiskStats::last_error`]).
+//! - No panics on any disk content, no unsafe code, and nothing here ever
+//!   records an item's contents: messages name paths, keys and reasons only.
+//!
+//! It relies on the file system honouring fsync and atomic rename within a
+//! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
+//! directory at a time: nothing here locks it.
+
+use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
+use sha2::{Digest as _, Sha256};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const MAGIC: [u8; 4] = *b"PSI1";
+const FORMAT_VERSION: u32 = 1;
+/// Bytes before the payload: magic, version, length, SHA-256.
+pub const HEADER_LEN: u64 = 4 + 4 + 8 + 32;
+/// Largest payload stored or read. Items are at most about 1 MiB (blocks and
+/// transaction logs); the slack keeps a future format change readable while
+/// still bounding what a damaged file can make a read allocate.
+pub const PAYLOAD_MAX: u64 = 4 << 20;
+
+const ITEMS_DIR: &str = "items";
+const QUARANTINE_DIR: &str = "quarantine";
+/// Names of temporary files start with this; no item name does.
+const TMP_PREFIX: &str = ".tmp-";
+const SHARDS: usize = 256;
+/// Tries at finding a free name in the quarantine directory.
+const QUARANTINE_NAME_TRIES: u32 = 10_000;
+
+/// How the store is set up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Most bytes the item files may take together (headers included); `None`
+    /// for no limit besides the disk's.
+    pub capacity_bytes: Option<u64>,
+}
+
+/// A snapshot of the store's counters. `items` and `bytes` are summed from
+/// the files at open and then follow what the store itself does; a file
+/// changed behind its back is corrected for when it is found bad, exactly so
+/// after the next open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Item files held (files not yet found corrupt included).
+    pub items: u64,
+    /// Their total size in bytes, headers included: what the capacity limits.
+    pub bytes: u64,
+    /// Files found corrupt (and quarantined) since the store was opened.
+    pub corrupt_found: u64,
+    /// I/O failures other than a full disk since the store was opened.
+    pub io_errors: u64,
+    /// Writes refused because the capacity or the disk was full.
+    pub full_refused: u64,
+    /// Temporary files of interrupted writes deleted.
+    pub temps_removed: u64,
+    /// The last I/O failure, for the logs (paths and OS errors only).
+    pub last_error: Option<String>,
+    /// The last corrupt file found: where it went and why.
+    pub last_corrupt: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    items: AtomicU64,
+    bytes: AtomicU64,
+    corrupt_found: AtomicU64,
+    io_errors: AtomicU64,
+    full_refused: AtomicU64,
+    temps_removed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    last_corrupt: Mutex<Option<String>>,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn sub(c: &AtomicU64, n: u64) {
+    // Saturating: a counter must never wrap whatever the disk did behind our back.
+    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+fn set(slot: &Mutex<Option<String>>, msg: String) {
+    // A poisoned lock only means another thread panicked mid-assignment of a
+    // string; the slot is still usable.
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+}
+
+fn get(slot: &Mutex<Option<String>>) -> Option<String> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The node's on-disk item store. See the module documentation.
+#[derive(Debug)]
+pub struct DiskStore {
+    dir: PathBuf,
+    items_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    cfg: DiskConfig,
+    /// Makes temporary file names unique within this process.
+    next_tmp: u64,
+    counters: Counters,
+}
+
+/// What loading one item file found.
+enum Loaded {
+    Missing,
+    Bytes(Vec<u8>),
+    Bad(String),
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) the store under `dir`: makes the
+    /// directories, deletes temporary files left by a crash and sums the
+    /// sizes of the item files. Item contents are checked later, by
+    /// [`DiskStore::scan`] and by every read.
+    pub fn open(dir: impl AsRef<Path>, cfg: DiskConfig) -> io::Result<DiskStore> {
+        let dir = dir.as_ref().to_path_buf();
+        let store = DiskStore {
+            items_dir: dir.join(ITEMS_DIR),
+            quarantine_dir: dir.join(QUARANTINE_DIR),
+            dir,
+            cfg,
+            next_tmp: 0,
+            counters: Counters::default(),
+        };
+        for d in [&store.dir, &store.items_dir, &store.quarantine_dir] {
+            fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
+        }
+        for shard in 0..SHARDS {
+            let name = shard_name(shard);
+            let path = store.items_dir.join(&name);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    // Something else sits where a shard belongs: keep it for
+                    // the operator and make the directory.
+                    store.quarantine(&path, &name, "not a directory", false);
+                    fs::create_dir(&path).map_err(|e| context("creating", &path, e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&path).map_err(|e| context("creating", &path, e))?;
+                }
+                Err(e) => return Err(context("inspecting", &path, e)),
+            }
+        }
+        // New directory entries are durable only once their parents are synced.
+        sync_dir(&store.items_dir).map_err(|e| context("syncing", &store.items_dir, e))?;
+        sync_dir(&store.dir).map_err(|e| context("syncing", &store.dir, e))?;
+        if let Some(parent) = store.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).map_err(|e| context("syncing", parent, e))?;
+        }
+        for shard in 0..SHARDS {
+            store.tally_shard(shard)?;
+        }
+        Ok(store)
+    }
+
+    /// Counts one shard's item files and deletes its temporary files.
+    fn tally_shard(&self, shard: usize) -> io::Result<()> {
+        let path = self.items_dir.join(shard_name(shard));
+        let entries = fs::read_dir(&path).map_err(|e| context("listing", &path, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| context("listing", &path, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(TMP_PREFIX) {
+                self.remove_temp(&entry.path());
+            } else if parse_key(name).is_some_and(|k| usize::from(k.0[0]) == shard) {
+                // Vanished or unreadable entries are left to scan and reads.
+                if let Ok(m) = fs::symlink_metadata(entry.path()) {
+                    if m.is_file() {
+                        add(&self.counters.items, 1);
+                        add(&self.counters.bytes, m.len());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one storage effect of the core.
+    pub fn apply(&mut self, op: StorageOp) -> StorageResult {
+        match op {
+            StorageOp::Write { key, item } => match self.write(&key, &item) {
+                Ok(()) => StorageResult::Done,
+                Err(e) => StorageResult::Failed(e),
+            },
+            StorageOp::Remove { key } => match self.remove(&key) {
+                Ok(()) => StorageResult::Done,
+                Err(e) => StorageResult::Failed(e),
+            },
+            StorageOp::Read { key } => match self.read(&key) {
+                Ok(found) => StorageResult::Read(found),
+                Err(e) => StorageResult::Failed(e),
+            },
+        }
+    }
+
+    /// Makes `item` durable at `key`, replacing what is there. Refuses an item
+    /// whose ring position is not `key` (it could never be read back).
+    pub fn write(&mut self, key: &Id, item: &Item) -> Result<(), StoreError> {
+        let position = item.position();
+        if position != *key {
+            return Err(StoreError::Invalid(format!(
+                "a {} belonging at {position} cannot be stored at {key}",
+                item.kind()
+            )));
+        }
+        let bytes = encode(item)?;
+        let size = bytes.len() as u64;
+        let path = self.item_path(key);
+        let shard = self.shard_dir(key);
+
+        let old = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => Some(m.len()),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(self.failed("inspecting", &path, e)),
+        };
+        if let Some(cap) = self.cfg.capacity_bytes {
+            let used = self.counters.bytes.load(Ordering::Relaxed);
+            let after = used.saturating_sub(old.unwrap_or(0)).saturating_add(size);
+            if after > cap {
+                add(&self.counters.full_refused, 1);
+                return Err(StoreError::Full);
+            }
+        }
+
+        self.next_tmp += 1;
+        let tmp = shard.join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
+        if let Err(e) = write_synced(&tmp, &bytes) {
+            // Best effort: a temporary file that survives is deleted on open.
+            let _ = fs::remove_file(&tmp);
+            return Err(self.failed("writing", &tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.failed("renaming into", &path, e));
+        }
+        match old {
+            Some(old) => sub(&self.counters.bytes, old),
+            None => add(&self.counters.items, 1),
+        }
+        add(&self.counters.bytes, size);
+        // The rename is in place; it is durable once the directory is synced.
+        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+    }
+
+    /// Forgets the item at `key` (done if there is none).
+    pub fn remove(&mut self, key: &Id) -> Result<(), StoreError> {
+        let path = self.item_path(key);
+        let shard = self.shard_dir(key);
+        match fs::symlink_metadata(&path) {
+            Ok(m) => {
+                fs::remove_file(&path).map_err(|e| self.failed("removing", &path, e))?;
+                if m.is_file() {
+                    sub(&self.counters.items, 1);
+                    sub(&self.counters.bytes, m.len());
+                }
+            }
+            // Still sync: an earlier remove may have unlinked the file and
+            // then failed to sync.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.failed("inspecting", &path, e)),
+        }
+        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+    }
+
+    /// Reads the item at `key`. A corrupt file is quarantined and reads as
+    /// `None`; only a failing disk gives an error.
+    pub fn read(&self, key: &Id) -> Result<Option<Item>, StoreError> {
+        let path = self.item_path(key);
+        match load(&path) {
+            Ok(Loaded::Missing) => Ok(None),
+            Ok(Loaded::Bad(why)) => {
+                self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
+                Ok(None)
+            }
+            Ok(Loaded::Bytes(bytes)) => match check(key, &bytes) {
+                Ok(item) => Ok(Some(item)),
+                Err(why) => {
+                    self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
+                    Ok(None)
+                }
+            },
+            Err(e) => Err(self.failed("reading", &path, e)),
+        }
+    }
+
+    /// Every valid item, in key order, read one file at a time (memory stays
+    /// flat whatever the store's size; one shard's file names are listed at a
+    /// time). Corrupt files and stray names are quarantined on the way;
+    /// unreadable files and shards are counted as I/O errors and skipped. This
+    /// is what [`peerstore_core::Node::restore`] is fed at start-up.
+    pub fn scan(&self) -> Scan<'_> {
+        Scan {
+            store: self,
+            next_shard: 0,
+            shard: 0,
+            names: Vec::new().into_iter(),
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> DiskStats {
+        let c = &self.counters;
+        DiskStats {
+            items: c.items.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            corrupt_found: c.corrupt_found.load(Ordering::Relaxed),
+            io_errors: c.io_errors.load(Ordering::Relaxed),
+            full_refused: c.full_refused.load(Ordering::Relaxed),
+            temps_removed: c.temps_removed.load(Ordering::Relaxed),
+            last_error: get(&c.last_error),
+            last_corrupt: get(&c.last_corrupt),
+        }
+    }
+
+    pub fn config(&self) -> &DiskConfig {
+        &self.cfg
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where corrupt files are moved.
+    pub fn quarantine_dir(&self) -> &Path {
+        &self.quarantine_dir
+    }
+
+    /// The file that holds (or would hold) the item at `key`.
+    pub fn item_path(&self, key: &Id) -> PathBuf {
+        self.shard_dir(key).join(key.to_string())
+    }
+
+    fn shard_dir(&self, key: &Id) -> PathBuf {
+        self.items_dir.join(shard_name(key.0[0].into()))
+    }
+
+    /// Checks one directory entry of shard `shard` for the scan.
+    fn scan_entry(&self, shard: usize, name: OsString) -> Option<(Id, Item)> {
+        let shard_name = shard_name(shard);
+        let path = self.items_dir.join(&shard_name).join(&name);
+        let Some(name) = name.to_str() else {
+            self.quarantine(&path, &shard_name, "not an item file name", false);
+            return None;
+        };
+        if name.starts_with(TMP_PREFIX) {
+            // Only a crash leaves these, and open deleted those; one found
+            // now was put there by something else. Not an acknowledged write.
+            self.remove_temp(&path);
+            return None;
+        }
+        let Some(key) = parse_key(name) else {
+            self.quarantine(&path, &shard_name, "not an item file name", false);
+            return None;
+        };
+        if usize::from(key.0[0]) != shard {
+            self.quarantine(&path, &shard_name, "item file in the wrong shard", false);
+            return None;
+        }
+        match self.read(&key) {
+            Ok(found) => found.map(|item| (key, item)),
+            Err(_) => None,
+        }
+    }
+
+    fn remove_temp(&self, path: &Path) {
+        match fs::remove_file(path) {
+            Ok(()) => add(&self.counters.temps_removed, 1),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = self.failed("removing", path, e);
+            }
+        }
+    }
+
+    /// Moves a bad file out of the items tree, keeping it for an operator.
+    /// `counted`: the file has an item name in its right shard, so its size
+    /// is in the counters.
+    fn quarantine(&self, path: &Path, shard_name: &str, why: &str, counted: bool) {
+        add(&self.counters.corrupt_found, 1);
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let base: String = format!("{shard_name}-{file_name}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(120)
+            .collect();
+        let shown = format!("{ITEMS_DIR}/{shard_name}/{file_name}");
+        let size = fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        let mut dest = None;
+        for n in 0..QUARANTINE_NAME_TRIES {
+            let candidate = self.quarantine_dir.join(format!("{base}.{n}"));
+            match fs::symlink_metadata(&candidate) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    dest = Some(candidate);
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        let Some(dest) = dest else {
+            set(
+                &self.counters.last_corrupt,
+                format!("{shown}: {why}; left in place (no free quarantine name)"),
+            );
+            return;
+        };
+        if let Err(e) = fs::rename(path, &dest) {
+            let _ = self.failed("quarantining", path, e);
+            set(
+                &self.counters.last_corrupt,
+                format!("{shown}: {why}; left in place (could not be moved)"),
+            );
+            return;
+        }
+        if counted {
+            if let Some(size) = size {
+                sub(&self.counters.items, 1);
+                sub(&self.counters.bytes, size);
+            }
+        }
+        set(
+            &self.counters.last_corrupt,
+            format!("{shown}: {why}; moved to {}", dest.display()),
+        );
+        // Best effort: should the move be lost in a crash, the file is simply
+        // found corrupt again.
+        if let Some(parent) = path.parent() {
+            let _ = sync_dir(parent);
+        }
+        let _ = sync_dir(&self.quarantine_dir);
+    }
+
+    /// Counts a failure and says how to answer it.
+    fn failed(&self, what: &str, path: &Path, e: io::Error) -> StoreError {
+        set(
+            &self.counters.last_error,
+            format!("{what} {}: {e}", path.display()),
+        );
+        if is_full(&e) {
+            add(&self.counters.full_refused, 1);
+            StoreError::Full
+        } else {
+            add(&self.counters.io_errors, 1);
+            StoreError::Io
+        }
+    }
+}
+
+/// The iterator [`DiskStore::scan`] returns.
+#[derive(Debug)]
+pub struct Scan<'a> {
+    store: &'a DiskStore,
+    next_shard: usize,
+    shard: usize,
+    names: std::vec::IntoIter<OsString>,
+}
+
+impl Iterator for Scan<'_> {
+    type Item = (Id, Item);
+
+    fn next(&mut self) -> Option<(Id, Item)> {
+        loop {
+            if let Some(name) = self.names.next() {
+                if let Some(found) = self.store.scan_entry(self.shard, name) {
+                    return Some(found);
+                }
+                continue;
+            }
+            if self.next_shard >= SHARDS {
+                return None;
+            }
+            self.shard = self.next_shard;
+            self.next_shard += 1;
+            // Names are listed before any file is moved: a directory changed
+            // while it is being read may skip or repeat entries.
+            let path = self.store.items_dir.join(shard_name(self.shard));
+            let mut names = Vec::new();
+            match fs::read_dir(&path) {
+                Ok(entries) => {
+                    for entry in entries {
+                        match entry {
+                            Ok(entry) => names.push(entry.file_name()),
+                            Err(e) => {
+                                let _ = self.store.failed("listing", &path, e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = self.store.failed("listing", &path, e);
+                }
+            }
+            names.sort();
+            self.names = names.into_iter();
+        }
+    }
+}
+
+fn shard_name(shard: usize) -> String {
+    format!("{shard:02x}")
+}
+
+/// The key an item file name stands for: exactly 40 lowercase hex digits.
+fn parse_key(name: &str) -> Option<Id> {
+    let b = name.as_bytes();
+    if b.len() != 40 {
+        return None;
+    }
+    let mut out = [0u8; 20];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+    }
+    Some(Id(out))
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Reads an item file whole, refusing anything but a regular file of a
+/// plausible size.
+fn load(path: &Path) -> io::Result<Loaded> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_file() {
+        return Ok(Loaded::Bad("not a regular file".into()));
+    }
+    let limit = HEADER_LEN + PAYLOAD_MAX;
+    if meta.len() > limit {
+        return Ok(Loaded::Bad(format!(
+            "{} bytes, over the {limit} byte limit",
+            meta.len()
+        )));
+    }
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Bounded even if the file grew since the stat.
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok(Loaded::Bytes(bytes))
+}
+
+/// Checks an item file's bytes and decodes the item in them; says what is
+/// wrong otherwise.
+fn check(key: &Id, bytes: &[u8]) -> Result<Item, String> {
+    let Some((header, payload)) = bytes.split_at_checked(HEADER_LEN as usize) else {
+        return Err(format!("{} bytes, shorter than a header", bytes.len()));
+    };
+    let (magic, rest) = header.split_at(4);
+    let (version, rest) = rest.split_at(4);
+    let (len, hash) = rest.split_at(8);
+    if magic != MAGIC {
+        return Err("bad magic".into());
+    }
+    let version = u32::from_le_bytes(version.try_into().map_err(|_| "bad header")?);
+    if version != FORMAT_VERSION {
+        return Err(format!("unknown format version {version}"));
+    }
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| "bad header")?);
+    if len != payload.len() as u64 {
+        return Err(format!(
+            "header says {len} payload bytes, the file holds {}",
+            payload.len()
+        ));
+    }
+    if Sha256::digest(payload).as_slice() != hash {
+        return Err("payload hash mismatch".into());
+    }
+    let item = match postcard::take_from_bytes::<Item>(payload) {
+        Ok((item, [])) => item,
+        Ok(_) => return Err("trailing bytes after the item".into()),
+        Err(_) => return Err("payload does not decode".into()),
+    };
+    if item.position() != *key {
+        return Err("the item belongs at another key".into());
+    }
+    Ok(item)
+}
+
+/// An item file's bytes: the header, then the postcard encoding of `item`.
+fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
+    let header = HEADER_LEN as usize;
+    let mut bytes = Vec::with_capacity(header + item.size() + 16);
+    bytes.resize(header, 0);
+    let mut bytes = postcard::to_extend(item, bytes)
+        .map_err(|e| StoreError::Invalid(format!("cannot encode the item: {e}")))?;
+    let len = (bytes.len() - header) as u64;
+    if len > PAYLOAD_MAX {
+        return Err(StoreError::Invalid(format!(
+            "item of {len} bytes is over the {PAYLOAD_MAX} byte store limit"
+        )));
+    }
+    let hash = Sha256::digest(&bytes[header..]);
+    bytes[0..4].copy_from_slice(&MAGIC);
+    bytes[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes[8..16].copy_from_slice(&len.to_le_bytes());
+    bytes[16..header].copy_from_slice(&hash);
+    Ok(bytes)
+}
+
+/// Creates (or truncates) `path` with `bytes` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Makes a directory's entries (creations, renames, unlinks) durable.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Elsewhere directories cannot be opened to sync; renames there are as
+/// durable as the platform makes them.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn context(what: &str, path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The file format alone, without touching a disk: every damage to an
+    //! encoded item is caught by [`check`]. (`tests/disk.rs` covers the store.)
+
+    use super::*;
+    use peerstore_core::{Block, Tombstone};
+    use proptest::prelude::*;
+    use proptest::test_runner::RngSeed;
+
+    fn block(data: Vec<u8>) -> Item {
+        Item::Block(Block {
+            owner: Id::from_u128(7),
+            data,
+        })
+    }
+
+    fn tombstone(b: u8) -> Item {
+        Item::Tombstone(Tombstone {
+            block: [b; 32],
+            owner_key: vec![b; 40],
+            sig: vec![b.wrapping_add(1); 64],
+        })
+    }
+
+    #[test]
+    fn the_store_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DiskStore>();
+    }
+
+    #[test]
+    fn the_header_is_as_documented() {
+        let item = block(vec![1, 2, 3]);
+        let bytes = encode(&item).unwrap();
+        let payload = postcard::to_allocvec(&item).unwrap();
+        assert_eq!(&bytes[..4], b"PSI1");
+        assert_eq!(bytes[4..8], 1u32.to_le_bytes());
+        assert_eq!(bytes[8..16], (payload.len() as u64).to_le_bytes());
+        assert_eq!(bytes[16..48], Sha256::digest(&payload)[..]);
+        assert_eq!(bytes[48..], payload[..]);
+        assert_eq!(check(&item.position(), &bytes), Ok(item));
+    }
+
+    #[test]
+    fn every_single_flip_and_every_cut_is_caught() {
+        for item in [block(vec![]), block((0..=255).collect()), tombstone(3)] {
+            let key = item.position();
+            let good = encode(&item).unwrap();
+            assert_eq!(check(&key, &good).as_ref(), Ok(&item));
+            for at in 0..good.len() {
+                for bit in 0..8 {
+                    let mut bad = good.clone();
+                    bad[at] ^= 1 << bit;
+                    assert!(check(&key, &bad).is_err(), "flip of bit {bit} at {at}");
+                }
+            }
+            for len in 0..good.len() {
+                assert!(check(&key, &good[..len]).is_err(), "cut to {len}");
+            }
+            let mut longer = good.clone();
+            longer.push(0);
+            assert!(check(&key, &longer).is_err());
+            let other = tombstone(9).position();
+            assert!(check(&other, &good).is_err(), "under another key");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2_000,
+            rng_seed: RngSeed::Fixed(0x0D15_C0DE),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn random_damage_is_always_caught(
+            data in prop::collection::vec(any::<u8>(), 0..2048),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            prop_assume!(!flips.is_empty() || cut.is_some() || !tail.is_empty());
+            let item = block(data);
+            let key = item.position();
+            let good = encode(&item).unwrap();
+            let mut bad = good.clone();
+            // Flips at distinct positions (two masks at one byte could cancel).
+            let mut at_seen = std::collections::BTreeSet::new();
+            for (at, mask) in &flips {
+                let at = at.index(bad.len());
+                if at_seen.insert(at) {
+                    bad[at] ^= mask;
+                }
+            }
+            if let Some(cut) = cut {
+                bad.truncate(cut.index(bad.len()));
+            }
+            bad.extend_from_slice(&tail);
+            prop_assume!(bad != good);
+            prop_assert!(check(&key, &bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The PeerStore node: the host that runs a [`peerstore_core::Node`] against
+//! real sockets, clocks and disks.
+
+#![forbid(unsafe_code)]
+
+pub mod disk;
