@@ -432,6 +432,11 @@ impl Node {
             IoWait::Remove => {}
             IoWait::Read { key, expect, then } => {
                 let found = match result {
+                    // The disk failed to read (out of file handles, EIO):
+                    // the copy may well be fine, so keep it in the index
+                    // and tell whoever asked that this replica could not
+                    // answer.
+                    StorageResult::Failed(e) => return self.read_failed(now_ms, then, e),
                     StorageResult::Read(Some(item)) if item_digest_is(&item, &expect) => Some(item),
                     // The disk lost or mangled what the index says it holds:
                     // never serve it; forget it so anti-entropy fetches it again.
@@ -464,6 +469,17 @@ impl Node {
                     ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Ok(found)),
                 }
             }
+        }
+    }
+
+    fn read_failed(&mut self, now_ms: u64, then: ReadFor, e: StoreError) {
+        match then {
+            ReadFor::Serve { to, req } => {
+                self.stats.sent_replies += 1;
+                self.push_send(to, Message::Got { req, result: Err(e) });
+            }
+            ReadFor::Push { sid, .. } => self.session_step_done(now_ms, sid, false),
+            ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Err(e)),
         }
     }
 

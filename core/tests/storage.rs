@@ -28,6 +28,8 @@ enum DiskMode {
     Full,
     /// Reads return the block with one byte flipped.
     CorruptReads,
+    /// Reads fail (EIO): the copy on disk is fine.
+    FailedReads,
 }
 
 struct Cluster {
@@ -137,6 +139,9 @@ impl Cluster {
                 StorageOp::Remove { key } => {
                     self.disks[i].remove(&key);
                     StorageResult::Done
+                }
+                StorageOp::Read { .. } if self.modes[i] == DiskMode::FailedReads => {
+                    StorageResult::Failed(StoreError::Io)
                 }
                 StorageOp::Read { key } => {
                     let mut item = self.disks[i].get(&key).cloned();
@@ -529,6 +534,31 @@ fn a_corrupt_copy_on_disk_is_never_served_and_is_replaced() {
     c.advance(c.now + 120_000);
     assert_eq!(c.holders(key).len(), 3, "the corrupt copy was re-fetched");
     assert_eq!(c.disks[bad].get(&key), Some(&item));
+}
+
+#[test]
+fn a_failed_disk_read_keeps_the_copy_and_the_read_falls_back() {
+    let mut c = Cluster::new(5);
+    let item = block(8, 80);
+    let key = key_of(&item);
+    let cmd = c.command(0, Command::Put(item.clone()));
+    c.settle();
+    assert!(matches!(c.replies.get(&cmd), Some(CmdResult::Put(Ok(_)))));
+    let holders = c.holders(key);
+    let flaky = holders[0];
+    c.modes[flaky] = DiskMode::FailedReads;
+    let g = c.command(flaky, Command::Get(key));
+    c.settle();
+    assert_eq!(
+        c.replies.get(&g),
+        Some(&CmdResult::Get(Ok(Some(item.clone())))),
+        "another replica answered"
+    );
+    // A passing read error is not corruption: nothing is forgotten or
+    // deleted, so nothing needs fetching again.
+    assert_eq!(c.nodes[flaky].store_stats().corrupt_detected, 0);
+    assert!(c.nodes[flaky].store_index().get(&key).is_some());
+    assert_eq!(c.disks[flaky].get(&key), Some(&item));
 }
 
 #[test]
