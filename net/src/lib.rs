@@ -1,0 +1,11 @@
+//! PeerStore's networking: the Tokio side of the sans-IO core.
+//!
+//! [`transport`] moves the secure-link packets of [`peerstore_core::link`]
+//! between machines over TCP. It never looks inside them: authenticity,
+//! ordering checks and retransmission live in the core.
+
+#![forbid(unsafe_code)]
+
+pub mod transport;
+
+pub use transport::{NetEvent, SendError, Transport, TransportConfig, TransportStats};
