@@ -6,9 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use peerstore_client::conn::NodeClient;
 use peerstore_client::keyfile;
+use peerstore_core::endorse::TrustStore;
+use peerstore_core::gate::RingStatus;
 use peerstore_core::identity::{pem_is_encrypted, Identity, IdentityError, USER_KEY_BITS};
 use peerstore_core::record::MIN_KEY_BITS_DEFAULT;
+use peerstore_core::{Addr, Peer};
 use zeroize::Zeroizing;
 
 /// A passphrase, wiped when dropped.
@@ -32,6 +36,18 @@ struct Args {
     /// Read the passphrase from this file (its first line).
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+    /// The node to talk to.
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7400"
+    )]
+    node: std::net::SocketAddr,
+    /// Trust nodes endorsed by this ring root key (a node.pub.pem), besides
+    /// those added with `peerstore trust`; repeatable.
+    #[arg(long, global = true, value_name = "PEM")]
+    trust: Vec<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -57,6 +73,19 @@ enum Cmd {
     },
     /// Show your user id and key fingerprint.
     Whoami,
+    /// Trust the ring whose root key this is (its first node's
+    /// node.pub.pem) from now on.
+    Trust {
+        /// The root's public key file.
+        pem: PathBuf,
+    },
+    /// Show the ring as the node sees it: its id and address, successors,
+    /// predecessor, distinct fingers, and what it stores.
+    Ring {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,9 +102,8 @@ fn main() -> ExitCode {
 fn key_path(args: &Args) -> Result<PathBuf> {
     match &args.key {
         Some(p) => Ok(p.clone()),
-        None => {
-            keyfile::default_path().context("no data directory on this system: pass --key PATH")
-        }
+        None => peerstore_client::default_key_path()
+            .context("no data directory on this system: pass --key PATH"),
     }
 }
 
@@ -205,5 +233,128 @@ fn run(args: Args) -> Result<()> {
             show(&id, &key_path(&args)?);
             Ok(())
         }
+        Cmd::Trust { pem } => {
+            let key = keyfile::read_public(pem)?;
+            let dir = trust_dir()?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let fpr = keyfile::fingerprint(&key);
+            let path = dir.join(format!("{}.pem", &fpr[..16]));
+            std::fs::write(&path, keyfile::public_pem(&key)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("trusting the ring root {fpr}");
+            Ok(())
+        }
+        Cmd::Ring { json } => {
+            let json = *json;
+            with_node(&args, |mut c| async move {
+                let st = c.status().await?;
+                print_ring(&st, json);
+                Ok(())
+            })
+        }
     }
+}
+
+/// Where `peerstore trust` keeps the ring roots it trusts.
+fn trust_dir() -> Result<PathBuf> {
+    dirs::data_dir()
+        .map(|d| d.join("peerstore").join("trust"))
+        .context("no data directory on this system")
+}
+
+/// The ring roots to trust: `--trust` files and the trusted directory.
+fn trust_store(args: &Args) -> Result<TrustStore> {
+    let mut files = args.trust.clone();
+    if let Ok(dir) = trust_dir() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                files.push(e.path());
+            }
+        }
+    }
+    if files.is_empty() {
+        bail!(
+            "no ring root is trusted yet: pass --trust ROOT.pub.pem (the node.pub.pem of the ring's first node) or run `peerstore trust ROOT.pub.pem` once"
+        );
+    }
+    let mut trust = TrustStore::new(MIN_KEY_BITS_DEFAULT);
+    for f in files {
+        let key = keyfile::read_public(&f)?;
+        trust
+            .add_root(&key)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    }
+    Ok(trust)
+}
+
+/// Runs `f` with a connection to the node.
+fn with_node<F, Fut>(args: &Args, f: F) -> Result<()>
+where
+    F: FnOnce(NodeClient) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let id = load(args)?;
+    let trust = trust_store(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let node = args.node;
+    rt.block_on(async move {
+        let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
+        f(c).await
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn addr_text(a: &Addr) -> String {
+    match a {
+        Addr::Tcp(s) => s.to_string(),
+        Addr::Slot(n) => format!("slot:{n}"),
+    }
+}
+
+fn peer_json(p: &Peer) -> serde_json::Value {
+    serde_json::json!({ "id": hex(&p.id.0), "addr": addr_text(&p.addr) })
+}
+
+fn print_ring(st: &RingStatus, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "id": hex(&st.me.id.0),
+            "addr": addr_text(&st.me.addr),
+            "joined": st.joined,
+            "successors": st.successors.iter().map(peer_json).collect::<Vec<_>>(),
+            "predecessor": st.predecessor.as_ref().map(peer_json),
+            "fingers": st.fingers.iter().map(peer_json).collect::<Vec<_>>(),
+            "items": st.items,
+            "bytes": st.bytes,
+        });
+        println!("{v}");
+        return;
+    }
+    let short = |p: &Peer| format!("{}  {}", &hex(&p.id.0)[..12], addr_text(&p.addr));
+    println!(
+        "node         {}  ({})",
+        short(&st.me),
+        if st.joined {
+            "in the ring"
+        } else {
+            "not in a ring"
+        }
+    );
+    println!("stores       {} items, {} bytes", st.items, st.bytes);
+    match &st.predecessor {
+        Some(p) => println!("predecessor  {}", short(p)),
+        None => println!("predecessor  (none)"),
+    }
+    println!("successors");
+    for (i, p) in st.successors.iter().enumerate() {
+        println!("  {:>2}  {}", i + 1, short(p));
+    }
+    println!("fingers      {} distinct", st.fingers.len());
 }

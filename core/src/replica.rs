@@ -476,7 +476,13 @@ impl Node {
         match then {
             ReadFor::Serve { to, req } => {
                 self.stats.sent_replies += 1;
-                self.push_send(to, Message::Got { req, result: Err(e) });
+                self.push_send(
+                    to,
+                    Message::Got {
+                        req,
+                        result: Err(e),
+                    },
+                );
             }
             ReadFor::Push { sid, .. } => self.session_step_done(now_ms, sid, false),
             ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Err(e)),

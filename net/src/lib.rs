@@ -2,10 +2,12 @@
 //!
 //! [`transport`] moves the secure-link packets of [`peerstore_core::link`]
 //! between machines over TCP. It never looks inside them: authenticity,
-//! ordering checks and retransmission live in the core.
+//! ordering checks and retransmission live in the core. [`keyfile`] reads
+//! and writes the key files nodes and users keep on disk.
 
 #![forbid(unsafe_code)]
 
+pub mod keyfile;
 pub mod transport;
 
 pub use transport::{NetEvent, SendError, Transport, TransportConfig, TransportStats};

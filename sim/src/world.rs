@@ -2445,40 +2445,39 @@ impl World {
 
     /// A node's answer to the client call `client` reached the client.
     fn on_answer(&mut self, client: CmdId, reply: GateReply) {
-        {
-            match reply {
-                GateReply::Put(r) => {
-                    self.sec.gate_requests += 1;
-                    if matches!(&r, Err(e) if !matches!(e, peerstore_core::gate::GateError::Store(_)))
-                    {
-                        self.sec.gate_refused += 1;
-                    }
-                    if self.rogue_cmds.remove(&client) {
-                        if r.is_ok() {
-                            self.sec.rogue_client_puts_acked += 1;
-                        }
-                        return;
-                    }
-                    let key = self
-                        .store
-                        .cmds
-                        .get(&client)
-                        .map(|c| c.1)
-                        .unwrap_or_default();
-                    let r = r
-                        .map(|()| peerstore_core::PutOk {
-                            key,
-                            acks: 0,
-                            latency_ms: 0,
-                        })
-                        .map_err(gate_error);
-                    self.on_put_reply(client, r);
+        match reply {
+            GateReply::Put(r) => {
+                self.sec.gate_requests += 1;
+                if matches!(&r, Err(e) if !matches!(e, peerstore_core::gate::GateError::Store(_))) {
+                    self.sec.gate_refused += 1;
                 }
-                GateReply::Get(r) => {
-                    self.sec.gate_requests += 1;
-                    self.on_get_reply(client, r.map_err(gate_error));
+                if self.rogue_cmds.remove(&client) {
+                    if r.is_ok() {
+                        self.sec.rogue_client_puts_acked += 1;
+                    }
+                    return;
                 }
+                let key = self
+                    .store
+                    .cmds
+                    .get(&client)
+                    .map(|c| c.1)
+                    .unwrap_or_default();
+                let r = r
+                    .map(|()| peerstore_core::PutOk {
+                        key,
+                        acks: 0,
+                        latency_ms: 0,
+                    })
+                    .map_err(gate_error);
+                self.on_put_reply(client, r);
             }
+            GateReply::Get(r) => {
+                self.sec.gate_requests += 1;
+                self.on_get_reply(client, r.map_err(gate_error));
+            }
+            // The simulated workload never asks for the ring's status.
+            GateReply::Status(_) => {}
         }
     }
 

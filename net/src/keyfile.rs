@@ -1,6 +1,7 @@
-//! The user's key file on disk: written atomically with mode 0600, never
-//! over an existing identity unless asked, and refused when others can
-//! read it.
+//! Key files on disk, a user's or a node's: private keys written
+//! atomically with mode 0600, never over an existing identity unless asked,
+//! and refused when others can read them; public keys as SPKI PEM, which
+//! is what operators hand each other to trust.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -8,11 +9,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use peerstore_core::identity::MAX_PEM_BYTES;
-
-/// Where the key file lives unless `--key` says otherwise.
-pub fn default_path() -> Option<PathBuf> {
-    dirs::data_dir().map(|d| d.join("peerstore").join("user.pem"))
-}
 
 /// Fails, saying how to proceed, if a key file is already at `path` (an
 /// identity is never replaced unless asked).
@@ -142,4 +138,44 @@ fn check_mode(path: &Path, f: &File) -> Result<()> {
 #[cfg(not(unix))]
 fn check_mode(_path: &Path, _f: &File) -> Result<()> {
     Ok(())
+}
+
+const PUBLIC_LABEL: &str = "PUBLIC KEY";
+
+/// A public key (SPKI DER) as PEM text.
+pub fn public_pem(der: &[u8]) -> Result<String> {
+    pkcs8::der::pem::encode_string(PUBLIC_LABEL, pkcs8::der::pem::LineEnding::LF, der)
+        .map_err(|e| anyhow::anyhow!("encoding a public key: {e}"))
+}
+
+/// The SPKI DER in a public key file (a node's `node.pub.pem`).
+pub fn read_public(path: &Path) -> Result<Vec<u8>> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > 16 * 1024 {
+        bail!("{} is too large to be a public key file", path.display());
+    }
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (label, der) = pkcs8::der::pem::decode_vec(text.as_bytes()).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is not a PEM public key (use a node's node.pub.pem)",
+            path.display()
+        )
+    })?;
+    if label != PUBLIC_LABEL {
+        bail!(
+            "{} holds a '{label}', not a public key (use a node's node.pub.pem)",
+            path.display()
+        );
+    }
+    Ok(der)
+}
+
+/// Hex SHA-256 of a public key (SPKI DER): the fingerprint operators pass
+/// to `peerstore-node admit`.
+pub fn fingerprint(der: &[u8]) -> String {
+    peerstore_core::link::key_sha256(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
