@@ -52,7 +52,14 @@ impl NodeClient {
     /// Connects to the node at `node` as `user`, talking only to a node
     /// whose endorsement chain leads to a key in `trust`.
     pub async fn connect(node: SocketAddr, user: Signer, trust: TrustStore) -> Result<NodeClient> {
-        let (transport, events) = Transport::connect_as_client(node, TransportConfig::default())
+        let cfg = TransportConfig {
+            // Room for a whole window of 1 MiB blocks: a packet dropped
+            // from the middle of the session would break it.
+            send_queue_packets: 1024,
+            send_queue_bytes: 64 << 20,
+            ..TransportConfig::default()
+        };
+        let (transport, events) = Transport::connect_as_client(node, cfg)
             .await
             .with_context(|| {
                 format!("cannot reach a node at {node}: is peerstore-node running there? (pick another with --node)")

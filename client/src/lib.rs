@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod conn;
+pub mod files;
 pub use peerstore_net::keyfile;
 
 /// Where the user's key file lives unless `--key` says otherwise.

@@ -1,12 +1,13 @@
 //! `peerstore`: the PeerStore command-line client.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use peerstore_client::conn::NodeClient;
+use peerstore_client::files::{self, Files};
 use peerstore_client::keyfile;
 use peerstore_core::endorse::TrustStore;
 use peerstore_core::gate::RingStatus;
@@ -78,6 +79,49 @@ enum Cmd {
     Trust {
         /// The root's public key file.
         pem: PathBuf,
+    },
+    /// Register your public key in the ring (backup does it for you the
+    /// first time). The first registration of a user id wins for ever.
+    Register,
+    /// Back up a file or a directory tree: every file is encrypted here,
+    /// in 1 MiB chunks, before it is sent; unchanged files are skipped.
+    ///
+    ///   peerstore backup ~/Documents
+    #[command(verbatim_doc_comment)]
+    Backup {
+        /// The file or directory to back up.
+        path: PathBuf,
+    },
+    /// Restore a backed-up file or tree (every chunk is verified), or a
+    /// file someone shared with you (OWNER:FILE, as `share` printed).
+    ///
+    ///   peerstore restore /home/me/Documents --to /tmp/r   # gives /tmp/r/Documents/...
+    ///   peerstore restore 1f2e...:9a8b... --to /tmp/r     # a shared file
+    #[command(verbatim_doc_comment)]
+    Restore {
+        /// A path as `peerstore ls` shows it, or a share link.
+        path: String,
+        /// Where to write (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// List your backed-up files (all, or those at or under PATH).
+    Ls { path: Option<String> },
+    /// Remove a backed-up file or tree from the ring.
+    Rm { path: String },
+    /// Let another user read a file or tree: prints the links they restore
+    /// with. USER is their user id (`peerstore whoami`) or public key file.
+    Share {
+        path: String,
+        #[arg(long, value_name = "USER")]
+        with: String,
+    },
+    /// Take a user's access away: the files get new keys and are
+    /// re-encrypted, so nothing written from now on is readable to them.
+    Revoke {
+        path: String,
+        #[arg(long, value_name = "USER")]
+        from: String,
     },
     /// Show the ring as the node sees it: its id and address, successors,
     /// predecessor, distinct fingers, and what it stores.
@@ -169,7 +213,7 @@ fn explain(e: IdentityError, path: &std::path::Path) -> anyhow::Error {
 
 fn show(id: &Identity, path: &std::path::Path) {
     println!("key file     {}", path.display());
-    println!("user id      {:?}", id.user_id());
+    println!("user id      {}", id.user_id());
     println!("fingerprint  {}", id.fingerprint());
 }
 
@@ -245,6 +289,120 @@ fn run(args: Args) -> Result<()> {
             println!("trusting the ring root {fpr}");
             Ok(())
         }
+        Cmd::Register => with_files(&args, |mut f| async move {
+            if f.register().await? {
+                println!("registered user {}", hex(&f.user_id().0));
+            } else {
+                println!("user {} was already registered", hex(&f.user_id().0));
+            }
+            Ok(())
+        }),
+        Cmd::Backup { path } => {
+            let path = path.clone();
+            with_files(&args, |mut f| async move {
+                f.register().await?;
+                let bar = Bar::new(tree_size(&path));
+                let started = std::time::Instant::now();
+                let rep = f.backup(&path, &bar).await?;
+                bar.finish();
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                println!(
+                    "stored {} files ({}), {} unchanged, in {:.1} s ({:.1} MB/s)",
+                    rep.files_stored,
+                    human(rep.bytes_stored),
+                    rep.files_unchanged,
+                    secs,
+                    rep.bytes_stored as f64 / secs / 1e6
+                );
+                if !rep.failed.is_empty() {
+                    for (p, why) in &rep.failed {
+                        eprintln!("not backed up: {p}: {why}");
+                    }
+                    bail!(
+                        "{} files were not backed up (see above); run the backup again",
+                        rep.failed.len()
+                    );
+                }
+                Ok(())
+            })
+        }
+        Cmd::Restore { path, to } => {
+            let (path, to) = (path.clone(), to.clone());
+            with_files(&args, |mut f| async move {
+                std::fs::create_dir_all(&to)
+                    .with_context(|| format!("cannot create {}", to.display()))?;
+                let bar = Bar::new(0);
+                let started = std::time::Instant::now();
+                let rep = if files::parse_link(&path).is_ok() {
+                    f.restore_shared(&path, &to, &bar).await?
+                } else {
+                    f.restore(&path, &to, &bar).await?
+                };
+                bar.finish();
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                println!(
+                    "restored {} files ({}) in {:.1} s ({:.1} MB/s)",
+                    rep.files,
+                    human(rep.bytes),
+                    secs,
+                    rep.bytes as f64 / secs / 1e6
+                );
+                if !rep.failed.is_empty() {
+                    for (p, why) in &rep.failed {
+                        eprintln!("not restored: {p}: {why}");
+                    }
+                    bail!("{} files were not restored (see above)", rep.failed.len());
+                }
+                Ok(())
+            })
+        }
+        Cmd::Ls { path } => {
+            let path = path.clone().unwrap_or_default();
+            with_files(&args, |mut f| async move {
+                let cat = f.catalog().await?;
+                let list = cat.under(&path);
+                if list.is_empty() && !path.is_empty() {
+                    bail!("nothing backed up at {path}");
+                }
+                let mut out = std::io::stdout().lock();
+                for (p, e) in list {
+                    let line = writeln!(out, "{:>12}  {}  {}", e.size, when(e.mtime_ms), p);
+                    if let Err(e) = line {
+                        // `peerstore ls | head` closes the pipe early: fine.
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(());
+                        }
+                        return Err(e.into());
+                    }
+                }
+                Ok(())
+            })
+        }
+        Cmd::Rm { path } => {
+            let path = path.clone();
+            with_files(&args, |mut f| async move {
+                let n = f.rm(&path).await?;
+                println!("removed {n} files");
+                Ok(())
+            })
+        }
+        Cmd::Share { path, with } => {
+            let (path, user) = (path.clone(), files::parse_user(with)?);
+            with_files(&args, |mut f| async move {
+                for (p, link) in f.share(&path, user).await? {
+                    println!("{link}  {p}");
+                }
+                Ok(())
+            })
+        }
+        Cmd::Revoke { path, from } => {
+            let (path, user) = (path.clone(), files::parse_user(from)?);
+            with_files(&args, |mut f| async move {
+                let n = f.revoke(&path, user).await?;
+                println!("revoked on {n} files (re-encrypted under new keys)");
+                Ok(())
+            })
+        }
         Cmd::Ring { json } => {
             let json = *json;
             with_node(&args, |mut c| async move {
@@ -305,6 +463,121 @@ where
         let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
         f(c).await
     })
+}
+
+/// Runs `f` with the user's files in the ring.
+fn with_files<F, Fut>(args: &Args, f: F) -> Result<()>
+where
+    F: FnOnce(Files) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let id = load(args)?;
+    let trust = trust_store(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let node = args.node;
+    rt.block_on(async move {
+        let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
+        f(Files::new(c, id)).await
+    })
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(total: u64) -> Bar {
+        if !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let b = if total > 0 {
+            indicatif::ProgressBar::new(total)
+        } else {
+            indicatif::ProgressBar::no_length()
+        };
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Bar(Some(b))
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl files::Progress for Bar {
+    fn bytes(&self, n: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(n);
+        }
+    }
+
+    fn note(&self, line: &str) {
+        match &self.0 {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// Bytes under `path` (for the progress bar's total).
+fn tree_size(path: &std::path::Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn when(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 fn hex(bytes: &[u8]) -> String {

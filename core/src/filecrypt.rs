@@ -245,6 +245,12 @@ impl FileKey {
         FileKey(key)
     }
 
+    /// A key made from a secret the caller derived (e.g.
+    /// [`crate::identity::Identity::local_secret`]).
+    pub fn from_secret(secret: Zeroizing<[u8; 32]>) -> FileKey {
+        FileKey(secret)
+    }
+
     fn subkeys(&self) -> Keys {
         Keys {
             enc: derive(&self.0, TAG_ENC_KEY),

@@ -316,6 +316,24 @@ impl Identity {
         record::new_pubkey_record(rng, &self.signing, self.enc_public_der.clone())
     }
 
+    /// A 256-bit secret that only holders of this identity can compute,
+    /// the same on every machine holding the key file: HMAC-SHA256 keyed
+    /// by SHA-256 of the signing key's private exponent, over `label`.
+    /// Distinct labels give independent secrets (the client seals its
+    /// transaction log entries with one).
+    pub fn local_secret(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        use hmac::{Hmac, Mac};
+        use rsa::traits::PrivateKeyParts;
+        let d = Zeroizing::new(self.signing_key.d().to_bytes_be());
+        let key = Zeroizing::new(<[u8; 32]>::from(Sha256::digest(&*d)));
+        let mut mac = <Hmac<Sha256>>::new_from_slice(&*key).expect("HMAC takes any key length");
+        mac.update(b"peerstore/local-secret/v1");
+        mac.update(label);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+        out
+    }
+
     /// The key file's text (see the module docs for the layout), with both
     /// keys encrypted under `passphrase` if one is given. The caller must
     /// write it to a file created with mode 0600.
@@ -892,6 +910,18 @@ pub(crate) mod tests {
                 .verify(MIN_KEY_BITS_DEFAULT),
             Ok(())
         );
+    }
+
+    #[test]
+    fn local_secrets_are_per_identity_per_label_and_survive_the_key_file() {
+        let (a, b) = (test_identity(0), test_identity(1));
+        let s = a.local_secret(b"log");
+        assert_eq!(*s, *a.local_secret(b"log"));
+        assert_ne!(*s, *a.local_secret(b"other"));
+        assert_ne!(*s, *b.local_secret(b"log"));
+        let pem = a.to_pem_with_log_n(&mut rng(9), None, 1).expect("pem");
+        let again = Identity::from_pem(&pem, None, TEST_BITS).expect("load");
+        assert_eq!(*s, *again.local_secret(b"log"));
     }
 
     #[test]

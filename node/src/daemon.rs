@@ -209,6 +209,13 @@ pub async fn run(opts: Options) -> Result<()> {
         opts.listen,
         TransportConfig {
             advertise_addr: opts.advertise,
+            // The core bounds what it keeps in flight (storage bytes,
+            // calls per client), so a connection's queue only has to be
+            // large enough never to drop a packet from the middle of a
+            // session: a gap kills the session and everything queued
+            // behind it.
+            send_queue_packets: 4096,
+            send_queue_bytes: 64 << 20,
             ..TransportConfig::default()
         },
     )
@@ -402,6 +409,9 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     drain(&mut machine, &transport, &disk_tx, &paths)?;
+    info!(links = ?machine.links().stats(), "link counters");
+    info!(store = ?machine.node().store_stats(), node = ?machine.node().stats(), "node counters");
+    info!(transport = ?transport.stats(), "transport counters");
     info!("node stopped");
     transport.shutdown();
     drop(disk_tx);
@@ -438,7 +448,13 @@ fn drain(
     while let Some(o) = machine.poll() {
         match o {
             MachineOutput::Packet(p) => {
-                let _ = transport.send(p.to, p.bytes);
+                let to = p.to;
+                if let Err(e) = transport.send(to, p.bytes) {
+                    // A packet missing from a session's stream breaks it:
+                    // start a new session with that peer next time.
+                    debug!(peer = ?to, error = %e, "packet dropped; resetting the link");
+                    machine.disconnected(to);
+                }
             }
             MachineOutput::Storage { io, op } => {
                 disk.send((io, op)).context("the disk thread stopped")?;

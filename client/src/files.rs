@@ -1,0 +1,1076 @@
+//! The user's files in the ring: backup, restore, list, remove, share,
+//! revoke.
+//!
+//! # What is stored
+//!
+//! * Every file is encrypted on this machine before anything leaves it
+//!   ([`peerstore_core::filecrypt`]): a fresh random key and file id per
+//!   backed-up version, 1 MiB sealed chunks stored as blocks owned by the
+//!   user, and a manifest (owner-signed, access list with the key wrapped
+//!   for each reader, sealed metadata: path, size, mtime, mode, chunk ids).
+//! * The user's **namespace** is their transaction log, a grow-only set
+//!   of owner-signed entries in the DHT. Each entry holds a batch of
+//!   operations (`put path -> file id, size, mtime` or `rm path`), sealed
+//!   with a key only this user's key file can derive
+//!   ([`Identity::local_secret`]), so nodes learn neither names nor sizes
+//!   from it. Entries are ordered by (Lamport clock, client id); replaying
+//!   them gives the current catalog. Writing the log sends only the new
+//!   entries: replicas merge logs by union.
+//!
+//! A file's log entry is written only after its blocks and its manifest
+//! were acknowledged by W replicas, so whatever `ls` lists can be
+//! restored. A backup that stops half-way leaves blocks nobody lists (they
+//! cost space, not correctness).
+//!
+//! # Streams and memory
+//!
+//! Files are read and sealed one chunk at a time, and restored one chunk at
+//! a time in order (out-of-order answers wait in a bounded window), into a
+//! temporary file renamed into place only after the last chunk verified.
+//! At most [`WINDOW`] requests are in flight, so memory stays flat whatever
+//! the file size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use peerstore_core::filecrypt::{
+    self, Decryptor, Encryptor, FileId, FileKey, FileMeta, Rekeyer, CHUNK_BYTES,
+};
+use peerstore_core::gate::{ClientOp, GateError, GateReply};
+use peerstore_core::identity::Identity;
+use peerstore_core::record::{self, Manifest, PubKeyRecord, Record, TxEntry, UserId};
+use peerstore_core::reqauth::AuthError;
+use peerstore_core::store::{sha256, Block, BlockId, Tombstone};
+use peerstore_core::{Id, Item, StoreError};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::conn::NodeClient;
+
+/// Requests in flight at most (each up to 1 MiB).
+pub const WINDOW: usize = 16;
+/// Plaintext bytes of operations per log entry (an entry body is at most
+/// 4 KiB sealed).
+const ENTRY_PLAIN_MAX: usize = 3_000;
+/// Log entries written at once while a backup runs, so a long backup
+/// that is interrupted keeps what it finished.
+const LOG_FLUSH_OPS: usize = 256;
+
+const LOG_LABEL: &[u8] = b"txlog";
+const LOG_ENTRY_TAG: &[u8] = b"peerstore/txlog-entry/v1";
+
+/// One operation in the user's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogOp {
+    Put {
+        path: String,
+        file_id: FileId,
+        size: u64,
+        mtime_ms: i64,
+    },
+    Rm {
+        path: String,
+    },
+}
+
+/// A file the catalog lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub file_id: FileId,
+    pub size: u64,
+    pub mtime_ms: i64,
+}
+
+/// The user's namespace as the log says it is now.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub files: BTreeMap<String, Entry>,
+    /// Highest Lamport clock in the log.
+    pub clock: u64,
+}
+
+impl Catalog {
+    /// Entries at `path` or under it (`path` a file, or a directory
+    /// prefix); everything for an empty path.
+    pub fn under(&self, path: &str) -> Vec<(&String, &Entry)> {
+        let dir = format!("{}/", path.trim_end_matches('/'));
+        self.files
+            .iter()
+            .filter(|(p, _)| path.is_empty() || *p == path || p.starts_with(&dir) || dir == "/")
+            .collect()
+    }
+
+    fn apply(&mut self, op: LogOp) {
+        match op {
+            LogOp::Put {
+                path,
+                file_id,
+                size,
+                mtime_ms,
+            } => {
+                self.files.insert(
+                    path,
+                    Entry {
+                        file_id,
+                        size,
+                        mtime_ms,
+                    },
+                );
+            }
+            LogOp::Rm { path } => {
+                self.files.remove(&path);
+            }
+        }
+    }
+}
+
+/// What a reply said, as a result.
+fn put_result(r: GateReply) -> Result<()> {
+    match r {
+        GateReply::Put(Ok(())) => Ok(()),
+        GateReply::Put(Err(e)) => Err(explain(e)),
+        other => bail!("unexpected answer to a store request: {other:?}"),
+    }
+}
+
+fn get_result(r: GateReply) -> Result<Option<Item>> {
+    match r {
+        GateReply::Get(Ok(item)) => Ok(item),
+        GateReply::Get(Err(e)) => Err(explain(e)),
+        other => bail!("unexpected answer to a read request: {other:?}"),
+    }
+}
+
+fn explain(e: GateError) -> anyhow::Error {
+    match e {
+        GateError::Auth(AuthError::UnknownUser) => {
+            anyhow!("this user is not registered in the ring yet: run `peerstore register`")
+        }
+        GateError::Store(StoreError::Unavailable { acks, needed }) => anyhow!(
+            "only {acks} of the {needed} replicas needed confirmed the write: too few nodes are up; retry when the ring has healed"
+        ),
+        GateError::Store(StoreError::Full) => {
+            anyhow!("a replica's disk is full: free space on the nodes or add nodes")
+        }
+        other => anyhow!("{other}"),
+    }
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(unix)]
+fn mode_of(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn mode_of(_meta: &std::fs::Metadata) -> u32 {
+    0
+}
+
+/// Progress of long work, shown by the caller (a bar, or nothing).
+pub trait Progress {
+    /// `n` more bytes done.
+    fn bytes(&self, n: u64);
+    /// A line of news (a file skipped, an error on one file).
+    fn note(&self, line: &str);
+}
+
+/// No progress shown.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn bytes(&self, _n: u64) {}
+    fn note(&self, _line: &str) {}
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupReport {
+    pub files_stored: u64,
+    pub files_unchanged: u64,
+    pub bytes_stored: u64,
+    /// Files that could not be backed up, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub bytes: u64,
+    pub failed: Vec<(String, String)>,
+}
+
+/// A file being backed up.
+struct Pending {
+    path: String,
+    file_id: FileId,
+    size: u64,
+    mtime_ms: i64,
+    blocks_left: usize,
+    /// Built once every chunk is sealed; sent once every block is acked.
+    manifest: Option<Manifest>,
+    failed: bool,
+}
+
+enum CallFor {
+    Block(usize),
+    Manifest(usize),
+}
+
+/// A user's session with the ring.
+pub struct Files {
+    c: NodeClient,
+    id: Identity,
+    client_id: u64,
+    min_bits: usize,
+}
+
+impl Files {
+    pub fn new(c: NodeClient, id: Identity) -> Files {
+        Files {
+            c,
+            id,
+            client_id: OsRng.next_u64(),
+            min_bits: record::MIN_KEY_BITS_DEFAULT,
+        }
+    }
+
+    pub fn client(&mut self) -> &mut NodeClient {
+        &mut self.c
+    }
+
+    pub fn user_id(&self) -> UserId {
+        self.id.user_id()
+    }
+
+    async fn put(&mut self, item: Item) -> Result<()> {
+        put_result(self.c.call(ClientOp::Put(item)).await?)
+    }
+
+    async fn get(&mut self, key: Id) -> Result<Option<Item>> {
+        get_result(self.c.call(ClientOp::Get(key)).await?)
+    }
+
+    /// Stores this user's public key record (first registration of an id
+    /// wins, for ever). Returns false if it was already registered.
+    pub async fn register(&mut self) -> Result<bool> {
+        let at = record::pubkey_position(self.id.signing_public_der());
+        if let Ok(Some(Item::Record(r))) = self.get(at).await {
+            if let Record::PubKey(pk) = *r {
+                if pk.signing_key == self.id.signing_public_der() {
+                    return Ok(false);
+                }
+            }
+        }
+        let rec = self.id.pubkey_record(&mut OsRng);
+        self.put(Item::Record(Box::new(rec)))
+            .await
+            .context("registering your public key")?;
+        Ok(true)
+    }
+
+    /// A user's public key record, by key file or user id.
+    pub async fn pubkey(&mut self, user: UserId) -> Result<PubKeyRecord> {
+        match self.get(user).await? {
+            Some(Item::Record(r)) => match *r {
+                Record::PubKey(pk) if record::user_id(&pk.signing_key) == user => Ok(pk),
+                _ => bail!("the ring holds no public key record for user {user}"),
+            },
+            _ => bail!(
+                "user {user} is not registered in the ring (they must run `peerstore register`)"
+            ),
+        }
+    }
+
+    fn log_key(&self) -> FileKey {
+        FileKey::from_secret(self.id.local_secret(LOG_LABEL))
+    }
+
+    fn entry_file_id(clock: u64, client: u64) -> FileId {
+        let mut m = Vec::with_capacity(LOG_ENTRY_TAG.len() + 16);
+        m.extend_from_slice(LOG_ENTRY_TAG);
+        m.extend_from_slice(&clock.to_be_bytes());
+        m.extend_from_slice(&client.to_be_bytes());
+        sha256(&m)
+    }
+
+    /// The user's namespace, from the transaction log.
+    pub async fn catalog(&mut self) -> Result<Catalog> {
+        let at = record::txlog_position(self.id.signing_public_der());
+        let mut cat = Catalog::default();
+        let log = match self.get(at).await.context("reading your file list")? {
+            None => return Ok(cat),
+            Some(Item::Record(r)) => match *r {
+                Record::TxLog(l) => l,
+                _ => bail!("the ring holds something other than your log at its position"),
+            },
+            Some(_) => bail!("the ring holds something other than your log at its position"),
+        };
+        let key = self.log_key();
+        for ((clock, client), e) in &log.entries {
+            cat.clock = cat.clock.max(*clock);
+            let mut dec = Decryptor::new(&key, Self::entry_file_id(*clock, *client));
+            let plain = dec
+                .push(&e.body)
+                .and_then(|p| dec.finish().map(|_| p))
+                .map_err(|_| {
+                    anyhow!("a log entry failed to open: was it written with another key file?")
+                })?;
+            let ops: Vec<LogOp> = postcard::from_bytes(&plain)
+                .map_err(|_| anyhow!("a log entry is not readable by this version"))?;
+            for op in ops {
+                cat.apply(op);
+            }
+        }
+        Ok(cat)
+    }
+
+    /// Appends `ops` to the log (in entries of at most 4 KiB), after
+    /// `cat.clock`, and applies them to `cat`.
+    pub async fn append(&mut self, cat: &mut Catalog, ops: Vec<LogOp>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let key = self.log_key();
+        let mut entries: Vec<TxEntry> = Vec::new();
+        let mut batch: Vec<LogOp> = Vec::new();
+        let mut batch_len = 0;
+        let seal = |batch: &mut Vec<LogOp>, cat: &mut Catalog| -> Result<TxEntry> {
+            cat.clock += 1;
+            let plain = postcard::to_allocvec(&*batch).context("encoding log operations")?;
+            let mut enc = Encryptor::new(&key, Self::entry_file_id(cat.clock, self.client_id));
+            let more = enc.push(&mut OsRng, &plain)?;
+            debug_assert!(more.is_empty(), "an entry is one chunk");
+            let body = enc.finish(&mut OsRng).last_chunk;
+            for op in batch.drain(..) {
+                cat.apply(op);
+            }
+            Ok(record::new_tx_entry(
+                &mut OsRng,
+                self.id.signer(),
+                cat.clock,
+                self.client_id,
+                body,
+            ))
+        };
+        for op in ops {
+            let len = postcard::to_allocvec(&op).map(|v| v.len()).unwrap_or(0);
+            if batch_len + len > ENTRY_PLAIN_MAX && !batch.is_empty() {
+                entries.push(seal(&mut batch, cat)?);
+                batch_len = 0;
+            }
+            batch_len += len;
+            batch.push(op);
+        }
+        if !batch.is_empty() {
+            entries.push(seal(&mut batch, cat)?);
+        }
+        let rec = record::new_txlog_record(self.id.signer(), entries)
+            .map_err(|e| anyhow!("building the log: {e}"))?;
+        self.put(Item::Record(Box::new(rec)))
+            .await
+            .context("writing your file list")
+    }
+
+    /// Backs up every regular file under `root` (recursively; symbolic
+    /// links are not followed). Files whose size and mtime match the
+    /// catalog are skipped.
+    pub async fn backup(&mut self, root: &Path, progress: &dyn Progress) -> Result<BackupReport> {
+        let root = root.canonicalize().with_context(|| {
+            format!(
+                "cannot back up {}: no such file or directory",
+                root.display()
+            )
+        })?;
+        let mut cat = self.catalog().await?;
+        let mut report = BackupReport::default();
+        let mut files: Vec<Pending> = Vec::new();
+        let mut calls: HashMap<u64, CallFor> = HashMap::new();
+        let mut done_ops: Vec<LogOp> = Vec::new();
+        let owner = self.id.user_id();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+
+        for entry in walkdir::WalkDir::new(&root)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let p = e
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    progress.note(&format!("skipped {p}: {e}"));
+                    report.failed.push((p, e.to_string()));
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let Some(path) = entry.path().to_str().map(str::to_owned) else {
+                let p = entry.path().display().to_string();
+                progress.note(&format!("skipped {p}: the name is not UTF-8"));
+                report.failed.push((p, "name is not UTF-8".into()));
+                continue;
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    report.failed.push((path, e.to_string()));
+                    continue;
+                }
+            };
+            let (size, mtime) = (meta.len(), mtime_ms(&meta));
+            if cat
+                .files
+                .get(&path)
+                .is_some_and(|e| e.size == size && e.mtime_ms == mtime)
+            {
+                report.files_unchanged += 1;
+                progress.bytes(size);
+                continue;
+            }
+            if size > filecrypt::MAX_FILE_BYTES {
+                progress.note(&format!("skipped {path}: larger than the 1 GiB limit"));
+                report
+                    .failed
+                    .push((path, "larger than the 1 GiB limit".into()));
+                continue;
+            }
+            let mut f = match File::open(entry.path()) {
+                Ok(f) => f,
+                Err(e) => {
+                    progress.note(&format!("skipped {path}: {e}"));
+                    report.failed.push((path, e.to_string()));
+                    continue;
+                }
+            };
+            let key = FileKey::generate(&mut OsRng);
+            let file_id = filecrypt::new_file_id(&mut OsRng);
+            let at = files.len();
+            files.push(Pending {
+                path: path.clone(),
+                file_id,
+                size,
+                mtime_ms: mtime,
+                blocks_left: 0,
+                manifest: None,
+                failed: false,
+            });
+            let mut enc = Encryptor::new(&key, file_id);
+            let mut read_total = 0u64;
+            let sealed_all = loop {
+                let n = match read_full(&mut f, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => break Err(anyhow!("reading {path}: {e}")),
+                };
+                read_total += n as u64;
+                let chunks = match enc.push(&mut OsRng, &buf[..n]) {
+                    Ok(c) => c,
+                    Err(e) => break Err(anyhow!("{path}: {e}")),
+                };
+                for sealed in chunks {
+                    self.send_block(
+                        &mut files,
+                        &mut calls,
+                        &mut done_ops,
+                        &mut report,
+                        at,
+                        owner,
+                        sealed,
+                        progress,
+                    )
+                    .await?;
+                }
+                if n < buf.len() {
+                    break Ok(());
+                }
+            };
+            if let Err(e) = sealed_all {
+                progress.note(&format!("failed {path}: {e:#}"));
+                report.failed.push((path, format!("{e:#}")));
+                files[at].failed = true;
+                continue;
+            }
+            let fin = enc.finish(&mut OsRng);
+            let last = fin.last_chunk;
+            let meta = FileMeta {
+                path: path.clone(),
+                size: read_total,
+                mtime_ms: mtime,
+                mode: mode_of(&meta),
+                chunks: fin.chunk_ids,
+            };
+            files[at].size = read_total;
+            let manifest =
+                filecrypt::new_file_manifest(&mut OsRng, &self.id, file_id, &key, &meta, 1)
+                    .map_err(|e| anyhow!("{path}: {e}"))?;
+            files[at].manifest = Some(manifest);
+            self.send_block(
+                &mut files,
+                &mut calls,
+                &mut done_ops,
+                &mut report,
+                at,
+                owner,
+                last,
+                progress,
+            )
+            .await?;
+            if done_ops.len() >= LOG_FLUSH_OPS {
+                let ops = std::mem::take(&mut done_ops);
+                self.append(&mut cat, ops).await?;
+            }
+        }
+        while self.c.in_flight() > 0 {
+            let (id, r) = self.c.next_answer().await?;
+            self.on_backup_answer(
+                &mut files,
+                &mut calls,
+                &mut done_ops,
+                &mut report,
+                id,
+                r,
+                progress,
+            )
+            .await?;
+        }
+        let ops = std::mem::take(&mut done_ops);
+        self.append(&mut cat, ops).await?;
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_block(
+        &mut self,
+        files: &mut [Pending],
+        calls: &mut HashMap<u64, CallFor>,
+        done_ops: &mut Vec<LogOp>,
+        report: &mut BackupReport,
+        at: usize,
+        owner: UserId,
+        sealed: Vec<u8>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        while self.c.in_flight() >= WINDOW {
+            let (id, r) = self.c.next_answer().await?;
+            self.on_backup_answer(files, calls, done_ops, report, id, r, progress)
+                .await?;
+        }
+        files[at].blocks_left += 1;
+        let item = Item::Block(Block {
+            owner,
+            data: sealed,
+        });
+        let id = self.c.submit(ClientOp::Put(item)).await?;
+        calls.insert(id, CallFor::Block(at));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn on_backup_answer(
+        &mut self,
+        files: &mut [Pending],
+        calls: &mut HashMap<u64, CallFor>,
+        done_ops: &mut Vec<LogOp>,
+        report: &mut BackupReport,
+        id: u64,
+        r: GateReply,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let Some(what) = calls.remove(&id) else {
+            return Ok(());
+        };
+        let ok = put_result(r);
+        match what {
+            CallFor::Block(at) => {
+                let f = &mut files[at];
+                f.blocks_left -= 1;
+                if let Err(e) = ok {
+                    if !f.failed {
+                        progress.note(&format!("failed {}: {e:#}", f.path));
+                        report.failed.push((f.path.clone(), format!("{e:#}")));
+                        f.failed = true;
+                    }
+                    return Ok(());
+                }
+                if f.blocks_left == 0 && !f.failed {
+                    if let Some(m) = f.manifest.take() {
+                        let item = Item::Record(Box::new(Record::Manifest(m)));
+                        let id = self.c.submit(ClientOp::Put(item)).await?;
+                        calls.insert(id, CallFor::Manifest(at));
+                    }
+                }
+            }
+            CallFor::Manifest(at) => {
+                let f = &mut files[at];
+                match ok {
+                    Ok(()) => {
+                        report.files_stored += 1;
+                        report.bytes_stored += f.size;
+                        progress.bytes(f.size);
+                        done_ops.push(LogOp::Put {
+                            path: f.path.clone(),
+                            file_id: f.file_id,
+                            size: f.size,
+                            mtime_ms: f.mtime_ms,
+                        });
+                    }
+                    Err(e) => {
+                        progress.note(&format!("failed {}: {e:#}", f.path));
+                        report.failed.push((f.path.clone(), format!("{e:#}")));
+                        f.failed = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A manifest by position, opened for this user.
+    async fn open(&mut self, at: Id) -> Result<(Manifest, FileKey, FileMeta)> {
+        let m = match self.get(at).await? {
+            Some(Item::Record(r)) => match *r {
+                Record::Manifest(m) => m,
+                _ => bail!("not a file manifest"),
+            },
+            Some(_) => bail!("not a file manifest"),
+            None => bail!("the ring has no such file (was it removed?)"),
+        };
+        let (key, meta) = filecrypt::open_manifest(&mut OsRng, &self.id, &m, self.min_bits)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok((m, key, meta))
+    }
+
+    fn own_manifest(&self, file_id: &FileId) -> Id {
+        record::manifest_position(self.id.user_id(), file_id)
+    }
+
+    /// Restores every catalog file at or under `path` into `dest`:
+    /// `dest/<path relative to the parent of path>`, so restoring
+    /// `/home/a/docs` to `/tmp/r` gives `/tmp/r/docs/...`.
+    pub async fn restore(
+        &mut self,
+        path: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<RestoreReport> {
+        let cat = self.catalog().await?;
+        let chosen: Vec<(String, Entry)> = cat
+            .under(path)
+            .into_iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if chosen.is_empty() {
+            bail!("nothing backed up at {path} (see `peerstore ls`)");
+        }
+        let base = Path::new(path.trim_end_matches('/'))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut report = RestoreReport::default();
+        for (p, e) in chosen {
+            let rel = Path::new(&p).strip_prefix(&base).unwrap_or(Path::new(&p));
+            let rel = rel.strip_prefix("/").unwrap_or(rel);
+            let target = dest.join(rel);
+            let at = self.own_manifest(&e.file_id);
+            match self.restore_file(at, &target, progress).await {
+                Ok(n) => {
+                    report.files += 1;
+                    report.bytes += n;
+                }
+                Err(err) => {
+                    progress.note(&format!("failed {p}: {err:#}"));
+                    report.failed.push((p, format!("{err:#}")));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Restores a file someone shared (`OWNER:FILE` as `share` printed)
+    /// to `dest` (or into it, if it is a directory).
+    pub async fn restore_shared(
+        &mut self,
+        link: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<RestoreReport> {
+        let at = parse_link(link)?;
+        let target = if dest.is_dir() {
+            let (_, _, meta) = self.open(at).await?;
+            let name = Path::new(&meta.path)
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_else(|| "shared-file".into());
+            dest.join(name)
+        } else {
+            dest.to_path_buf()
+        };
+        let n = self.restore_file(at, &target, progress).await?;
+        Ok(RestoreReport {
+            files: 1,
+            bytes: n,
+            failed: Vec::new(),
+        })
+    }
+
+    /// Fetches, verifies and writes one file; returns its size.
+    async fn restore_file(
+        &mut self,
+        at: Id,
+        target: &Path,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        let (m, key, meta) = self.open(at).await?;
+        let file_id = m.file_id;
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = target.with_file_name(format!(".{name}.peerstore-partial"));
+        let mut out =
+            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let result = self
+            .fetch_chunks(&key, file_id, &meta, &mut out, progress)
+            .await;
+        if let Err(e) = result {
+            drop(out);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        out.sync_all()?;
+        let mtime = UNIX_EPOCH + std::time::Duration::from_millis(meta.mtime_ms.max(0) as u64);
+        let _ = out.set_modified(mtime);
+        #[cfg(unix)]
+        if meta.mode != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = out.set_permissions(std::fs::Permissions::from_mode(meta.mode));
+        }
+        drop(out);
+        std::fs::rename(&tmp, target)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        Ok(meta.size)
+    }
+
+    /// Gets the chunks in order (a window of them in flight), checks each
+    /// against the manifest and writes the plaintext.
+    async fn fetch_chunks(
+        &mut self,
+        key: &FileKey,
+        file_id: FileId,
+        meta: &FileMeta,
+        out: &mut File,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let mut dec = Decryptor::for_meta(key, file_id, meta);
+        let mut next_send = 0usize;
+        let mut next_write = 0usize;
+        let mut by_call: HashMap<u64, usize> = HashMap::new();
+        let mut ready: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+        while next_write < meta.chunks.len() {
+            while next_send < meta.chunks.len() && self.c.in_flight() < WINDOW {
+                let at = filecrypt_block_position(&meta.chunks[next_send]);
+                let id = self.c.submit(ClientOp::Get(at)).await?;
+                by_call.insert(id, next_send);
+                next_send += 1;
+            }
+            let (id, r) = self.c.next_answer().await?;
+            let Some(i) = by_call.remove(&id) else {
+                continue;
+            };
+            let data = match get_result(r)? {
+                Some(Item::Block(b)) => b.data,
+                Some(Item::Tombstone(_)) => bail!("a chunk of this file was deleted by its owner"),
+                _ => bail!("a chunk of this file is missing from the ring"),
+            };
+            ready.insert(i, data);
+            while let Some(data) = ready.remove(&next_write) {
+                let plain = dec.push(&data).map_err(|e| anyhow!("{e}"))?;
+                out.write_all(&plain)?;
+                progress.bytes(plain.len() as u64);
+                next_write += 1;
+            }
+        }
+        dec.finish().map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Removes every catalog file at or under `path`: the log forgets them
+    /// and their blocks get owner-signed tombstones (replicas drop them).
+    pub async fn rm(&mut self, path: &str) -> Result<u64> {
+        let mut cat = self.catalog().await?;
+        let chosen: Vec<(String, Entry)> = cat
+            .under(path)
+            .into_iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if chosen.is_empty() {
+            bail!("nothing backed up at {path} (see `peerstore ls`)");
+        }
+        let ops = chosen
+            .iter()
+            .map(|(p, _)| LogOp::Rm { path: p.clone() })
+            .collect();
+        self.append(&mut cat, ops).await?;
+        for (_, e) in &chosen {
+            let at = self.own_manifest(&e.file_id);
+            if let Ok((_, _, meta)) = self.open(at).await {
+                self.tombstone(&meta.chunks).await?;
+            }
+        }
+        Ok(chosen.len() as u64)
+    }
+
+    async fn tombstone(&mut self, chunks: &[BlockId]) -> Result<()> {
+        for c in chunks {
+            let t = Tombstone::new(&mut OsRng, self.id.signer(), *c);
+            while self.c.in_flight() >= WINDOW {
+                let (_, r) = self.c.next_answer().await?;
+                put_result(r)?;
+            }
+            self.c.submit(ClientOp::Put(Item::Tombstone(t))).await?;
+        }
+        while self.c.in_flight() > 0 {
+            let (_, r) = self.c.next_answer().await?;
+            put_result(r)?;
+        }
+        Ok(())
+    }
+
+    /// Lets `reader` read every file at or under `path`; returns the links
+    /// (`OWNER:FILE`) the reader restores them by.
+    pub async fn share(&mut self, path: &str, reader: UserId) -> Result<Vec<(String, String)>> {
+        let cat = self.catalog().await?;
+        let chosen: Vec<(String, Entry)> = cat
+            .under(path)
+            .into_iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if chosen.is_empty() {
+            bail!("nothing backed up at {path} (see `peerstore ls`)");
+        }
+        let rec = self.pubkey(reader).await?;
+        let mut links = Vec::new();
+        for (p, e) in chosen {
+            let at = self.own_manifest(&e.file_id);
+            let (m, _, _) = self.open(at).await?;
+            let shared = filecrypt::share(&mut OsRng, &self.id, &m, &rec, self.min_bits)
+                .map_err(|e| anyhow!("{p}: {e}"))?;
+            self.put(Item::Record(Box::new(Record::Manifest(shared))))
+                .await
+                .with_context(|| format!("sharing {p}"))?;
+            links.push((p, link(self.id.user_id(), &e.file_id)));
+        }
+        Ok(links)
+    }
+
+    /// Takes `user`'s access away from every file at or under `path`: each
+    /// file gets a new key, its content is re-encrypted, a new manifest
+    /// without them is stored, and the old blocks are deleted.
+    pub async fn revoke(&mut self, path: &str, user: UserId) -> Result<u64> {
+        let cat = self.catalog().await?;
+        let chosen: Vec<(String, Entry)> = cat
+            .under(path)
+            .into_iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if chosen.is_empty() {
+            bail!("nothing backed up at {path} (see `peerstore ls`)");
+        }
+        let me = self.id.user_id();
+        let mut count = 0;
+        for (p, e) in chosen {
+            let at = self.own_manifest(&e.file_id);
+            let (m, old_key, meta) = self.open(at).await?;
+            if m.acl.reader(&user).is_none() && !m.acl.allows_writer(&user) {
+                continue;
+            }
+            let new_key = FileKey::generate(&mut OsRng);
+            let mut rk = Rekeyer::new(&old_key, &new_key, m.file_id, &meta);
+            let owner = me;
+            for c in &meta.chunks {
+                let data = match self.get(filecrypt_block_position(c)).await? {
+                    Some(Item::Block(b)) => b.data,
+                    _ => bail!("{p}: a chunk is missing; cannot re-encrypt"),
+                };
+                for sealed in rk
+                    .push(&mut OsRng, &data)
+                    .map_err(|e| anyhow!("{p}: {e}"))?
+                {
+                    self.put(Item::Block(Block {
+                        owner,
+                        data: sealed,
+                    }))
+                    .await?;
+                }
+            }
+            let fin = rk.finish(&mut OsRng).map_err(|e| anyhow!("{p}: {e}"))?;
+            self.put(Item::Block(Block {
+                owner,
+                data: fin.last_chunk,
+            }))
+            .await?;
+            let mut remaining = Vec::new();
+            for r in &m.acl.readers {
+                if r.user != user && r.user != me {
+                    remaining.push(self.pubkey(r.user).await?);
+                }
+            }
+            let new_meta = FileMeta {
+                chunks: fin.chunk_ids,
+                ..meta.clone()
+            };
+            let revoked = filecrypt::revoke(
+                &mut OsRng,
+                &self.id,
+                &m,
+                &user,
+                &remaining,
+                &new_key,
+                &new_meta,
+                self.min_bits,
+            )
+            .map_err(|e| anyhow!("{p}: {e}"))?;
+            self.put(Item::Record(Box::new(Record::Manifest(revoked))))
+                .await
+                .with_context(|| format!("revoking on {p}"))?;
+            self.tombstone(&meta.chunks).await?;
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn filecrypt_block_position(id: &BlockId) -> Id {
+    peerstore_core::store::block_position(id)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `OWNER:FILE` for a shared file.
+pub fn link(owner: UserId, file_id: &FileId) -> String {
+    format!("{}:{}", hex(&owner.0), hex(file_id))
+}
+
+/// The manifest position of a link.
+pub fn parse_link(s: &str) -> Result<Id> {
+    let (o, f) = s.split_once(':').ok_or_else(|| {
+        anyhow!("'{s}' is not a share link (OWNER:FILE, as `peerstore share` prints)")
+    })?;
+    let owner = unhex::<20>(o).ok_or_else(|| anyhow!("'{o}' is not a user id (40 hex digits)"))?;
+    let file = unhex::<32>(f).ok_or_else(|| anyhow!("'{f}' is not a file id (64 hex digits)"))?;
+    Ok(record::manifest_position(Id(owner), &file))
+}
+
+/// A user named by a public key file or a user id (40 hex digits).
+pub fn parse_user(s: &str) -> Result<UserId> {
+    if let Some(id) = unhex::<20>(s) {
+        return Ok(Id(id));
+    }
+    let path = PathBuf::from(s);
+    if path.exists() {
+        let der = crate::keyfile::read_public(&path)?;
+        return Ok(record::user_id(&der));
+    }
+    bail!("'{s}' is neither a user id (40 hex digits, as `peerstore whoami` prints) nor a public key file")
+}
+
+/// Now, as Unix-epoch milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_follows_puts_and_removes_and_prefixes_mean_directories() {
+        let mut c = Catalog::default();
+        let put = |p: &str, n: u8| LogOp::Put {
+            path: p.into(),
+            file_id: [n; 32],
+            size: u64::from(n),
+            mtime_ms: 0,
+        };
+        c.apply(put("/a/x", 1));
+        c.apply(put("/a/y", 2));
+        c.apply(put("/ab/z", 3));
+        c.apply(put("/a/x", 4));
+        assert_eq!(c.files["/a/x"].size, 4, "a later put wins");
+        let under: Vec<&String> = c.under("/a").into_iter().map(|(p, _)| p).collect();
+        assert_eq!(under, vec!["/a/x", "/a/y"], "/ab is not under /a");
+        assert_eq!(c.under("/a/y").len(), 1);
+        assert_eq!(c.under("").len(), 3);
+        assert_eq!(c.under("/").len(), 3);
+        c.apply(LogOp::Rm {
+            path: "/a/x".into(),
+        });
+        assert_eq!(c.under("/a").len(), 1);
+    }
+
+    #[test]
+    fn links_and_user_ids_parse_back_and_garbage_is_a_clear_error() {
+        let owner = Id([7; 20]);
+        let l = link(owner, &[9; 32]);
+        assert_eq!(
+            parse_link(&l).unwrap(),
+            record::manifest_position(owner, &[9; 32])
+        );
+        for bad in ["", "xyz", "00:11", &format!("{}:zz", hex(&[1; 20]))] {
+            assert!(parse_link(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_user(&hex(&[3; 20])).unwrap(), Id([3; 20]));
+        assert!(parse_user("/no/such/key.pem").is_err());
+    }
+}
