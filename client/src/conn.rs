@@ -24,6 +24,9 @@ use tokio::sync::mpsc;
 /// Calls in flight at most (the node answers more with "busy").
 pub const WINDOW: usize = 32;
 
+/// Calls signed with one signature at most.
+pub const BATCH: usize = 16;
+
 /// How long a call may wait for its answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -38,6 +41,8 @@ pub struct NodeClient {
     next_id: u64,
     /// Calls sent and not yet answered: id -> when sent.
     pending: BTreeMap<u64, Instant>,
+    /// Calls waiting to be signed together (one signature per batch).
+    unsigned: Vec<(u64, ClientOp)>,
     answers: BTreeMap<u64, GateReply>,
 }
 
@@ -74,6 +79,7 @@ impl NodeClient {
             node_id: None,
             next_id: 0,
             pending: BTreeMap::new(),
+            unsigned: Vec::new(),
             answers: BTreeMap::new(),
         };
         // The first call opens the session and tells us the node's id.
@@ -96,30 +102,47 @@ impl NodeClient {
         self.wait(id).await
     }
 
-    /// Sends `op` (waiting for room in the window first); returns the call
-    /// id whose answer [`NodeClient::next_answer`] or
-    /// [`NodeClient::wait`] gives.
+    /// Queues `op` (waiting for room in the window first); returns the
+    /// call id whose answer [`NodeClient::next_answer`] or
+    /// [`NodeClient::wait`] gives. Queued calls are signed together, one
+    /// signature per batch, when the batch is full or an answer is awaited.
     pub async fn submit(&mut self, op: ClientOp) -> Result<u64> {
-        while self.pending.len() >= WINDOW {
+        while self.in_flight() >= WINDOW {
+            self.send_batch()?;
             self.pump().await?;
         }
         self.next_id += 1;
         let id = self.next_id;
-        let node_id = self.node_id.unwrap_or(Id([0; 20]));
-        let req = ClientRequest::new(&self.user, node_id, op, now_ms(), &mut OsRng);
-        self.links.call(now_ms(), self.node, id, &req);
-        self.pending.insert(id, Instant::now());
-        self.flush()?;
+        self.unsigned.push((id, op));
+        if self.unsigned.len() >= BATCH {
+            self.send_batch()?;
+        }
         Ok(id)
     }
 
-    /// Calls sent and not yet answered.
+    /// Signs and sends the queued calls.
+    fn send_batch(&mut self) -> Result<()> {
+        if self.unsigned.is_empty() {
+            return Ok(());
+        }
+        let node_id = self.node_id.unwrap_or(Id([0; 20]));
+        let (ids, ops): (Vec<u64>, Vec<ClientOp>) = self.unsigned.drain(..).unzip();
+        let reqs = ClientRequest::batch(&self.user, node_id, ops, now_ms(), &mut OsRng);
+        for (id, req) in ids.into_iter().zip(reqs) {
+            self.links.call(now_ms(), self.node, id, &req);
+            self.pending.insert(id, Instant::now());
+        }
+        self.flush()
+    }
+
+    /// Calls queued or sent and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.unsigned.len()
     }
 
     /// Waits for the answer to call `id`.
     pub async fn wait(&mut self, id: u64) -> Result<GateReply> {
+        self.send_batch()?;
         loop {
             if let Some(r) = self.answers.remove(&id) {
                 return Ok(r);
@@ -133,6 +156,7 @@ impl NodeClient {
 
     /// Waits for any answer.
     pub async fn next_answer(&mut self) -> Result<(u64, GateReply)> {
+        self.send_batch()?;
         loop {
             if let Some((&id, _)) = self.answers.iter().next() {
                 let r = self.answers.remove(&id).expect("present");

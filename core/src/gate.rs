@@ -91,6 +91,32 @@ impl ClientRequest {
         ClientRequest { auth, body }
     }
 
+    /// Signs several operations for `node` with one signature (see
+    /// [`crate::reqauth::sign_batch`]); at most
+    /// [`crate::reqauth::BATCH_MAX`].
+    pub fn batch(
+        signer: &crate::Signer,
+        node: Id,
+        ops: Vec<ClientOp>,
+        now_ms: u64,
+        rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
+    ) -> Vec<ClientRequest> {
+        let bodies: Vec<Vec<u8>> = ops
+            .into_iter()
+            .map(|op| {
+                postcard::to_allocvec(&ClientBody { node, op })
+                    .expect("postcard encoding into a Vec cannot fail")
+            })
+            .collect();
+        let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        let auths = crate::reqauth::sign_batch(signer, &refs, now_ms, rng);
+        auths
+            .into_iter()
+            .zip(bodies)
+            .map(|(auth, body)| ClientRequest { auth, body })
+            .collect()
+    }
+
     /// The node the request names, if its body decodes (unverified: the
     /// gate checks the signature).
     pub fn node(&self) -> Option<Id> {
