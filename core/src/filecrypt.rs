@@ -10,7 +10,10 @@
 //! an HMAC-SHA256 key. The file key reaches each permitted user wrapped with
 //! RSA-OAEP(SHA-256) under that user's encryption key; the OAEP label binds
 //! the wrapping to `(domain tag, file id, user id)`, so a wrapped key moved to
-//! another file or another user's ACL entry does not unwrap.
+//! another file or another user's ACL entry does not unwrap. The owner's own
+//! entry is sealed symmetrically instead, under a key derived from the
+//! owner's private signing key and bound to the file and owner ids: only the
+//! owner opens it, with no RSA operation.
 //!
 //! # Sealed chunk (one block)
 //!
@@ -135,6 +138,13 @@ const TAG_MAC_KEY: &[u8] = b"peerstore/file-key/hmac/v1";
 const TAG_CHUNK: &[u8] = b"peerstore/chunk/v1";
 const TAG_META: &[u8] = b"peerstore/meta/v1";
 const TAG_WRAP: &str = "peerstore/file-key-wrap/v1";
+const TAG_SELF_WRAP: &[u8] = b"peerstore/file-key-self-wrap/v1";
+/// Marks an owner's own ACL entry wrapped symmetrically (see
+/// [`owner_entry`]); with the fixed length below it cannot be mistaken for
+/// an RSA-OAEP ciphertext (at least 128 bytes, and exactly the modulus size).
+const SELF_WRAP_MARK: &[u8; 4] = b"SW1\0";
+const SELF_WRAP_LEN: usize = SELF_WRAP_MARK.len() + sealed_len(32);
+const _: () = assert!(SELF_WRAP_LEN < 128);
 
 /// Length of a sealed message whose plaintext has `n` bytes.
 const fn sealed_len(n: usize) -> usize {
@@ -833,6 +843,18 @@ pub fn unwrap_key(
     file_id: &FileId,
     wrapped: &[u8],
 ) -> Result<FileKey, FileCryptError> {
+    if wrapped.len() == SELF_WRAP_LEN && wrapped.starts_with(SELF_WRAP_MARK) {
+        let plain = open(
+            &self_wrap_keys(identity),
+            &self_wrap_header(file_id, &identity.user_id()),
+            &wrapped[SELF_WRAP_MARK.len()..],
+        )
+        .ok_or(FileCryptError::UnwrapFailed)?;
+        let bytes: [u8; 32] = plain[..]
+            .try_into()
+            .map_err(|_| FileCryptError::UnwrapFailed)?;
+        return Ok(FileKey(Zeroizing::new(bytes)));
+    }
     let mut r = &mut *rng;
     let plain = identity
         .encryption_key()
@@ -900,23 +922,44 @@ pub fn new_file_manifest(
     check_size(into_manifest(m))
 }
 
+/// The owner's own ACL entry. Only the owner ever opens it, so it needs no
+/// public-key operation: the file key is sealed (AES-256-CBC + HMAC, as a
+/// chunk) under a key derived from the owner's private signing key
+/// ([`Identity::local_secret`]), bound to the file id and the owner's id.
+/// Restoring a file then costs its owner no RSA decryption (milliseconds
+/// each), and the owner's entry gives a remote party no RSA oracle.
+/// Entries wrapped with RSA-OAEP (older manifests) still open.
 fn owner_entry(
     rng: &mut (impl CryptoRngCore + ?Sized),
     owner: &Identity,
     key: &FileKey,
     file_id: &FileId,
 ) -> Result<AclEntry, FileCryptError> {
+    let mut wrapped = SELF_WRAP_MARK.to_vec();
+    wrapped.extend(seal(
+        rng,
+        &self_wrap_keys(owner),
+        &self_wrap_header(file_id, &owner.user_id()),
+        &key.0[..],
+    ));
+    debug_assert_eq!(wrapped.len(), SELF_WRAP_LEN);
     Ok(AclEntry {
         user: owner.user_id(),
-        wrapped_key: wrap_key(
-            rng,
-            key,
-            file_id,
-            &owner.user_id(),
-            owner.enc_public_der(),
-            ABSOLUTE_MIN_KEY_BITS,
-        )?,
+        wrapped_key: wrapped,
     })
+}
+
+fn self_wrap_keys(owner: &Identity) -> Keys {
+    FileKey(owner.local_secret(TAG_SELF_WRAP)).subkeys()
+}
+
+fn self_wrap_header(file_id: &FileId, user: &UserId) -> Vec<u8> {
+    let mut h = Vec::with_capacity(1 + TAG_SELF_WRAP.len() + 32 + 20);
+    h.push(TAG_SELF_WRAP.len() as u8);
+    h.extend_from_slice(TAG_SELF_WRAP);
+    h.extend_from_slice(file_id);
+    h.extend_from_slice(&user.0);
+    h
 }
 
 /// A reader's view: verifies the manifest (owner's ACL signature, signer
@@ -1513,6 +1556,46 @@ mod tests {
         let meta = meta_for("notes.txt", plain.len() as u64, s.ids.clone());
         let m = new_file_manifest(&mut rng(14), owner, FILE, &k, &meta, 1).unwrap();
         (m, k, meta, s)
+    }
+
+    #[test]
+    fn the_owner_entry_is_sealed_for_the_owner_alone_and_bound_to_the_file() {
+        let (owner, other) = (test_identity(0), test_identity(1));
+        let k = key(40);
+        let e = owner_entry(&mut rng(41), owner, &k, &FILE).unwrap();
+        assert_eq!(e.user, owner.user_id());
+        assert_eq!(e.wrapped_key.len(), SELF_WRAP_LEN, "no RSA ciphertext");
+        assert_eq!(
+            unwrap_key(&mut rng(42), owner, &FILE, &e.wrapped_key),
+            Ok(key(40))
+        );
+        // Another identity, another file, any flipped bit: nothing opens.
+        let fail = Err(FileCryptError::UnwrapFailed);
+        assert_eq!(unwrap_key(&mut rng(42), other, &FILE, &e.wrapped_key), fail);
+        assert_eq!(
+            unwrap_key(&mut rng(42), owner, &OTHER_FILE, &e.wrapped_key),
+            fail
+        );
+        for i in SELF_WRAP_MARK.len()..e.wrapped_key.len() {
+            let mut bad = e.wrapped_key.clone();
+            bad[i] ^= 1;
+            assert_eq!(
+                unwrap_key(&mut rng(42), owner, &FILE, &bad),
+                fail,
+                "byte {i}"
+            );
+        }
+        // The older form, RSA-OAEP to the owner's own key, still opens.
+        let oaep = wrap_key(
+            &mut rng(43),
+            &k,
+            &FILE,
+            &owner.user_id(),
+            owner.enc_public_der(),
+            TEST_BITS,
+        )
+        .unwrap();
+        assert_eq!(unwrap_key(&mut rng(44), owner, &FILE, &oaep), Ok(key(40)));
     }
 
     #[test]
