@@ -447,10 +447,12 @@ impl Files {
                 continue;
             }
             if size > filecrypt::MAX_FILE_BYTES {
-                progress.note(&format!("skipped {path}: larger than the 1 GiB limit"));
+                progress.note(&format!(
+                    "skipped {path}: larger than the 1088 MiB limit of one file"
+                ));
                 report
                     .failed
-                    .push((path, "larger than the 1 GiB limit".into()));
+                    .push((path, "larger than the 1088 MiB limit of one file".into()));
                 continue;
             }
             let mut f = match File::open(entry.path()) {

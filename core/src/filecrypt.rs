@@ -76,7 +76,8 @@
 //!
 //! # Limits
 //!
-//! At most [`MAX_FILE_CHUNKS`] chunks (about 1 GiB) per file, because every
+//! At most [`MAX_FILE_CHUNKS`] chunks (1 GiB and a little more: 1088 MiB
+//! less 64 bytes a chunk) per file, because every
 //! chunk id lives in the sealed metadata and the manifest is at most 64 KiB.
 //! Bigger files need index blocks (not done yet).
 
@@ -119,7 +120,7 @@ pub const MIN_FINAL_PADDED: usize = 256;
 /// The sealed metadata's plaintext is padded to a multiple of this.
 pub const META_PAD: usize = 256;
 /// Most chunks one file may have.
-pub const MAX_FILE_CHUNKS: usize = 1024;
+pub const MAX_FILE_CHUNKS: usize = 1088;
 /// Largest file, in bytes: `MAX_FILE_CHUNKS` chunks, the last one not full.
 pub const MAX_FILE_BYTES: u64 = (MAX_FILE_CHUNKS * CHUNK_BYTES - 1) as u64;
 /// Longest path in [`FileMeta`], in bytes.
@@ -181,7 +182,7 @@ pub enum FileCryptError {
     #[error("a chunk follows the file's final chunk")]
     TrailingChunk,
     /// The file is over [`MAX_FILE_BYTES`].
-    #[error("file is larger than the 1 GiB (1024 chunk) limit of one manifest")]
+    #[error("file is larger than the 1.06 GiB (1088 chunk) limit of one manifest")]
     FileTooLarge,
     /// Sealed metadata failed authentication.
     #[error("file metadata failed authentication: altered, or sealed for another file or key")]
