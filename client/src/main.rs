@@ -106,7 +106,13 @@ enum Cmd {
         to: PathBuf,
     },
     /// List your backed-up files (all, or those at or under PATH).
-    Ls { path: Option<String> },
+    Ls {
+        path: Option<String>,
+        /// Also print each file's link (what `share` prints, and what a
+        /// reader passes to `restore` once the file is shared with them).
+        #[arg(long)]
+        links: bool,
+    },
     /// Remove a backed-up file or tree from the ring.
     Rm { path: String },
     /// Let another user read a file or tree: prints the links they restore
@@ -356,9 +362,11 @@ fn run(args: Args) -> Result<()> {
                 Ok(())
             })
         }
-        Cmd::Ls { path } => {
+        Cmd::Ls { path, links } => {
             let path = path.clone().unwrap_or_default();
+            let links = *links;
             with_files(&args, |mut f| async move {
+                let me = f.user_id();
                 let cat = f.catalog().await?;
                 let list = cat.under(&path);
                 if list.is_empty() && !path.is_empty() {
@@ -366,7 +374,12 @@ fn run(args: Args) -> Result<()> {
                 }
                 let mut out = std::io::stdout().lock();
                 for (p, e) in list {
-                    let line = writeln!(out, "{:>12}  {}  {}", e.size, when(e.mtime_ms), p);
+                    let line = if links {
+                        let l = files::link(me, &e.file_id);
+                        writeln!(out, "{:>12}  {}  {}  {}", e.size, when(e.mtime_ms), l, p)
+                    } else {
+                        writeln!(out, "{:>12}  {}  {}", e.size, when(e.mtime_ms), p)
+                    };
                     if let Err(e) = line {
                         // `peerstore ls | head` closes the pipe early: fine.
                         if e.kind() == std::io::ErrorKind::BrokenPipe {
