@@ -338,6 +338,12 @@ pub async fn run(opts: Options) -> Result<()> {
         public_key = %paths.public.display(),
         "node up"
     );
+    // The work since `now` was read (the responder's ephemeral key, the
+    // store scan) can take seconds on a busy machine. Read the clock again:
+    // with the old reading the first housekeeping tick counted those
+    // seconds as the join going unanswered and restarted it at once, which
+    // lost the registration under way and cost one more retry period.
+    let now = clock.now();
     let entry = opts.join.or_else(|| rejoin.first().copied());
     match entry {
         Some(e) => {
