@@ -1,0 +1,400 @@
+//! Files end to end on a five-node ring of real processes: backup, restore
+//! (byte-identical), ls, rm, and sharing between two users, each step
+//! entering the ring by a different node; and a node killed with SIGKILL
+//! during and after a backup, after which everything whose backup reported
+//! success still restores, the ring heals and every item is back on three
+//! machines.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use peerstore_tests::{log, run_bounded, Cluster, Ran, COMMAND_TIMEOUT, POLL_EVERY};
+
+/// Deterministic file contents (xorshift64 from `seed`).
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A tree of files of awkward sizes: empty, one byte, a page, exactly one
+/// chunk of plaintext, one MiB, and two and a half MiB.
+fn make_tree(root: &Path, seed: u64) -> BTreeMap<PathBuf, Vec<u8>> {
+    const CHUNK: usize = (1 << 20) - 64;
+    let files: [(&str, usize); 7] = [
+        ("empty", 0),
+        ("one", 1),
+        ("page.txt", 4096),
+        ("sub/chunk.bin", CHUNK),
+        ("sub/mib.bin", 1 << 20),
+        ("sub/deeper/big.bin", (5 << 20) / 2),
+        ("sub/deeper/note.md", 300),
+    ];
+    let mut made = BTreeMap::new();
+    for (i, (name, len)) in files.iter().enumerate() {
+        let p = root.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let data = bytes(*len, seed + i as u64);
+        std::fs::write(&p, &data).expect("write");
+        made.insert(PathBuf::from(name), data);
+    }
+    made
+}
+
+/// Every file under `root`, relative, with its contents.
+fn read_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root").to_path_buf();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+fn assert_same(want: &BTreeMap<PathBuf, Vec<u8>>, got_root: &Path, what: &str) {
+    let got = read_tree(got_root);
+    let names = |m: &BTreeMap<PathBuf, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&got), names(want), "{what}: the same files");
+    for (p, data) in want {
+        assert!(got[p] == *data, "{what}: {} differs", p.display());
+    }
+}
+
+/// `peerstore ARGS` as `key`'s user, entering by node `i`.
+fn cli(c: &Cluster, key: &Path, i: usize, args: &[&str]) -> Ran {
+    let mut cmd = c.cli_bare();
+    cmd.arg("--key")
+        .arg(key)
+        .arg("--node")
+        .arg(c.node(i).addr().to_string())
+        .arg("--trust")
+        .arg(c.root_key())
+        .args(args);
+    run_bounded(
+        &format!("peerstore {} (n{i})", args.join(" ")),
+        &mut cmd,
+        COMMAND_TIMEOUT * 3,
+    )
+}
+
+fn ok(r: Ran, what: &str) -> Ran {
+    assert!(r.status.success(), "{what} failed: {}", r.describe());
+    r
+}
+
+/// A second user's key file, made by `peerstore init`.
+fn second_user(c: &Cluster) -> PathBuf {
+    let key = c.home().join("bob.pem");
+    let mut cmd = c.cli_bare();
+    cmd.arg("init")
+        .arg("--no-passphrase")
+        .arg("--key")
+        .arg(&key);
+    ok(
+        run_bounded("peerstore init (bob)", &mut cmd, COMMAND_TIMEOUT),
+        "init",
+    );
+    key
+}
+
+fn user_id(c: &Cluster, key: &Path) -> String {
+    let mut cmd = c.cli_bare();
+    cmd.arg("whoami").arg("--key").arg(key);
+    let r = ok(
+        run_bounded("peerstore whoami", &mut cmd, COMMAND_TIMEOUT),
+        "whoami",
+    );
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("user id"))
+        .expect("a user id line")
+        .trim()
+        .to_string()
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
+    let mut c = Cluster::new("files", 5);
+    c.form_ring();
+    let alice = c.user_key().to_path_buf();
+    let data = c.dir().join("data");
+    let tree = make_tree(&data, 1);
+    let data = data.canonicalize().expect("canonical");
+    let ds = path_str(&data);
+
+    // Backup through node 1; list through node 2.
+    let r = ok(cli(&c, &alice, 1, &["backup", &ds]), "backup");
+    assert!(r.stdout.contains("stored 7 files"), "{}", r.describe());
+    let r = ok(cli(&c, &alice, 2, &["ls"]), "ls");
+    for name in tree.keys() {
+        let full = path_str(&data.join(name));
+        assert!(r.stdout.contains(&full), "ls lists {full}:\n{}", r.stdout);
+    }
+    // Restore the whole tree through node 3: byte for byte.
+    let out = c.dir().join("restored");
+    ok(
+        cli(&c, &alice, 3, &["restore", &ds, "--to", &path_str(&out)]),
+        "restore",
+    );
+    assert_same(&tree, &out.join("data"), "restore through n3");
+    // Nothing changed: a second backup stores nothing.
+    let r = ok(cli(&c, &alice, 4, &["backup", &ds]), "backup again");
+    assert!(
+        r.stdout.contains("stored 0 files") && r.stdout.contains("7 unchanged"),
+        "{}",
+        r.describe()
+    );
+
+    // rm through node 4: gone from ls, restore says so.
+    let gone = path_str(&data.join("page.txt"));
+    ok(cli(&c, &alice, 4, &["rm", &gone]), "rm");
+    let r = ok(cli(&c, &alice, 0, &["ls"]), "ls after rm");
+    assert!(!r.stdout.contains(&gone), "{}", r.stdout);
+    let r = cli(
+        &c,
+        &alice,
+        0,
+        &["restore", &gone, "--to", &path_str(&c.dir().join("x"))],
+    );
+    assert!(
+        !r.status.success() && r.stderr.contains("nothing backed up"),
+        "{}",
+        r.describe()
+    );
+
+    // Sharing: Bob cannot read Alice's file before she shares it, can
+    // after, and cannot after she revokes; Alice always can.
+    let bob = second_user(&c);
+    ok(cli(&c, &bob, 0, &["register"]), "bob registers");
+    let bob_id = user_id(&c, &bob);
+    let file = path_str(&data.join("sub/mib.bin"));
+    let want = tree[Path::new("sub/mib.bin")].clone();
+    let r = ok(cli(&c, &alice, 2, &["ls", &file, "--links"]), "ls --links");
+    let link = r
+        .stdout
+        .split_whitespace()
+        .nth(3)
+        .expect("a link column")
+        .to_string();
+    let denied = |r: &Ran| !r.status.success() && r.stderr.contains("not listed");
+    let r = cli(
+        &c,
+        &bob,
+        3,
+        &["restore", &link, "--to", &path_str(&c.dir().join("b0"))],
+    );
+    assert!(denied(&r), "bob reads before the share: {}", r.describe());
+    let r = ok(
+        cli(&c, &alice, 2, &["share", &file, "--with", &bob_id]),
+        "share",
+    );
+    assert!(
+        r.stdout.contains(&link),
+        "share prints the link: {}",
+        r.describe()
+    );
+    let bdir = c.dir().join("bob-out");
+    ok(
+        cli(&c, &bob, 4, &["restore", &link, "--to", &path_str(&bdir)]),
+        "bob restores",
+    );
+    assert!(std::fs::read(bdir.join("mib.bin")).expect("restored") == want);
+    ok(
+        cli(&c, &alice, 0, &["revoke", &file, "--from", &bob_id]),
+        "revoke",
+    );
+    let r = cli(
+        &c,
+        &bob,
+        1,
+        &["restore", &link, "--to", &path_str(&c.dir().join("b2"))],
+    );
+    assert!(denied(&r), "bob reads after the revoke: {}", r.describe());
+    let adir = c.dir().join("alice-after");
+    ok(
+        cli(&c, &alice, 4, &["restore", &file, "--to", &path_str(&adir)]),
+        "alice restores after revoke",
+    );
+    assert!(std::fs::read(adir.join("mib.bin")).expect("restored") == want);
+    c.assert_no_panics();
+}
+
+/// Item files (by name) on the given nodes' disks.
+fn holders(c: &Cluster, live: &[usize]) -> BTreeMap<String, usize> {
+    let mut count = BTreeMap::new();
+    for &i in live {
+        let items = c.node(i).store_items_dir();
+        let Ok(shards) = std::fs::read_dir(&items) else {
+            continue;
+        };
+        for shard in shards.flatten() {
+            let Ok(files) = std::fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.len() == 40 {
+                    *count.entry(name).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    count
+}
+
+#[test]
+fn kill_9_during_and_after_a_backup_loses_nothing_that_reported_success() {
+    let mut c = Cluster::new("kill", 5);
+    c.form_ring();
+    let alice = c.user_key().to_path_buf();
+    let during = c.dir().join("during");
+    let during_tree = make_tree(&during, 10);
+    // More data, so the backup is still running when the node dies.
+    for i in 0..6 {
+        std::fs::write(
+            during.join(format!("extra{i}.bin")),
+            bytes(3 << 20, 100 + i),
+        )
+        .expect("write");
+    }
+    let during_tree_all = read_tree(&during);
+    assert!(during_tree_all.len() > during_tree.len());
+    let during = during.canonicalize().expect("canonical");
+
+    // Start the backup through node 0 and kill node 2 once it holds data.
+    let mut cmd: Command = c.cli_bare();
+    cmd.arg("--key")
+        .arg(&alice)
+        .arg("--node")
+        .arg(c.node(0).addr().to_string())
+        .arg("--trust")
+        .arg(c.root_key())
+        .arg("backup")
+        .arg(&during);
+    let victim = 2;
+    let items = c.node(victim).store_items_dir();
+    let backup = std::thread::spawn(move || {
+        run_bounded("backup during kill", &mut cmd, COMMAND_TIMEOUT * 3)
+    });
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        let n = holders_in(&items);
+        if n >= 3 || backup.is_finished() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+    c.kill(victim);
+    let r = backup.join().expect("backup thread");
+    log(format!("backup during the kill: {}", r.describe()));
+    let first_ok = r.status.success();
+
+    // A second backup after the kill, then kill another node too.
+    let after = c.dir().join("after");
+    let after_tree = make_tree(&after, 20);
+    let after = after.canonicalize().expect("canonical");
+    ok(
+        cli(&c, &alice, 1, &["backup", &path_str(&after)]),
+        "backup after the kill",
+    );
+    c.restart(victim);
+    let all: Vec<usize> = (0..5).collect();
+    c.wait_ideal(&all, Instant::now(), Duration::from_secs(60));
+    let second = 4;
+    c.kill(second);
+    let live: Vec<usize> = vec![0, 1, 2, 3];
+    c.wait_ideal(&live, Instant::now(), Duration::from_secs(60));
+
+    // Everything whose backup reported success restores.
+    let out = c.dir().join("out");
+    if first_ok {
+        ok(
+            cli(
+                &c,
+                &alice,
+                3,
+                &["restore", &path_str(&during), "--to", &path_str(&out)],
+            ),
+            "restore during",
+        );
+        assert_same(
+            &during_tree_all,
+            &out.join("during"),
+            "the backup interrupted by kill -9",
+        );
+    } else {
+        // It said it failed; whatever it listed must still restore.
+        let r = ok(cli(&c, &alice, 3, &["ls", &path_str(&during)]), "ls");
+        log(format!("listed after a failed backup:\n{}", r.stdout));
+    }
+    ok(
+        cli(
+            &c,
+            &alice,
+            2,
+            &["restore", &path_str(&after), "--to", &path_str(&out)],
+        ),
+        "restore after",
+    );
+    assert_same(
+        &after_tree,
+        &out.join("after"),
+        "the backup before the second kill",
+    );
+
+    // Every item is back on three of the four live machines.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let h = holders(&c, &live);
+        let under: Vec<(&String, &usize)> = h.iter().filter(|(_, n)| **n < 3).collect();
+        if under.is_empty() {
+            log(format!(
+                "{} items, each on at least 3 live machines",
+                h.len()
+            ));
+            break;
+        }
+        if Instant::now() > deadline {
+            let msg = format!(
+                "{} of {} items under 3 copies, e.g. {:?}",
+                under.len(),
+                h.len(),
+                under.first()
+            );
+            c.fail(&msg);
+        }
+        std::thread::sleep(POLL_EVERY * 4);
+    }
+    c.assert_no_panics();
+}
+
+fn holders_in(items: &Path) -> usize {
+    let Ok(shards) = std::fs::read_dir(items) else {
+        return 0;
+    };
+    shards
+        .flatten()
+        .filter_map(|s| std::fs::read_dir(s.path()).ok())
+        .map(|f| f.count())
+        .sum()
+}
