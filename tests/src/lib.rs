@@ -695,11 +695,11 @@ impl Cluster {
         );
         let mut cmd = Command::new(&bins.node);
         isolate(&mut cmd, &home);
-        cmd.arg("--data-dir")
-            .arg(&node.dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
+        cmd.arg("--data-dir").arg(&node.dir);
+        if !args.iter().any(|a| a == "--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
         log(format!(
