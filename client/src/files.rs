@@ -646,8 +646,14 @@ impl Files {
     }
 
     /// A manifest by position, opened for this user.
-    async fn open(&mut self, at: Id) -> Result<(Manifest, FileKey, FileMeta)> {
-        let m = match self.get(at).await? {
+    async fn open(&mut self, at: Id) -> Result<Opened> {
+        let item = self.get(at).await?;
+        self.open_item(item)
+    }
+
+    /// A fetched manifest, verified and opened for this user.
+    fn open_item(&self, item: Option<Item>) -> Result<Opened> {
+        let m = match item {
             Some(Item::Record(r)) => match *r {
                 Record::Manifest(m) => m,
                 _ => bail!("not a file manifest"),
@@ -687,23 +693,114 @@ impl Files {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let mut report = RestoreReport::default();
-        for (p, e) in chosen {
-            let rel = Path::new(&p).strip_prefix(&base).unwrap_or(Path::new(&p));
-            let rel = rel.strip_prefix("/").unwrap_or(rel);
-            let target = dest.join(rel);
-            let at = self.own_manifest(&e.file_id);
-            match self.restore_file(at, &target, progress).await {
-                Ok(n) => {
-                    report.files += 1;
-                    report.bytes += n;
+        // A group of files at a time: their manifests fetched together,
+        // then every one-chunk file's chunk fetched together (small files
+        // would otherwise cost two round trips each, one after another),
+        // then the larger files one by one, each with its chunks in flight.
+        for group in chosen.chunks(RESTORE_GROUP) {
+            let targets: Vec<PathBuf> = group
+                .iter()
+                .map(|(p, _)| {
+                    let rel = Path::new(p).strip_prefix(&base).unwrap_or(Path::new(p));
+                    dest.join(rel.strip_prefix("/").unwrap_or(rel))
+                })
+                .collect();
+            let positions: Vec<Id> = group
+                .iter()
+                .map(|(_, e)| self.own_manifest(&e.file_id))
+                .collect();
+            let items = self.get_many(&positions).await?;
+            let mut opened: Vec<Option<Opened>> = Vec::with_capacity(group.len());
+            let fail = |report: &mut RestoreReport, p: &str, err: anyhow::Error| {
+                progress.note(&format!("failed {p}: {err:#}"));
+                report.failed.push((p.to_string(), format!("{err:#}")));
+            };
+            for ((p, _), item) in group.iter().zip(items) {
+                match item.and_then(|i| self.open_item(i)) {
+                    Ok(o) => opened.push(Some(o)),
+                    Err(err) => {
+                        fail(&mut report, p, err);
+                        opened.push(None);
+                    }
                 }
-                Err(err) => {
-                    progress.note(&format!("failed {p}: {err:#}"));
-                    report.failed.push((p, format!("{err:#}")));
+            }
+            // One-chunk files, their chunks fetched together.
+            let small: Vec<usize> = (0..group.len())
+                .filter(|&i| {
+                    opened[i]
+                        .as_ref()
+                        .is_some_and(|(_, _, m)| m.chunks.len() == 1)
+                })
+                .collect();
+            let chunk_at: Vec<Id> = small
+                .iter()
+                .map(|&i| {
+                    let (_, _, m) = opened[i].as_ref().expect("opened");
+                    filecrypt_block_position(&m.chunks[0])
+                })
+                .collect();
+            let chunks = self.get_many(&chunk_at).await?;
+            for (&i, chunk) in small.iter().zip(chunks) {
+                let (m, key, meta) = opened[i].take().expect("opened");
+                let r = chunk.and_then(|c| {
+                    write_file(&targets[i], &meta, |out| {
+                        let mut dec = Decryptor::for_meta(&key, m.file_id, &meta);
+                        let plain = dec.push(&block_data(c)?).map_err(|e| anyhow!("{e}"))?;
+                        out.write_all(&plain)?;
+                        dec.finish().map_err(|e| anyhow!("{e}"))?;
+                        progress.bytes(plain.len() as u64);
+                        Ok(())
+                    })
+                });
+                match r {
+                    Ok(n) => {
+                        report.files += 1;
+                        report.bytes += n;
+                    }
+                    Err(err) => fail(&mut report, &group[i].0, err),
+                }
+            }
+            // The rest, one by one.
+            for i in 0..group.len() {
+                let Some((m, key, meta)) = opened[i].take() else {
+                    continue;
+                };
+                match self
+                    .restore_opened(m, key, meta, &targets[i], progress)
+                    .await
+                {
+                    Ok(n) => {
+                        report.files += 1;
+                        report.bytes += n;
+                    }
+                    Err(err) => fail(&mut report, &group[i].0, err),
                 }
             }
         }
         Ok(report)
+    }
+
+    /// Gets several items at once (a window in flight); each answer in
+    /// the order asked.
+    async fn get_many(&mut self, keys: &[Id]) -> Result<Vec<Result<Option<Item>>>> {
+        let mut out: Vec<Option<Result<Option<Item>>>> = (0..keys.len()).map(|_| None).collect();
+        let mut by_call: HashMap<u64, usize> = HashMap::new();
+        let mut next = 0;
+        while next < keys.len() || !by_call.is_empty() {
+            while next < keys.len() && self.c.in_flight() < WINDOW {
+                let id = self.c.submit(ClientOp::Get(keys[next])).await?;
+                by_call.insert(id, next);
+                next += 1;
+            }
+            let (id, r) = self.c.next_answer().await?;
+            if let Some(i) = by_call.remove(&id) {
+                out[i] = Some(get_result(r));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+            .collect())
     }
 
     /// Restores a file someone shared (`OWNER:FILE` as `share` printed)
@@ -741,38 +838,23 @@ impl Files {
         progress: &dyn Progress,
     ) -> Result<u64> {
         let (m, key, meta) = self.open(at).await?;
-        let file_id = m.file_id;
-        if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = target.with_file_name(format!(".{name}.peerstore-partial"));
-        let mut out =
-            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        self.restore_opened(m, key, meta, target, progress).await
+    }
+
+    /// Fetches, verifies and writes one opened file; returns its size.
+    async fn restore_opened(
+        &mut self,
+        m: Manifest,
+        key: FileKey,
+        meta: FileMeta,
+        target: &Path,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        let (tmp, mut out) = partial_file(target)?;
         let result = self
-            .fetch_chunks(&key, file_id, &meta, &mut out, progress)
+            .fetch_chunks(&key, m.file_id, &meta, &mut out, progress)
             .await;
-        if let Err(e) = result {
-            drop(out);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        out.sync_all()?;
-        let mtime = UNIX_EPOCH + std::time::Duration::from_millis(meta.mtime_ms.max(0) as u64);
-        let _ = out.set_modified(mtime);
-        #[cfg(unix)]
-        if meta.mode != 0 {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = out.set_permissions(std::fs::Permissions::from_mode(meta.mode));
-        }
-        drop(out);
-        std::fs::rename(&tmp, target)
-            .with_context(|| format!("cannot write {}", target.display()))?;
-        Ok(meta.size)
+        finish_file(tmp, out, target, &meta, result)
     }
 
     /// Gets the chunks in order (a window of them in flight), checks each
@@ -801,11 +883,7 @@ impl Files {
             let Some(i) = by_call.remove(&id) else {
                 continue;
             };
-            let data = match get_result(r)? {
-                Some(Item::Block(b)) => b.data,
-                Some(Item::Tombstone(_)) => bail!("a chunk of this file was deleted by its owner"),
-                _ => bail!("a chunk of this file is missing from the ring"),
-            };
+            let data = block_data(get_result(r)?)?;
             ready.insert(i, data);
             while let Some(data) = ready.remove(&next_write) {
                 let plain = dec.push(&data).map_err(|e| anyhow!("{e}"))?;
@@ -962,6 +1040,74 @@ impl Files {
         }
         Ok(count)
     }
+}
+
+/// A manifest opened for this user: the manifest, the file key, the
+/// metadata.
+type Opened = (Manifest, FileKey, FileMeta);
+
+/// Files whose manifests a restore fetches together.
+const RESTORE_GROUP: usize = 64;
+
+fn block_data(item: Option<Item>) -> Result<Vec<u8>> {
+    match item {
+        Some(Item::Block(b)) => Ok(b.data),
+        Some(Item::Tombstone(_)) => bail!("a chunk of this file was deleted by its owner"),
+        _ => bail!("a chunk of this file is missing from the ring"),
+    }
+}
+
+/// The temporary file a restore writes before it renames it into place.
+fn partial_file(target: &Path) -> Result<(PathBuf, File)> {
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = target.with_file_name(format!(".{name}.peerstore-partial"));
+    let out = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    Ok((tmp, out))
+}
+
+/// Makes a fully written and verified temporary file durable, gives it
+/// the file's time and mode, and renames it into place; on an error,
+/// deletes it.
+fn finish_file(
+    tmp: PathBuf,
+    out: File,
+    target: &Path,
+    meta: &FileMeta,
+    written: Result<()>,
+) -> Result<u64> {
+    if let Err(e) = written {
+        drop(out);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    out.sync_all()?;
+    let mtime = UNIX_EPOCH + std::time::Duration::from_millis(meta.mtime_ms.max(0) as u64);
+    let _ = out.set_modified(mtime);
+    #[cfg(unix)]
+    if meta.mode != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = out.set_permissions(std::fs::Permissions::from_mode(meta.mode));
+    }
+    drop(out);
+    std::fs::rename(&tmp, target).with_context(|| format!("cannot write {}", target.display()))?;
+    Ok(meta.size)
+}
+
+/// Writes a file through `fill` with [`partial_file`] and [`finish_file`].
+fn write_file(
+    target: &Path,
+    meta: &FileMeta,
+    fill: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<u64> {
+    let (tmp, mut out) = partial_file(target)?;
+    let r = fill(&mut out);
+    finish_file(tmp, out, target, meta, r)
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
