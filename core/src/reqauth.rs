@@ -329,6 +329,11 @@ impl ReplayGuard {
             return Err(AuthError::BadSignature);
         }
         let msg = if req.batch.is_empty() {
+            if req.index != 0 {
+                // A lone request has no place in a batch: only one
+                // encoding of it is accepted.
+                return Err(AuthError::Malformed);
+            }
             signed_msg(
                 &req.user_key,
                 &req.body_digest,
