@@ -61,3 +61,24 @@ fn fresh_joiner_vouches_against_a_slow_successor() {
 fn final_sweep_failure() {
     replay(24, 0, 1_202_371, 2);
 }
+
+/// Also failing, not yet investigated: the one failure among the storage
+/// sweep's first ~5,000 seeds (2,000,000 and up; `--storage
+/// --record-writes-per-s 2 --corrupt 0.02`): 10 principals where r+1 = 11
+/// at 38.5 s, after which some keys are not back on their R replicas
+/// within the bound. The same class as `final_sweep_failure`.
+#[test]
+#[ignore = "known rare principal-count violation in the storage sweep, seed 2007076; not yet investigated"]
+fn storage_sweep_failure() {
+    let seed = 2_007_076;
+    let mut cfg = common::swarm(24, 0, seed);
+    cfg.duration_ms = 120_000;
+    cfg.storage = peerstore_sim::StorageConfig {
+        enabled: true,
+        record_writes_per_s: 2.0,
+        corrupt: 0.02,
+        ..peerstore_sim::StorageConfig::default()
+    };
+    let rep = peerstore_sim::run(cfg);
+    assert!(rep.passed(), "storage seed {seed}:\n{}", rep.summary());
+}
