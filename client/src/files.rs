@@ -105,6 +105,20 @@ impl Catalog {
             .collect()
     }
 
+    /// Copies of the entries at or under `path`; an error if there are
+    /// none.
+    pub fn pick(&self, path: &str) -> Result<Vec<(String, Entry)>> {
+        let chosen: Vec<(String, Entry)> = self
+            .under(path)
+            .into_iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if chosen.is_empty() {
+            bail!("nothing backed up at {path} (see `peerstore ls`)");
+        }
+        Ok(chosen)
+    }
+
     fn apply(&mut self, op: LogOp) {
         match op {
             LogOp::Put {
@@ -224,6 +238,16 @@ struct Pending {
     /// Built once every chunk is sealed; sent once every block is acked.
     manifest: Option<Manifest>,
     failed: bool,
+}
+
+/// A backup under way: the files in flight, what each call was for, the
+/// log operations of files done, and the report.
+#[derive(Default)]
+struct Run {
+    files: Vec<Pending>,
+    calls: HashMap<u64, CallFor>,
+    done_ops: Vec<LogOp>,
+    report: BackupReport,
 }
 
 enum CallFor {
@@ -397,10 +421,7 @@ impl Files {
             )
         })?;
         let mut cat = self.catalog().await?;
-        let mut report = BackupReport::default();
-        let mut files: Vec<Pending> = Vec::new();
-        let mut calls: HashMap<u64, CallFor> = HashMap::new();
-        let mut done_ops: Vec<LogOp> = Vec::new();
+        let mut run = Run::default();
         let owner = self.id.user_id();
         let mut buf = vec![0u8; CHUNK_BYTES];
 
@@ -416,7 +437,7 @@ impl Files {
                         .map(|p| p.display().to_string())
                         .unwrap_or_default();
                     progress.note(&format!("skipped {p}: {e}"));
-                    report.failed.push((p, e.to_string()));
+                    run.report.failed.push((p, e.to_string()));
                     continue;
                 }
             };
@@ -426,13 +447,13 @@ impl Files {
             let Some(path) = entry.path().to_str().map(str::to_owned) else {
                 let p = entry.path().display().to_string();
                 progress.note(&format!("skipped {p}: the name is not UTF-8"));
-                report.failed.push((p, "name is not UTF-8".into()));
+                run.report.failed.push((p, "name is not UTF-8".into()));
                 continue;
             };
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) => {
-                    report.failed.push((path, e.to_string()));
+                    run.report.failed.push((path, e.to_string()));
                     continue;
                 }
             };
@@ -442,7 +463,7 @@ impl Files {
                 .get(&path)
                 .is_some_and(|e| e.size == size && e.mtime_ms == mtime)
             {
-                report.files_unchanged += 1;
+                run.report.files_unchanged += 1;
                 progress.bytes(size);
                 continue;
             }
@@ -450,7 +471,7 @@ impl Files {
                 progress.note(&format!(
                     "skipped {path}: larger than the 1088 MiB limit of one file"
                 ));
-                report
+                run.report
                     .failed
                     .push((path, "larger than the 1088 MiB limit of one file".into()));
                 continue;
@@ -459,14 +480,14 @@ impl Files {
                 Ok(f) => f,
                 Err(e) => {
                     progress.note(&format!("skipped {path}: {e}"));
-                    report.failed.push((path, e.to_string()));
+                    run.report.failed.push((path, e.to_string()));
                     continue;
                 }
             };
             let key = FileKey::generate(&mut OsRng);
             let file_id = filecrypt::new_file_id(&mut OsRng);
-            let at = files.len();
-            files.push(Pending {
+            let at = run.files.len();
+            run.files.push(Pending {
                 path: path.clone(),
                 file_id,
                 size,
@@ -488,17 +509,8 @@ impl Files {
                     Err(e) => break Err(anyhow!("{path}: {e}")),
                 };
                 for sealed in chunks {
-                    self.send_block(
-                        &mut files,
-                        &mut calls,
-                        &mut done_ops,
-                        &mut report,
-                        at,
-                        owner,
-                        sealed,
-                        progress,
-                    )
-                    .await?;
+                    self.send_block(&mut run, at, owner, sealed, progress)
+                        .await?;
                 }
                 if n < buf.len() {
                     break Ok(());
@@ -506,8 +518,8 @@ impl Files {
             };
             if let Err(e) = sealed_all {
                 progress.note(&format!("failed {path}: {e:#}"));
-                report.failed.push((path, format!("{e:#}")));
-                files[at].failed = true;
+                run.report.failed.push((path, format!("{e:#}")));
+                run.files[at].failed = true;
                 continue;
             }
             let fin = enc.finish(&mut OsRng);
@@ -519,52 +531,29 @@ impl Files {
                 mode: mode_of(&meta),
                 chunks: fin.chunk_ids,
             };
-            files[at].size = read_total;
+            run.files[at].size = read_total;
             let manifest =
                 filecrypt::new_file_manifest(&mut OsRng, &self.id, file_id, &key, &meta, 1)
                     .map_err(|e| anyhow!("{path}: {e}"))?;
-            files[at].manifest = Some(manifest);
-            self.send_block(
-                &mut files,
-                &mut calls,
-                &mut done_ops,
-                &mut report,
-                at,
-                owner,
-                last,
-                progress,
-            )
-            .await?;
-            if done_ops.len() >= LOG_FLUSH_OPS {
-                let ops = std::mem::take(&mut done_ops);
+            run.files[at].manifest = Some(manifest);
+            self.send_block(&mut run, at, owner, last, progress).await?;
+            if run.done_ops.len() >= LOG_FLUSH_OPS {
+                let ops = std::mem::take(&mut run.done_ops);
                 self.append(&mut cat, ops).await?;
             }
         }
         while self.c.in_flight() > 0 {
             let (id, r) = self.c.next_answer().await?;
-            self.on_backup_answer(
-                &mut files,
-                &mut calls,
-                &mut done_ops,
-                &mut report,
-                id,
-                r,
-                progress,
-            )
-            .await?;
+            self.on_backup_answer(&mut run, id, r, progress).await?;
         }
-        let ops = std::mem::take(&mut done_ops);
+        let ops = std::mem::take(&mut run.done_ops);
         self.append(&mut cat, ops).await?;
-        Ok(report)
+        Ok(run.report)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn send_block(
         &mut self,
-        files: &mut [Pending],
-        calls: &mut HashMap<u64, CallFor>,
-        done_ops: &mut Vec<LogOp>,
-        report: &mut BackupReport,
+        run: &mut Run,
         at: usize,
         owner: UserId,
         sealed: Vec<u8>,
@@ -572,42 +561,37 @@ impl Files {
     ) -> Result<()> {
         while self.c.in_flight() >= WINDOW {
             let (id, r) = self.c.next_answer().await?;
-            self.on_backup_answer(files, calls, done_ops, report, id, r, progress)
-                .await?;
+            self.on_backup_answer(run, id, r, progress).await?;
         }
-        files[at].blocks_left += 1;
+        run.files[at].blocks_left += 1;
         let item = Item::Block(Block {
             owner,
             data: sealed,
         });
         let id = self.c.submit(ClientOp::Put(item)).await?;
-        calls.insert(id, CallFor::Block(at));
+        run.calls.insert(id, CallFor::Block(at));
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn on_backup_answer(
         &mut self,
-        files: &mut [Pending],
-        calls: &mut HashMap<u64, CallFor>,
-        done_ops: &mut Vec<LogOp>,
-        report: &mut BackupReport,
+        run: &mut Run,
         id: u64,
         r: GateReply,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let Some(what) = calls.remove(&id) else {
+        let Some(what) = run.calls.remove(&id) else {
             return Ok(());
         };
         let ok = put_result(r);
         match what {
             CallFor::Block(at) => {
-                let f = &mut files[at];
+                let f = &mut run.files[at];
                 f.blocks_left -= 1;
                 if let Err(e) = ok {
                     if !f.failed {
                         progress.note(&format!("failed {}: {e:#}", f.path));
-                        report.failed.push((f.path.clone(), format!("{e:#}")));
+                        run.report.failed.push((f.path.clone(), format!("{e:#}")));
                         f.failed = true;
                     }
                     return Ok(());
@@ -616,18 +600,18 @@ impl Files {
                     if let Some(m) = f.manifest.take() {
                         let item = Item::Record(Box::new(Record::Manifest(m)));
                         let id = self.c.submit(ClientOp::Put(item)).await?;
-                        calls.insert(id, CallFor::Manifest(at));
+                        run.calls.insert(id, CallFor::Manifest(at));
                     }
                 }
             }
             CallFor::Manifest(at) => {
-                let f = &mut files[at];
+                let f = &mut run.files[at];
                 match ok {
                     Ok(()) => {
-                        report.files_stored += 1;
-                        report.bytes_stored += f.size;
+                        run.report.files_stored += 1;
+                        run.report.bytes_stored += f.size;
                         progress.bytes(f.size);
-                        done_ops.push(LogOp::Put {
+                        run.done_ops.push(LogOp::Put {
                             path: f.path.clone(),
                             file_id: f.file_id,
                             size: f.size,
@@ -636,7 +620,7 @@ impl Files {
                     }
                     Err(e) => {
                         progress.note(&format!("failed {}: {e:#}", f.path));
-                        report.failed.push((f.path.clone(), format!("{e:#}")));
+                        run.report.failed.push((f.path.clone(), format!("{e:#}")));
                         f.failed = true;
                     }
                 }
@@ -680,14 +664,7 @@ impl Files {
         progress: &dyn Progress,
     ) -> Result<RestoreReport> {
         let cat = self.catalog().await?;
-        let chosen: Vec<(String, Entry)> = cat
-            .under(path)
-            .into_iter()
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        if chosen.is_empty() {
-            bail!("nothing backed up at {path} (see `peerstore ls`)");
-        }
+        let chosen = cat.pick(path)?;
         let base = Path::new(path.trim_end_matches('/'))
             .parent()
             .map(Path::to_path_buf)
@@ -900,14 +877,7 @@ impl Files {
     /// and their blocks get owner-signed tombstones (replicas drop them).
     pub async fn rm(&mut self, path: &str) -> Result<u64> {
         let mut cat = self.catalog().await?;
-        let chosen: Vec<(String, Entry)> = cat
-            .under(path)
-            .into_iter()
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        if chosen.is_empty() {
-            bail!("nothing backed up at {path} (see `peerstore ls`)");
-        }
+        let chosen = cat.pick(path)?;
         let ops = chosen
             .iter()
             .map(|(p, _)| LogOp::Rm { path: p.clone() })
@@ -942,14 +912,7 @@ impl Files {
     /// (`OWNER:FILE`) the reader restores them by.
     pub async fn share(&mut self, path: &str, reader: UserId) -> Result<Vec<(String, String)>> {
         let cat = self.catalog().await?;
-        let chosen: Vec<(String, Entry)> = cat
-            .under(path)
-            .into_iter()
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        if chosen.is_empty() {
-            bail!("nothing backed up at {path} (see `peerstore ls`)");
-        }
+        let chosen = cat.pick(path)?;
         let rec = self.pubkey(reader).await?;
         let mut links = Vec::new();
         for (p, e) in chosen {
@@ -970,14 +933,7 @@ impl Files {
     /// without them is stored, and the old blocks are deleted.
     pub async fn revoke(&mut self, path: &str, user: UserId) -> Result<u64> {
         let cat = self.catalog().await?;
-        let chosen: Vec<(String, Entry)> = cat
-            .under(path)
-            .into_iter()
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        if chosen.is_empty() {
-            bail!("nothing backed up at {path} (see `peerstore ls`)");
-        }
+        let chosen = cat.pick(path)?;
         let me = self.id.user_id();
         let mut count = 0;
         for (p, e) in chosen {

@@ -418,8 +418,8 @@ fn run(args: Args) -> Result<()> {
         }
         Cmd::Ring { json } => {
             let json = *json;
-            with_node(&args, |mut c| async move {
-                let st = c.status().await?;
+            with_files(&args, |mut f| async move {
+                let st = f.client().status().await?;
                 print_ring(&st, json);
                 Ok(())
             })
@@ -457,25 +457,6 @@ fn trust_store(args: &Args) -> Result<TrustStore> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
     }
     Ok(trust)
-}
-
-/// Runs `f` with a connection to the node.
-fn with_node<F, Fut>(args: &Args, f: F) -> Result<()>
-where
-    F: FnOnce(NodeClient) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let id = load(args)?;
-    let trust = trust_store(args)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let node = args.node;
-    rt.block_on(async move {
-        let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
-        f(c).await
-    })
 }
 
 /// Runs `f` with the user's files in the ring.
