@@ -172,21 +172,6 @@ impl SignedRequest {
         record::user_id(&self.user_key)
     }
 
-    /// What the replay guard remembers: the nonce alone, or for a batch
-    /// the nonce bound to the request's index.
-    fn replay_nonce(&self) -> [u8; 16] {
-        if self.batch.is_empty() {
-            return self.nonce;
-        }
-        let mut h = Sha256::new();
-        h.update(self.nonce);
-        h.update(self.index.to_be_bytes());
-        let d: [u8; 32] = h.finalize().into();
-        let mut n = [0u8; 16];
-        n.copy_from_slice(&d[..16]);
-        n
-    }
-
     /// The canonical postcard encoding.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("postcard encoding into a Vec cannot fail")
@@ -255,7 +240,7 @@ impl Default for GuardConfig {
         GuardConfig {
             window_ms: 120_000,
             entries_max: 65_536,
-            entries_per_user_max: 4_096,
+            entries_per_user_max: 16_384,
             min_key_bits: MIN_KEY_BITS_DEFAULT,
         }
     }
@@ -268,8 +253,11 @@ pub struct ReplayGuard {
     config: GuardConfig,
     /// `(timestamp_ms, user, nonce)`, oldest first, for eviction.
     by_time: BTreeSet<(u64, UserId, [u8; 16])>,
-    /// `(user, nonce)` to timestamp, for the replay check.
-    seen: BTreeMap<(UserId, [u8; 16]), u64>,
+    /// `(user, nonce)` to the timestamp and the indexes already accepted
+    /// (bit `i` for request `i` of a batch; a lone request is index 0), for
+    /// the replay check. A batch takes one entry, however many of its
+    /// requests arrive.
+    seen: BTreeMap<(UserId, [u8; 16]), (u64, u64)>,
     per_user: BTreeMap<UserId, usize>,
     high_water_ms: u64,
 }
@@ -320,8 +308,13 @@ impl ReplayGuard {
             return Err(AuthError::Stale);
         }
         let user = req.user();
-        let nonce = req.replay_nonce();
-        if self.seen.contains_key(&(user, nonce)) {
+        let nonce = req.nonce;
+        if req.index as usize >= BATCH_MAX {
+            return Err(AuthError::Malformed);
+        }
+        let bit = 1u64 << req.index;
+        let used = self.seen.get(&(user, nonce)).map(|&(_, mask)| mask);
+        if used.is_some_and(|mask| mask & bit != 0) {
             return Err(AuthError::Replayed);
         }
         let body_digest: [u8; 32] = Sha256::digest(request).into();
@@ -349,6 +342,11 @@ impl ReplayGuard {
         };
         record::verify(&req.user_key, &msg, &req.sig, self.config.min_key_bits)
             .map_err(|_| AuthError::BadSignature)?;
+        if let Some(entry) = self.seen.get_mut(&(user, nonce)) {
+            // Another request of a batch already remembered.
+            entry.1 |= bit;
+            return Ok(());
+        }
         if self.seen.len() >= self.config.entries_max {
             return Err(AuthError::Busy);
         }
@@ -357,7 +355,7 @@ impl ReplayGuard {
             return Err(AuthError::TooManyRequests);
         }
         *count += 1;
-        self.seen.insert((user, nonce), req.timestamp_ms);
+        self.seen.insert((user, nonce), (req.timestamp_ms, bit));
         self.by_time.insert((req.timestamp_ms, user, nonce));
         debug_assert_eq!(self.seen.len(), self.by_time.len());
         Ok(())
@@ -423,6 +421,7 @@ mod tests {
         for (r, b) in reqs.iter().zip(bodies) {
             assert_eq!(g.check(r, b, alice_key(), NOW), Ok(()));
         }
+        assert_eq!(g.len(), 1, "a batch takes one place in the table");
         // Each once.
         assert_eq!(
             g.check(&reqs[1], bodies[1], alice_key(), NOW),
