@@ -436,8 +436,10 @@ impl Node {
                     // the copy may well be fine, so keep it in the index
                     // and tell whoever asked that this replica could not
                     // answer.
-                    StorageResult::Failed(e) => return self.read_failed(now_ms, then, e),
-                    StorageResult::Read(Some(item)) if item_digest_is(&item, &expect) => Some(item),
+                    StorageResult::Failed(e) => Err(e),
+                    StorageResult::Read(Some(item)) if item_digest_is(&item, &expect) => {
+                        Ok(Some(item))
+                    }
                     // The disk lost or mangled what the index says it holds:
                     // never serve it; forget it so anti-entropy fetches it again.
                     _ => {
@@ -448,44 +450,21 @@ impl Node {
                             self.store.index.remove(&key);
                             self.issue_remove(key);
                         }
-                        None
+                        Ok(None)
                     }
                 };
                 match then {
                     ReadFor::Serve { to, req } => {
                         self.stats.sent_replies += 1;
-                        self.push_send(
-                            to,
-                            Message::Got {
-                                req,
-                                result: Ok(found),
-                            },
-                        );
+                        self.push_send(to, Message::Got { req, result: found });
                     }
                     ReadFor::Push { sid, to } => match found {
-                        Some(item) => self.send_push(now_ms, sid, to, key, item),
-                        None => self.session_step_done(now_ms, sid, false),
+                        Ok(Some(item)) => self.send_push(now_ms, sid, to, key, item),
+                        _ => self.session_step_done(now_ms, sid, false),
                     },
-                    ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Ok(found)),
+                    ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, found),
                 }
             }
-        }
-    }
-
-    fn read_failed(&mut self, now_ms: u64, then: ReadFor, e: StoreError) {
-        match then {
-            ReadFor::Serve { to, req } => {
-                self.stats.sent_replies += 1;
-                self.push_send(
-                    to,
-                    Message::Got {
-                        req,
-                        result: Err(e),
-                    },
-                );
-            }
-            ReadFor::Push { sid, .. } => self.session_step_done(now_ms, sid, false),
-            ReadFor::Local(op) => self.get_answer(now_ms, op, self.me, Err(e)),
         }
     }
 
