@@ -564,10 +564,7 @@ impl Files {
             self.on_backup_answer(run, id, r, progress).await?;
         }
         run.files[at].blocks_left += 1;
-        let item = Item::Block(Block {
-            owner,
-            data: sealed,
-        });
+        let item = Item::Block(Block::new(owner, sealed));
         let id = self.c.submit(ClientOp::Put(item)).await?;
         run.calls.insert(id, CallFor::Block(at));
         Ok(())
@@ -947,26 +944,19 @@ impl Files {
             let owner = me;
             for c in &meta.chunks {
                 let data = match self.get(filecrypt_block_position(c)).await? {
-                    Some(Item::Block(b)) => b.data,
+                    Some(Item::Block(b)) => b.into_data(),
                     _ => bail!("{p}: a chunk is missing; cannot re-encrypt"),
                 };
                 for sealed in rk
                     .push(&mut OsRng, &data)
                     .map_err(|e| anyhow!("{p}: {e}"))?
                 {
-                    self.put(Item::Block(Block {
-                        owner,
-                        data: sealed,
-                    }))
-                    .await?;
+                    self.put(Item::Block(Block::new(owner, sealed))).await?;
                 }
             }
             let fin = rk.finish(&mut OsRng).map_err(|e| anyhow!("{p}: {e}"))?;
-            self.put(Item::Block(Block {
-                owner,
-                data: fin.last_chunk,
-            }))
-            .await?;
+            self.put(Item::Block(Block::new(owner, fin.last_chunk)))
+                .await?;
             let mut remaining = Vec::new();
             for r in &m.acl.readers {
                 if r.user != user && r.user != me {
@@ -1007,7 +997,7 @@ const RESTORE_GROUP: usize = 64;
 
 fn block_data(item: Option<Item>) -> Result<Vec<u8>> {
     match item {
-        Some(Item::Block(b)) => Ok(b.data),
+        Some(Item::Block(b)) => Ok(b.into_data()),
         Some(Item::Tombstone(_)) => bail!("a chunk of this file was deleted by its owner"),
         _ => bail!("a chunk of this file is missing from the ring"),
     }

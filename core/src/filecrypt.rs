@@ -85,7 +85,6 @@ use std::fmt;
 
 use aes::Aes256;
 use cbc::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
-use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
 use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
@@ -102,7 +101,7 @@ use crate::record::{
 };
 use crate::store::{self, BlockId, BLOCK_MAX};
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::hash::HmacSha256;
 
 /// A file's random identifier (the manifest's `file_id`).
 pub type FileId = [u8; 32];
@@ -273,9 +272,9 @@ impl FileKey {
 /// HMAC-SHA256(key, label): a PRF keyed by a uniformly random key, so
 /// distinct labels give independent subkeys.
 fn derive(key: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac = HmacSha256::new(key);
     mac.update(label);
-    let mut tag = mac.finalize().into_bytes();
+    let mut tag = mac.finalize();
     let mut out = Zeroizing::new([0u8; 32]);
     out.copy_from_slice(&tag);
     tag.as_mut_slice().zeroize();
@@ -325,7 +324,7 @@ fn meta_header(file_id: &FileId) -> Vec<u8> {
 }
 
 fn mac(keys: &Keys, header: &[u8], iv: &[u8], ciphertext: &[u8]) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(&*keys.mac).expect("HMAC takes any key length");
+    let mut mac = HmacSha256::new(&*keys.mac);
     mac.update(header);
     mac.update(iv);
     mac.update(ciphertext);
@@ -351,9 +350,7 @@ fn seal(
         .expect("buffer sized for PKCS#7 padding")
         .len();
     debug_assert_eq!(IV_BYTES + ct_len, total - MAC_BYTES);
-    let tag = mac(keys, header, &iv, &out[IV_BYTES..])
-        .finalize()
-        .into_bytes();
+    let tag = mac(keys, header, &iv, &out[IV_BYTES..]).finalize();
     out.extend_from_slice(&tag);
     debug_assert_eq!(out.len(), total);
     out
@@ -371,7 +368,7 @@ fn open(keys: &Keys, header: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>>
     }
     let (iv, rest) = sealed.split_at(IV_BYTES);
     let (ciphertext, tag) = rest.split_at(rest.len() - MAC_BYTES);
-    mac(keys, header, iv, ciphertext).verify_slice(tag).ok()?;
+    mac(keys, header, iv, ciphertext).verify(tag).ok()?;
     let mut buf = Zeroizing::new(ciphertext.to_vec());
     let len = cbc::Decryptor::<Aes256>::new((&*keys.enc).into(), iv.into())
         .decrypt_padded_mut::<Pkcs7>(&mut buf)

@@ -73,6 +73,7 @@ pub struct ClientBody {
 pub struct ClientRequest {
     pub auth: SignedRequest,
     /// postcard of [`ClientBody`].
+    #[serde(with = "crate::session::wire_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -483,10 +484,7 @@ mod tests {
     }
 
     fn block(owner: usize) -> Item {
-        Item::Block(Block {
-            owner: user(owner).user_id(),
-            data: vec![owner as u8; 64],
-        })
+        Item::Block(Block::new(user(owner).user_id(), vec![owner as u8; 64]))
     }
 
     fn put(i: usize, item: Item) -> ClientRequest {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod endorse;
 pub mod filecrypt;
 pub mod gate;
+pub mod hash;
 pub mod id;
 pub mod identity;
 pub mod link;

@@ -601,10 +601,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Unregistered, its writes are refused...
-        let block = Item::Block(Block {
-            owner: key(5).user_id(),
-            data: vec![7; 100],
-        });
+        let block = Item::Block(Block::new(key(5).user_id(), vec![7; 100]));
         let put = net.call(1, 2, ClientOp::Put(block.clone()));
         assert!(
             matches!(&put, GateReply::Put(Err(crate::gate::GateError::Auth(_)))),

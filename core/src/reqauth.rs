@@ -121,7 +121,7 @@ pub fn sign_batch(
     );
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
-    let digests: Vec<[u8; 32]> = requests.iter().map(|r| Sha256::digest(r).into()).collect();
+    let digests: Vec<[u8; 32]> = requests.iter().map(|r| crate::hash::sha256(r)).collect();
     let user_key = signer.public_der().to_vec();
     let sig = signer.sign(rng, &batch_msg(&user_key, &digests, &nonce, now_ms));
     (0..digests.len())
@@ -152,7 +152,7 @@ pub fn sign_request(
 ) -> SignedRequest {
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
-    let body_digest: [u8; 32] = Sha256::digest(request).into();
+    let body_digest: [u8; 32] = crate::hash::sha256(request);
     let user_key = signer.public_der().to_vec();
     let sig = signer.sign(rng, &signed_msg(&user_key, &body_digest, &nonce, now_ms));
     SignedRequest {
@@ -317,7 +317,7 @@ impl ReplayGuard {
         if used.is_some_and(|mask| mask & bit != 0) {
             return Err(AuthError::Replayed);
         }
-        let body_digest: [u8; 32] = Sha256::digest(request).into();
+        let body_digest: [u8; 32] = crate::hash::sha256(request);
         if body_digest != req.body_digest {
             return Err(AuthError::BadSignature);
         }

@@ -97,7 +97,6 @@ use std::fmt;
 
 use aes::Aes256;
 use cbc::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
-use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
 use rsa::pkcs8::EncodePublicKey;
 use rsa::traits::PublicKeyParts;
@@ -114,7 +113,7 @@ use crate::record::{
     MIN_KEY_BITS_DEFAULT,
 };
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::hash::HmacSha256;
 
 /// Version byte of handshake messages and frames.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -398,14 +397,14 @@ fn decode_msg<T: DeserializeOwned>(
 // ---------------------------------------------------------------------------
 
 fn hmac(key: &[u8]) -> HmacSha256 {
-    <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length")
+    HmacSha256::new(key)
 }
 
 /// HKDF-Extract (RFC 5869) with SHA-256.
 fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Zeroizing<[u8; 32]> {
     let mut m = hmac(salt);
     m.update(ikm);
-    Zeroizing::new(m.finalize().into_bytes().into())
+    Zeroizing::new(m.finalize())
 }
 
 /// HKDF-Expand (RFC 5869) with SHA-256; `out` at most 255 blocks.
@@ -419,7 +418,7 @@ fn hkdf_expand(prk: &[u8; 32], info: &[u8], out: &mut [u8]) {
         }
         m.update(info);
         m.update(&[(i + 1) as u8]);
-        t.copy_from_slice(&m.finalize().into_bytes());
+        t.copy_from_slice(&m.finalize());
         chunk.copy_from_slice(&t[..chunk.len()]);
     }
 }
@@ -491,7 +490,7 @@ fn confirm_tag(confirm_key: &[u8; KEY_BYTES], transcript: &[u8; 32]) -> [u8; MAC
     let mut m = hmac(confirm_key);
     m.update(TAG_CONFIRM);
     m.update(transcript);
-    m.finalize().into_bytes().into()
+    m.finalize()
 }
 
 /// Length-prefixed hashing of the handshake, absorbed as it happens.
@@ -1299,11 +1298,7 @@ impl Session {
             .expect("frame buffer is sized for the padding");
         let (header, rest) = frame.split_at(FRAME_HEADER_BYTES);
         let (iv_part, ciphertext) = rest.split_at(IV_BYTES);
-        let tag = self
-            .send
-            .mac(header, iv_part, ciphertext)
-            .finalize()
-            .into_bytes();
+        let tag = self.send.mac(header, iv_part, ciphertext).finalize();
         frame.extend_from_slice(&tag);
         debug_assert_eq!(frame.len(), frame_len(plaintext.len()));
         self.send.advance(self.rekey_after);
@@ -1344,10 +1339,7 @@ impl Session {
             return None;
         }
         // Constant-time comparison, before anything is decrypted.
-        self.recv
-            .mac(header, iv, ciphertext)
-            .verify_slice(tag)
-            .ok()?;
+        self.recv.mac(header, iv, ciphertext).verify(tag).ok()?;
         let kind = match header {
             [PROTOCOL_VERSION, k @ (FRAME_DATA | FRAME_CLOSE)] => *k,
             _ => return None,

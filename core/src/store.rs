@@ -6,12 +6,13 @@
 //! client, a peer or anti-entropy), so whatever path an item took, a replica
 //! stores it only if it would have accepted it first hand.
 
+use crate::hash::Sha256;
 use crate::id::Id;
 use crate::record::{self, Record, RecordError, UserId};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::OnceLock;
 
 /// SHA-256 of a block's stored (already encrypted) bytes.
 pub type BlockId = [u8; 32];
@@ -26,11 +27,61 @@ const RANGE_TAG: &[u8] = b"peerstore/range/v1";
 
 /// An immutable, content-addressed block. `owner` is the user whose signed
 /// tombstone may delete it; the first stored copy's owner is kept.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The bytes are private so that the id, worked out once from them and kept
+/// beside them, can never disagree with them: a 1 MiB block's id is asked
+/// for by its ring position, its index entry and its disk file, and hashing
+/// it again each time was most of a node's work. A block that arrives over
+/// the wire or from disk comes without an id and is hashed on first use, so
+/// every receipt is still checked against its bytes.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Block {
     pub owner: UserId,
-    pub data: Vec<u8>,
+    #[serde(with = "crate::session::wire_bytes")]
+    data: Vec<u8>,
+    #[serde(skip)]
+    id: OnceLock<BlockId>,
 }
+
+impl Block {
+    pub fn new(owner: UserId, data: Vec<u8>) -> Block {
+        Block {
+            owner,
+            data,
+            id: OnceLock::new(),
+        }
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn into_data(self) -> Vec<u8> {
+        self.data
+    }
+
+    /// SHA-256 of the bytes.
+    pub fn id(&self) -> BlockId {
+        *self.id.get_or_init(|| sha256(&self.data))
+    }
+
+    /// Flips one bit of the bytes (the simulator's corruption in flight),
+    /// forgetting the id so that it is worked out from the new bytes.
+    pub fn flip_bit(&mut self, byte: usize, bit: u8) {
+        if let Some(b) = self.data.get_mut(byte) {
+            *b ^= 1 << (bit % 8);
+            self.id = OnceLock::new();
+        }
+    }
+}
+
+impl PartialEq for Block {
+    fn eq(&self, other: &Block) -> bool {
+        self.owner == other.owner && self.data == other.data
+    }
+}
+
+impl Eq for Block {}
 
 impl std::fmt::Debug for Block {
     // Kilobytes of ciphertext help nobody in a log.
@@ -147,7 +198,7 @@ impl From<RecordError> for StoreError {
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+    crate::hash::sha256(bytes)
 }
 
 /// A block's ring position: SHA-1 of its id.
@@ -160,7 +211,7 @@ impl Item {
     /// its bytes, so it cannot be stored under a position it does not own.
     pub fn position(&self) -> Id {
         match self {
-            Item::Block(b) => block_position(&sha256(&b.data)),
+            Item::Block(b) => block_position(&b.id()),
             Item::Record(r) => r.position(),
             Item::Tombstone(t) => block_position(&t.block),
         }
@@ -229,7 +280,7 @@ impl Held {
     pub fn of(item: &Item) -> Held {
         match item {
             Item::Block(b) => Held::Block {
-                id: sha256(&b.data),
+                id: b.id(),
                 owner: b.owner,
                 size: b.data.len() as u32,
             },
@@ -248,7 +299,7 @@ impl Held {
                 let mut h = Sha256::new();
                 h.update(TOMBSTONE_TAG);
                 h.update(t.block);
-                h.finalize().into()
+                h.finalize()
             }
         }
     }
@@ -430,7 +481,7 @@ impl Index {
             count += 1;
         }
         RangeSummary {
-            digest: h.finalize().into(),
+            digest: h.finalize(),
             count,
         }
     }

@@ -2,7 +2,7 @@
 //! queue, each with a map for a disk, so each rule can be watched step by step.
 
 use peerstore_core::record::{self, Signer};
-use peerstore_core::store::{sha256, Tombstone};
+use peerstore_core::store::Tombstone;
 use peerstore_core::{
     Addr, Block, CmdResult, Command, Config, Id, Input, IoId, Item, Message, Node, Output, Peer,
     StorageOp, StorageResult, StoreError,
@@ -147,7 +147,7 @@ impl Cluster {
                     let mut item = self.disks[i].get(&key).cloned();
                     if self.modes[i] == DiskMode::CorruptReads {
                         if let Some(Item::Block(b)) = &mut item {
-                            b.data[0] ^= 0x80;
+                            b.flip_bit(0, 7);
                         }
                     }
                     StorageResult::Read(item)
@@ -228,10 +228,7 @@ impl Cluster {
 }
 
 fn block(byte: u8, len: usize) -> Item {
-    Item::Block(Block {
-        owner: users()[0].user_id(),
-        data: vec![byte; len],
-    })
+    Item::Block(Block::new(users()[0].user_id(), vec![byte; len]))
 }
 
 fn key_of(item: &Item) -> Id {
@@ -570,7 +567,7 @@ fn only_the_owner_can_delete_a_block_and_the_delete_reaches_every_replica() {
     let Item::Block(b) = &item else {
         unreachable!()
     };
-    let id = sha256(&b.data);
+    let id = b.id();
     let cmd = c.command(0, Command::Put(item.clone()));
     c.settle();
     assert!(matches!(c.replies.get(&cmd), Some(CmdResult::Put(Ok(_)))));

@@ -19,8 +19,14 @@
 //! [`Item`]:
 //!
 //! ```text
-//! magic "PSI1" | format version u32 LE | payload length u64 LE | SHA-256(payload)
+//! magic "PSI1" | format version u32 LE | payload length u64 LE | digest
 //! ```
+//!
+//! The digest covers the whole item. In format 2 (what is written) a
+//! block's digest is SHA-256 of a tag, its owner and its id, the id being
+//! SHA-256 of its bytes, which the core has already worked out: a 1 MiB
+//! block is not hashed a second time to be written. Every other item's
+//! digest is SHA-256 of the payload, as in format 1, which is still read.
 //!
 //! # Guarantees
 //!
@@ -36,8 +42,8 @@
 //!   only a temporary file, which [`DiskStore::open`] deletes (that write was
 //!   never acknowledged).
 //! - **Nothing corrupt is ever returned.** Every read checks the magic, the
-//!   version, the length against the file's size, the SHA-256 of the payload,
-//!   that the payload decodes, and that the item's own ring position is the
+//!   version, the length against the file's size, that the payload decodes,
+//!   its digest, and that the item's own ring position is the
 //!   key in the file name (a file moved to another key is corrupt too). A file
 //!   failing any check is counted, moved to `quarantine/` and reported as
 //!   absent, so the core drops it from its index and anti-entropy fetches a
@@ -58,8 +64,8 @@
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
 //! directory at a time: nothing here locks it.
 
+use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
-use sha2::{Digest as _, Sha256};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
@@ -68,8 +74,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const MAGIC: [u8; 4] = *b"PSI1";
-const FORMAT_VERSION: u32 = 1;
-/// Bytes before the payload: magic, version, length, SHA-256.
+/// Format 1 digests every item's payload; format 2 digests a block by its id.
+const FORMAT_VERSION: u32 = 2;
+const BLOCK_DIGEST_TAG: &[u8] = b"peerstore/disk/block/v2";
+/// Bytes before the payload: magic, version, length, digest.
 pub const HEADER_LEN: u64 = 4 + 4 + 8 + 32;
 /// Largest payload stored or read. Items are at most about 1 MiB (blocks and
 /// transaction logs); the slack keeps a future format change readable while
@@ -640,7 +648,7 @@ fn check(key: &Id, bytes: &[u8]) -> Result<Item, String> {
         return Err("bad magic".into());
     }
     let version = u32::from_le_bytes(version.try_into().map_err(|_| "bad header")?);
-    if version != FORMAT_VERSION {
+    if version != 1 && version != FORMAT_VERSION {
         return Err(format!("unknown format version {version}"));
     }
     let len = u64::from_le_bytes(len.try_into().map_err(|_| "bad header")?);
@@ -650,18 +658,35 @@ fn check(key: &Id, bytes: &[u8]) -> Result<Item, String> {
             payload.len()
         ));
     }
-    if Sha256::digest(payload).as_slice() != hash {
-        return Err("payload hash mismatch".into());
-    }
+    // Decoding first is safe: postcard checks every length against the
+    // input, and the payload is bounded by the file's size.
     let item = match postcard::take_from_bytes::<Item>(payload) {
         Ok((item, [])) => item,
         Ok(_) => return Err("trailing bytes after the item".into()),
         Err(_) => return Err("payload does not decode".into()),
     };
+    let expect = match (version, &item) {
+        (FORMAT_VERSION, Item::Block(b)) => block_digest(b),
+        _ => sha256(payload),
+    };
+    if expect.as_slice() != hash {
+        return Err("payload hash mismatch".into());
+    }
     if item.position() != *key {
         return Err("the item belongs at another key".into());
     }
     Ok(item)
+}
+
+/// A block's format-2 digest: its owner and its id (so its bytes), under a
+/// tag. The variant and the length prefixes around them are checked by the
+/// decoding, and the id again by the key the file is under.
+fn block_digest(b: &peerstore_core::Block) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(BLOCK_DIGEST_TAG);
+    h.update(b.owner.as_bytes());
+    h.update(b.id());
+    h.finalize()
 }
 
 /// An item file's bytes: the header, then the postcard encoding of `item`.
@@ -677,7 +702,10 @@ fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
             "item of {len} bytes is over the {PAYLOAD_MAX} byte store limit"
         )));
     }
-    let hash = Sha256::digest(&bytes[header..]);
+    let hash = match item {
+        Item::Block(b) => block_digest(b),
+        _ => sha256(&bytes[header..]),
+    };
     bytes[0..4].copy_from_slice(&MAGIC);
     bytes[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes[8..16].copy_from_slice(&len.to_le_bytes());
@@ -731,10 +759,7 @@ mod tests {
     use proptest::test_runner::RngSeed;
 
     fn block(data: Vec<u8>) -> Item {
-        Item::Block(Block {
-            owner: Id::from_u128(7),
-            data,
-        })
+        Item::Block(Block::new(Id::from_u128(7), data))
     }
 
     fn tombstone(b: u8) -> Item {
@@ -757,11 +782,39 @@ mod tests {
         let bytes = encode(&item).unwrap();
         let payload = postcard::to_allocvec(&item).unwrap();
         assert_eq!(&bytes[..4], b"PSI1");
-        assert_eq!(bytes[4..8], 1u32.to_le_bytes());
+        assert_eq!(bytes[4..8], 2u32.to_le_bytes());
         assert_eq!(bytes[8..16], (payload.len() as u64).to_le_bytes());
-        assert_eq!(bytes[16..48], Sha256::digest(&payload)[..]);
+        let Item::Block(b) = &item else {
+            unreachable!()
+        };
+        let mut digest = BLOCK_DIGEST_TAG.to_vec();
+        digest.extend_from_slice(b.owner.as_bytes());
+        digest.extend_from_slice(&sha256(b.data()));
+        assert_eq!(bytes[16..48], sha256(&digest));
         assert_eq!(bytes[48..], payload[..]);
         assert_eq!(check(&item.position(), &bytes), Ok(item));
+        // Other items digest their payload.
+        let t = tombstone(4);
+        let bytes = encode(&t).unwrap();
+        let payload = postcard::to_allocvec(&t).unwrap();
+        assert_eq!(bytes[16..48], sha256(&payload));
+        assert_eq!(check(&t.position(), &bytes), Ok(t));
+    }
+
+    #[test]
+    fn format_1_files_are_still_read_and_checked() {
+        for item in [block(vec![5; 300]), tombstone(6)] {
+            let payload = postcard::to_allocvec(&item).unwrap();
+            let mut v1 = b"PSI1".to_vec();
+            v1.extend_from_slice(&1u32.to_le_bytes());
+            v1.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            v1.extend_from_slice(&sha256(&payload));
+            v1.extend_from_slice(&payload);
+            assert_eq!(check(&item.position(), &v1).as_ref(), Ok(&item));
+            let last = v1.len() - 1;
+            v1[last] ^= 1;
+            assert!(check(&item.position(), &v1).is_err());
+        }
     }
 
     #[test]

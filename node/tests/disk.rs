@@ -22,10 +22,7 @@ fn block(seed: u64, len: usize) -> (Id, Item) {
             x as u8
         })
         .collect();
-    let item = Item::Block(Block {
-        owner: Id::from_u128(u128::from(seed)),
-        data,
-    });
+    let item = Item::Block(Block::new(Id::from_u128(u128::from(seed)), data));
     (item.position(), item)
 }
 
@@ -163,7 +160,7 @@ fn overwrite_replaces_and_keeps_the_count() {
         unreachable!()
     };
     let tomb = Item::Tombstone(Tombstone {
-        block: sha256(&b.data),
+        block: b.id(),
         owner_key: vec![1; 40],
         sig: vec![2; 64],
     });

@@ -4,7 +4,7 @@
 //! durability checkers judge the run by.
 
 use peerstore_core::record::{self, Acl, Record, Signer, UserId, Version};
-use peerstore_core::store::{sha256, BlockId};
+use peerstore_core::store::BlockId;
 use peerstore_core::{Id, IoId, Item, StorageOp, StorageResult, StoreError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -144,7 +144,7 @@ impl Expect {
     /// Whether a stored item keeps the promise.
     pub fn covered_by(&self, item: &Item) -> bool {
         match (self, item) {
-            (Expect::Block(id), Item::Block(b)) => sha256(&b.data) == *id,
+            (Expect::Block(id), Item::Block(b)) => b.id() == *id,
             (Expect::Block(id), Item::Tombstone(t)) => t.block == *id,
             (e, Item::Record(r)) => match (e, &**r) {
                 (Expect::Manifest(k), Record::Manifest(m)) => m.order_key() >= *k,

@@ -1324,9 +1324,12 @@ impl World {
                 ..
             } = &mut msg
             {
-                if !blk.data.is_empty() && self.rng_net.gen_bool(self.cfg.storage.corrupt) {
-                    let i = self.rng_net.gen_range(0..blk.data.len());
-                    blk.data[i] ^= 1 << self.rng_net.gen_range(0..8);
+                if !blk.data().is_empty() && self.rng_net.gen_bool(self.cfg.storage.corrupt) {
+                    let i = self.rng_net.gen_range(0..blk.data().len());
+                    // An i32 draw, as before the bytes went private: the same seed
+                    // must keep making the same trace.
+                    let bit = self.rng_net.gen_range(0..8i32) as u8;
+                    blk.flip_bit(i, bit);
                     self.store.rep.corrupted_in_flight += 1;
                 }
             }
@@ -2318,7 +2321,7 @@ impl World {
                 }
             }
             if let peerstore_core::Item::Block(b) = &item {
-                let id = peerstore_core::store::sha256(&b.data);
+                let id = b.id();
                 self.store
                     .acked
                     .entry(key)
@@ -2352,7 +2355,7 @@ impl World {
             .rng_work
             .gen_range(sc.block_min..=sc.block_max.max(sc.block_min));
         let data: Vec<u8> = (0..len).map(|_| self.rng_work.gen()).collect();
-        peerstore_core::Item::Block(peerstore_core::Block { owner, data })
+        peerstore_core::Item::Block(peerstore_core::Block::new(owner, data))
     }
 
     /// Issues a client command whose reply may come back at once.
@@ -2507,7 +2510,7 @@ impl World {
                     let peerstore_core::Item::Block(b) = &item else {
                         unreachable!()
                     };
-                    let expect = Expect::Block(peerstore_core::store::sha256(&b.data));
+                    let expect = Expect::Block(b.id());
                     self.store.rep.puts += 1;
                     self.store_command(k, Command::Put(item), key, Some(expect));
                 }
