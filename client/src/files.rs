@@ -52,8 +52,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::NodeClient;
 
-/// Requests in flight at most (each up to 1 MiB).
-pub const WINDOW: usize = 16;
+/// Requests in flight at most (each up to 1 MiB), queued ones included:
+/// room for a signed batch on the wire while the next one fills (see
+/// [`crate::conn::LOW_WATER`]).
+pub const WINDOW: usize = 24;
 /// Plaintext bytes of operations per log entry (an entry body is at most
 /// 4 KiB sealed).
 const ENTRY_PLAIN_MAX: usize = 3_000;
