@@ -1,20 +1,30 @@
-//! A client's connection to one node: a TCP connection carrying a secure
-//! client session ([`Links::client`]), on which signed requests go out and
-//! answers come back, several in flight at once.
+//! A client's connections to the ring: secure client sessions
+//! ([`Links::client`]) over TCP, on which signed requests go out and answers
+//! come back, many in flight at once.
+//!
+//! It starts with the entry node (`--node`). [`NodeClient::spread`] then
+//! opens sessions to a few more nodes the entry names (its successors,
+//! predecessor and fingers), and every put or get goes to the node nearest
+//! its key: usually a replica itself, so a block crosses one hop instead of
+//! two, and the work of taking blocks in is shared between nodes instead of
+//! all falling on the entry. A node other than the entry that fails or stops
+//! answering is dropped and its calls are sent again through the entry, so
+//! losing it costs time, not the command.
 //!
 //! The node's ring id (which every signed request names, so that a request
 //! captured on its way to one node cannot be replayed to another) is
 //! learned from the session itself: the handshake proves the node's key,
 //! and the id derives from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use peerstore_core::endorse::TrustStore;
 use peerstore_core::gate::{ClientOp, ClientRequest, GateReply, RingStatus};
 use peerstore_core::link::{LinkConfig, Links};
+use peerstore_core::reqauth::BATCH_MAX;
 use peerstore_core::{Addr, Id, Signer};
 use peerstore_net::transport::{NetEvent, Transport, TransportConfig};
 use rand::rngs::OsRng;
@@ -32,25 +42,52 @@ pub const BATCH: usize = 16;
 /// them (an RSA-3072 signature costs about as much CPU as sealing a 1 MiB
 /// chunk, so a stream that signed each call as a slot freed up spent a
 /// third of its time signing). Below it, the queue goes out at once so the
-/// node never runs dry.
-pub const LOW_WATER: usize = BATCH / 2;
+/// nodes never run dry. One signature covers calls to several nodes: each
+/// names its node in its body, and each node checks its own call's place in
+/// the signed list.
+pub const LOW_WATER: usize = 8;
 
 /// How long a call may wait for its answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A connection to one node.
+/// Nodes a client talks to at most, the entry included.
+pub const SPREAD_MAX: usize = 4;
+
+/// How long [`NodeClient::spread`] waits for the other nodes to answer.
+pub const SPREAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One node the client has (or is opening) a session with.
+struct Conn {
+    addr: Addr,
+    /// Its ring id, from its own status answer (requests name it).
+    id: Option<Id>,
+    /// Dropped after a failure; its calls went to the entry.
+    dead: bool,
+}
+
+/// A call on the wire.
+struct Sent {
+    conn: usize,
+    at: Instant,
+    /// The operation, kept for a call to a node other than the entry so
+    /// that it can go again through the entry if that node fails.
+    op: Option<ClientOp>,
+}
+
+/// The entry's index in [`NodeClient::conns`].
+const ENTRY: usize = 0;
+
+/// Connections to the ring.
 pub struct NodeClient {
     transport: Transport,
     events: mpsc::Receiver<NetEvent>,
     links: Links,
     user: Signer,
-    node: Addr,
-    node_id: Option<Id>,
+    conns: Vec<Conn>,
+    /// Calls waiting to be signed together: (call id, node, operation).
+    unsigned: Vec<(u64, usize, ClientOp)>,
     next_id: u64,
-    /// Calls sent and not yet answered: id -> when sent.
-    pending: BTreeMap<u64, Instant>,
-    /// Calls waiting to be signed together (one signature per batch).
-    unsigned: Vec<(u64, ClientOp)>,
+    pending: BTreeMap<u64, Sent>,
     answers: BTreeMap<u64, GateReply>,
 }
 
@@ -83,20 +120,76 @@ impl NodeClient {
             events,
             links,
             user,
-            node: Addr::Tcp(node),
-            node_id: None,
+            conns: vec![Conn::new(Addr::Tcp(node))],
+            unsigned: Vec::new(),
             next_id: 0,
             pending: BTreeMap::new(),
-            unsigned: Vec::new(),
             answers: BTreeMap::new(),
         };
         // The first call opens the session and tells us the node's id.
         let st = c.status().await?;
-        c.node_id = Some(st.me.id);
+        c.conns[ENTRY].id = Some(st.me.id);
         Ok(c)
     }
 
-    /// The ring as the node sees it.
+    /// Opens sessions to up to [`SPREAD_MAX`] - 1 more nodes the entry
+    /// knows, so that puts and gets go to the nodes nearest their keys.
+    /// Nodes that do not answer within [`SPREAD_TIMEOUT`] (down, or not
+    /// endorsed by a key you trust) are left out; the entry alone still
+    /// works. Returns how many nodes the client now talks to.
+    pub async fn spread(&mut self) -> Result<usize> {
+        let st = self.status().await?;
+        if !st.joined {
+            return Ok(self.live());
+        }
+        let mut seen: BTreeSet<Addr> = self.conns.iter().map(|c| c.addr).collect();
+        let candidates: Vec<Addr> = st
+            .successors
+            .iter()
+            .chain(st.predecessor.iter())
+            .chain(st.fingers.iter())
+            .map(|p| p.addr)
+            .filter(|a| matches!(a, Addr::Tcp(_)) && seen.insert(*a))
+            .take(SPREAD_MAX.saturating_sub(self.conns.len()))
+            .collect();
+        let mut asked = BTreeMap::new();
+        for addr in candidates {
+            self.conns.push(Conn::new(addr));
+            let at = self.conns.len() - 1;
+            let id = self.queue(at, ClientOp::Status);
+            asked.insert(id, at);
+        }
+        self.send_batch()?;
+        let until = Instant::now() + SPREAD_TIMEOUT;
+        while asked.keys().any(|id| self.pending.contains_key(id)) {
+            if !self.pump(Some(until)).await? {
+                break;
+            }
+        }
+        for (id, at) in asked {
+            match self.answers.remove(&id) {
+                Some(GateReply::Status(st)) if st.joined => self.conns[at].id = Some(st.me.id),
+                _ => {
+                    // No answer in time, or not in the ring: unused. Its
+                    // status call is forgotten (a late answer is dropped).
+                    self.pending.remove(&id);
+                    self.conns[at].dead = true;
+                    self.links.reset(self.conns[at].addr);
+                }
+            }
+        }
+        Ok(self.live())
+    }
+
+    /// Nodes the client talks to now.
+    pub fn live(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| !c.dead && c.id.is_some())
+            .count()
+    }
+
+    /// The ring as the entry node sees it.
     pub async fn status(&mut self) -> Result<RingStatus> {
         match self.call(ClientOp::Status).await? {
             GateReply::Status(st) => Ok(*st),
@@ -110,37 +203,91 @@ impl NodeClient {
         self.wait(id).await
     }
 
+    /// The node a call goes to: for a put or get, the live node whose id
+    /// is first at or after the key (its primary replica, when the client
+    /// talks to it); anything else, the entry.
+    fn route(&self, op: &ClientOp) -> usize {
+        let key = match op {
+            ClientOp::Put(item) => item.position(),
+            ClientOp::Get(key) => *key,
+            ClientOp::Status => return ENTRY,
+        };
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.dead)
+            .filter_map(|(i, c)| c.id.map(|id| (key.distance_to(id), i)))
+            .min()
+            .map_or(ENTRY, |(_, i)| i)
+    }
+
     /// Queues `op` (waiting for room in the window first); returns the
     /// call id whose answer [`NodeClient::next_answer`] or
     /// [`NodeClient::wait`] gives. Queued calls are signed together, one
-    /// signature per batch, when the batch is full or an answer is awaited.
+    /// signature per batch, when the batch is full or the calls on the wire
+    /// run low.
     pub async fn submit(&mut self, op: ClientOp) -> Result<u64> {
         while self.in_flight() >= WINDOW {
             self.send_batch()?;
-            self.pump().await?;
+            self.pump(None).await?;
         }
-        self.next_id += 1;
-        let id = self.next_id;
-        self.unsigned.push((id, op));
+        let at = self.route(&op);
+        let id = self.queue(at, op);
         if self.unsigned.len() >= BATCH {
             self.send_batch()?;
         }
         Ok(id)
     }
 
-    /// Signs and sends the queued calls.
+    fn queue(&mut self, at: usize, op: ClientOp) -> u64 {
+        self.next_id += 1;
+        self.unsigned.push((self.next_id, at, op));
+        self.next_id
+    }
+
+    /// Signs the queued calls with one signature and sends each to its
+    /// node.
     fn send_batch(&mut self) -> Result<()> {
         if self.unsigned.is_empty() {
             return Ok(());
         }
-        let node_id = self.node_id.unwrap_or(Id([0; 20]));
-        let (ids, ops): (Vec<u64>, Vec<ClientOp>) = self.unsigned.drain(..).unzip();
-        let reqs = ClientRequest::batch(&self.user, node_id, ops, now_ms(), &mut OsRng);
-        for (id, req) in ids.into_iter().zip(reqs) {
-            self.links.call(now_ms(), self.node, id, &req);
-            self.pending.insert(id, Instant::now());
+        let mut queued = std::mem::take(&mut self.unsigned);
+        if queued.len() > BATCH_MAX {
+            self.unsigned = queued.split_off(BATCH_MAX);
         }
-        self.flush()
+        let mut ops = Vec::with_capacity(queued.len());
+        let mut calls = Vec::with_capacity(queued.len());
+        for (id, at, op) in queued {
+            let node = self.conns[at].id.unwrap_or(Id([0; 20]));
+            // A call to a node other than the entry keeps its operation, to
+            // go again through the entry if that node fails.
+            let kept = (at != ENTRY).then(|| op.clone());
+            ops.push((node, op));
+            calls.push((id, at, kept));
+        }
+        let reqs = ClientRequest::batch_to(&self.user, ops, now_ms(), &mut OsRng);
+        for ((id, at, op), req) in calls.into_iter().zip(reqs) {
+            self.links.call(now_ms(), self.conns[at].addr, id, &req);
+            self.pending.insert(
+                id,
+                Sent {
+                    conn: at,
+                    at: Instant::now(),
+                    op,
+                },
+            );
+        }
+        self.flush()?;
+        // Anything beyond one signature's reach goes in the next.
+        self.send_batch()
+    }
+
+    /// Sends the queue if the calls on the wire ran low or it is full.
+    fn send_low(&mut self) -> Result<()> {
+        if self.pending.len() < LOW_WATER || self.unsigned.len() >= BATCH {
+            self.send_batch()?;
+        }
+        Ok(())
     }
 
     /// Calls queued or sent and not yet answered.
@@ -155,62 +302,119 @@ impl NodeClient {
             if let Some(r) = self.answers.remove(&id) {
                 return Ok(r);
             }
-            if !self.pending.contains_key(&id) {
+            if !self.pending.contains_key(&id) && !self.is_queued(id) {
                 bail!("call {id} was never sent");
             }
-            self.pump().await?;
+            self.pump(None).await?;
+            self.send_low()?;
         }
     }
 
+    fn is_queued(&self, id: u64) -> bool {
+        self.unsigned.iter().any(|(i, _, _)| *i == id)
+    }
+
     /// Waits for any answer. Queued calls are signed and sent first if
-    /// fewer than [`LOW_WATER`] are on the wire; otherwise they wait to
-    /// fill a bigger batch.
+    /// fewer than [`LOW_WATER`] are on the wire to their node; otherwise
+    /// they wait to fill a bigger batch.
     pub async fn next_answer(&mut self) -> Result<(u64, GateReply)> {
-        if self.pending.len() < LOW_WATER || self.unsigned.len() >= BATCH {
-            self.send_batch()?;
-        }
+        self.send_low()?;
         loop {
             if let Some((&id, _)) = self.answers.iter().next() {
                 let r = self.answers.remove(&id).expect("present");
                 return Ok((id, r));
             }
             if self.pending.is_empty() {
-                if self.unsigned.is_empty() {
+                if self.in_flight() == 0 {
                     bail!("no call is waiting for an answer");
                 }
                 self.send_batch()?;
             }
-            self.pump().await?;
-            if self.pending.len() < LOW_WATER {
-                self.send_batch()?;
-            }
+            self.pump(None).await?;
+            self.send_low()?;
         }
     }
 
     fn flush(&mut self) -> Result<()> {
         while let Some(p) = self.links.poll_packet() {
-            self.transport
-                .send(p.to, p.bytes)
-                .map_err(|e| anyhow!("sending to the node failed: {e}"))?;
+            let dead = self.conns.iter().position(|c| c.addr == p.to && c.dead);
+            if dead.is_some() {
+                continue;
+            }
+            if let Err(e) = self.transport.send(p.to, p.bytes) {
+                match self.conns.iter().position(|c| c.addr == p.to) {
+                    Some(at) if at != ENTRY => self.fail_over(at),
+                    _ => bail!("sending to the node failed: {e}"),
+                }
+            }
         }
         Ok(())
     }
 
-    /// Takes what arrives until at least one answer came in (or the
-    /// oldest call timed out).
-    async fn pump(&mut self) -> Result<()> {
-        let oldest = self.pending.values().min().copied();
-        let deadline = oldest.map(|t| t + CALL_TIMEOUT);
+    /// Drops node `at` (not the entry) and queues its calls for the entry.
+    fn fail_over(&mut self, at: usize) {
+        if at == ENTRY || self.conns[at].dead {
+            return;
+        }
+        self.conns[at].dead = true;
+        let addr = self.conns[at].addr;
+        for q in self.unsigned.iter_mut().filter(|q| q.1 == at) {
+            q.1 = ENTRY;
+        }
+        let mut moved: Vec<(u64, usize, ClientOp)> = Vec::new();
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, s)| s.conn == at)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(Sent { op: Some(op), .. }) = self.pending.remove(&id) {
+                moved.push((id, ENTRY, op));
+            }
+        }
+        self.links.reset(addr);
+        self.unsigned.extend(moved);
+    }
+
+    /// Takes what arrives until something happened (an answer, a closed
+    /// connection), failing over a node other than the entry whose oldest
+    /// call timed out. With `until`, returns `false` when that time passed
+    /// first.
+    async fn pump(&mut self, until: Option<Instant>) -> Result<bool> {
+        let oldest = self
+            .pending
+            .iter()
+            .min_by_key(|(_, s)| s.at)
+            .map(|(_, s)| (s.at + CALL_TIMEOUT, s.conn));
+        let deadline = match (oldest, until) {
+            (Some((d, _)), Some(u)) => Some(d.min(u)),
+            (Some((d, _)), None) => Some(d),
+            (None, u) => u,
+        };
         let wait = deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(CALL_TIMEOUT);
         let ev = match tokio::time::timeout(wait, self.events.recv()).await {
             Ok(Some(ev)) => ev,
             Ok(None) => bail!("the connection to the node closed"),
-            Err(_) => bail!(
-                "the node did not answer within {} s (is it overloaded, or not yet in a ring?)",
-                CALL_TIMEOUT.as_secs()
-            ),
+            Err(_) => {
+                if let Some(u) = until {
+                    if Instant::now() >= u {
+                        return Ok(false);
+                    }
+                }
+                match oldest {
+                    Some((_, at)) if at != ENTRY => {
+                        self.fail_over(at);
+                        return Ok(true);
+                    }
+                    _ => bail!(
+                        "the node did not answer within {} s (is it overloaded, or not yet in a ring?)",
+                        CALL_TIMEOUT.as_secs()
+                    ),
+                }
+            }
         };
         match ev {
             NetEvent::Packet { from, bytes } => {
@@ -222,21 +426,37 @@ impl NodeClient {
                     }
                 }
                 self.flush()?;
-                if refused > 0 && self.node_id.is_none() {
+                if refused > 0 && self.conns[ENTRY].id.is_none() {
                     bail!(
                         "the node at {:?} is not endorsed by a key you trust: \
                          pass its ring's root key with --trust ROOT.pub.pem",
-                        self.node
+                        self.conns[ENTRY].addr
                     );
                 }
             }
-            NetEvent::Closed { .. } => {
-                self.links.reset(self.node);
-                if !self.pending.is_empty() {
-                    bail!("the node closed the connection with requests unanswered");
+            NetEvent::Closed { peer, .. } => {
+                self.links.reset(peer);
+                match self.conns.iter().position(|c| c.addr == peer) {
+                    Some(ENTRY) => {
+                        if self.pending.values().any(|s| s.conn == ENTRY) {
+                            bail!("the node closed the connection with requests unanswered");
+                        }
+                    }
+                    Some(at) => self.fail_over(at),
+                    None => {}
                 }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+}
+
+impl Conn {
+    fn new(addr: Addr) -> Conn {
+        Conn {
+            addr,
+            id: None,
+            dead: false,
+        }
     }
 }

@@ -307,6 +307,7 @@ fn run(args: Args) -> Result<()> {
             let path = path.clone();
             with_files(&args, |mut f| async move {
                 f.register().await?;
+                f.client().spread().await?;
                 let bar = Bar::new(tree_size(&path));
                 let started = std::time::Instant::now();
                 let rep = f.backup(&path, &bar).await?;
@@ -337,6 +338,7 @@ fn run(args: Args) -> Result<()> {
             with_files(&args, |mut f| async move {
                 std::fs::create_dir_all(&to)
                     .with_context(|| format!("cannot create {}", to.display()))?;
+                f.client().spread().await?;
                 let bar = Bar::new(0);
                 let started = std::time::Instant::now();
                 let rep = if files::parse_link(&path).is_ok() {

@@ -102,9 +102,22 @@ impl ClientRequest {
         now_ms: u64,
         rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
     ) -> Vec<ClientRequest> {
+        let ops = ops.into_iter().map(|op| (node, op)).collect();
+        ClientRequest::batch_to(signer, ops, now_ms, rng)
+    }
+
+    /// Signs several operations, each for its own node, with one
+    /// signature (each node checks its own request's place in the signed
+    /// list); at most [`crate::reqauth::BATCH_MAX`].
+    pub fn batch_to(
+        signer: &crate::Signer,
+        ops: Vec<(Id, ClientOp)>,
+        now_ms: u64,
+        rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
+    ) -> Vec<ClientRequest> {
         let bodies: Vec<Vec<u8>> = ops
             .into_iter()
-            .map(|op| {
+            .map(|(node, op)| {
                 postcard::to_allocvec(&ClientBody { node, op })
                     .expect("postcard encoding into a Vec cannot fail")
             })
@@ -521,6 +534,38 @@ mod tests {
         assert_eq!(f.ask(1, put(0, block(0))), GateReply::Put(Ok(())));
         let key = block(0).position();
         assert_eq!(f.ask(2, get(0, key)), GateReply::Get(Ok(Some(block(0)))));
+    }
+
+    #[test]
+    fn one_signature_covers_requests_to_several_nodes_each_served_only_by_its_own() {
+        let mut f = Fixture::new();
+        f.register(0);
+        let other = Id([8; 20]);
+        let ops = vec![
+            (ME, ClientOp::Put(block(0))),
+            (other, ClientOp::Get(Id([3; 20]))),
+            (ME, ClientOp::Get(block(0).position())),
+        ];
+        let reqs = ClientRequest::batch_to(user(0), ops, NOW, &mut rng());
+        assert_eq!(reqs.len(), 3);
+        assert!(reqs.iter().all(|r| r.auth.sig == reqs[0].auth.sig));
+        assert_eq!(f.ask(1, reqs[0].clone()), GateReply::Put(Ok(())));
+        assert_eq!(
+            f.ask(2, reqs[1].clone()),
+            GateReply::Get(Err(GateError::WrongNode)),
+            "the request for another node is refused here"
+        );
+        assert_eq!(
+            f.ask(3, reqs[2].clone()),
+            GateReply::Get(Ok(Some(block(0))))
+        );
+        // The one for this node cannot be moved to another's place.
+        let mut moved = reqs[1].clone();
+        moved.body = reqs[2].body.clone();
+        assert!(matches!(
+            f.ask(4, moved),
+            GateReply::Get(Err(GateError::Auth(_)))
+        ));
     }
 
     #[test]
