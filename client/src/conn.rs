@@ -437,11 +437,10 @@ impl NodeClient {
             NetEvent::Closed { peer, .. } => {
                 self.links.reset(peer);
                 match self.conns.iter().position(|c| c.addr == peer) {
-                    Some(ENTRY) => {
-                        if self.pending.values().any(|s| s.conn == ENTRY) {
-                            bail!("the node closed the connection with requests unanswered");
-                        }
+                    Some(ENTRY) if self.pending.values().any(|s| s.conn == ENTRY) => {
+                        bail!("the node closed the connection with requests unanswered");
                     }
+                    Some(ENTRY) => {}
                     Some(at) => self.fail_over(at),
                     None => {}
                 }
