@@ -7,6 +7,8 @@
 #        small   1000 files x 4 KiB    (4,096,000 bytes)
 #        medium   200 files x 1 MiB  (209,715,200 bytes)
 #        large      1 file  x 256 MiB (268,435,456 bytes)
+#        huge       1 file  x 1 GiB   (1,073,741,824 bytes; only when
+#                                      BENCH_SETS names it: the memory check)
 #   2. Starts a fresh 3-node PeerStore ring on 127.0.0.1 (ports chosen by the
 #      OS, data in the bench directory, R = 3 so every block is on all three
 #      nodes) and waits, bounded, until all three say they are joined and see
@@ -43,7 +45,7 @@
 #   - restic (Debian: apt-get install -y restic), GNU time (apt-get install -y
 #     time), openssl, python3, diff, split; about 4 GB free in the bench
 #     directory with the default two runs (the nodes keep every run's blocks,
-#     three copies each).
+#     three copies each), and about 12 GB more with the huge set.
 #
 # Usage
 #   bench/backup-vs-restic.sh
@@ -52,7 +54,8 @@
 #   BENCH_DIR        parent of the scratch directory (default /tmp)
 #   BENCH_OUT        also write the table to this file
 #   BENCH_RUNS       runs of every measurement (default 2)
-#   BENCH_SETS       data sets to run, a subset of "small medium large"
+#   BENCH_SETS       data sets to run, a subset of "small medium large huge"
+#                    (default "small medium large")
 #   BENCH_SEED       seed of the data (default peerstore-bench-1)
 #   BENCH_BIN        where the binaries are (default <repo>/target/release)
 #   BENCH_JOIN_SECS  how long to wait for the ring (default 120)
@@ -86,7 +89,7 @@ unset PEERSTORE_PASSPHRASE RESTIC_REPOSITORY RESTIC_PASSWORD_FILE RESTIC_PASSWOR
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, not '$RUNS'"
 [[ $JOIN_SECS =~ ^[1-9][0-9]*$ ]] || die "BENCH_JOIN_SECS must be a positive integer, not '$JOIN_SECS'"
 for s in $SETS; do
-    case $s in small | medium | large) ;; *) die "unknown data set '$s' in BENCH_SETS (small, medium, large)" ;; esac
+    case $s in small | medium | large | huge) ;; *) die "unknown data set '$s' in BENCH_SETS (small, medium, large, huge)" ;; esac
 done
 command -v restic >/dev/null || die "restic is not installed: apt-get install -y restic"
 [[ -x /usr/bin/time ]] || die "GNU time (/usr/bin/time) is not installed: apt-get install -y time"
@@ -175,6 +178,8 @@ SET_BYTES[medium]=$((200 * 1048576))
 SET_FILES[medium]=200
 SET_BYTES[large]=$((256 * 1048576))
 SET_FILES[large]=1
+SET_BYTES[huge]=$((1024 * 1048576))
+SET_FILES[huge]=1
 
 make_set() {
     local name=$1 dir=$W/data/$1
@@ -183,6 +188,7 @@ make_set() {
         small) keystream small "${SET_BYTES[small]}" | split -b 4096 -a 4 -d - "$dir/f" ;;
         medium) keystream medium "${SET_BYTES[medium]}" | split -b 1048576 -a 3 -d - "$dir/f" ;;
         large) keystream large "${SET_BYTES[large]}" >"$dir/big.bin" ;;
+        huge) keystream huge "${SET_BYTES[huge]}" >"$dir/huge.bin" ;;
     esac
     local n bytes
     n=$(find "$dir" -type f | wc -l)
@@ -419,8 +425,10 @@ python3 - "$RESULTS" "$HWM_RESET" "$LOAD_BEFORE" "$LOAD_AFTER" "$(nproc)" \
     "$(restic version | cut -d' ' -f1-2)" "$SETS" >"$TABLE" <<'EOF'
 import sys, collections
 path, hwm_reset, load0, load1, cores, restic_v, sets = sys.argv[1:8]
-BYTES = {"small": 1000 * 4096, "medium": 200 * 1048576, "large": 256 * 1048576}
-LABEL = {"small": "1000 x 4 KiB", "medium": "200 x 1 MiB", "large": "1 x 256 MiB"}
+BYTES = {"small": 1000 * 4096, "medium": 200 * 1048576, "large": 256 * 1048576,
+         "huge": 1024 * 1048576}
+LABEL = {"small": "1000 x 4 KiB", "medium": "200 x 1 MiB", "large": "1 x 256 MiB",
+         "huge": "1 x 1 GiB"}
 rows = collections.defaultdict(dict)  # (set, run) -> {(tool, step): (secs, rss, nrss)}
 for line in open(path):
     s, run, tool, step, secs, rss, nrss, ok = line.rstrip("\n").split("\t")
@@ -484,6 +492,16 @@ for s in sets.split():
         x = r / p
         return f"{step} {x:5.2f} x restic  {'met' if x >= goal else 'MISSED'}"
     print(f"  {LABEL[s]:<13} {verdict('backup', 1.0)};  {verdict('restore', 1.5)}")
+print("memory, on every run (client and each node under 100 MiB peak RSS during backup and restore):")
+for s in sets.split():
+    peaks = [(d[("peerstore", step)][1], d[("peerstore", step)][2])
+             for k, d in rows.items() if k[0] == s for step in ("backup", "restore")]
+    client = max(c for c, _ in peaks)
+    nodes = [n for _, n in peaks if n is not None]
+    node = max(nodes) if nodes else None
+    ok = client < 100 * 1024 and node is not None and node < 100 * 1024
+    node_s = "unknown" if node is None else f"{mib(node)} MiB"
+    print(f"  {LABEL[s]:<13} client {mib(client)} MiB, node {node_s}  {'met' if ok else 'MISSED'}")
 EOF
 if ((${#FAILURES[@]})); then
     {
