@@ -510,9 +510,14 @@ impl Files {
                     Ok(c) => c,
                     Err(e) => break Err(anyhow!("{path}: {e}")),
                 };
-                for sealed in chunks {
-                    self.send_block(&mut run, at, owner, sealed, progress)
-                        .await?;
+                let ids = enc.chunk_ids();
+                let blocks: Vec<Block> = ids[ids.len() - chunks.len()..]
+                    .iter()
+                    .zip(chunks)
+                    .map(|(id, sealed)| Block::with_id(owner, sealed, *id))
+                    .collect();
+                for block in blocks {
+                    self.send_block(&mut run, at, block, progress).await?;
                 }
                 if n < buf.len() {
                     break Ok(());
@@ -525,7 +530,8 @@ impl Files {
                 continue;
             }
             let fin = enc.finish(&mut OsRng);
-            let last = fin.last_chunk;
+            let last_id = *fin.chunk_ids.last().expect("a file has a final chunk");
+            let last = Block::with_id(owner, fin.last_chunk, last_id);
             let meta = FileMeta {
                 path: path.clone(),
                 size: read_total,
@@ -538,7 +544,7 @@ impl Files {
                 filecrypt::new_file_manifest(&mut OsRng, &self.id, file_id, &key, &meta, 1)
                     .map_err(|e| anyhow!("{path}: {e}"))?;
             run.files[at].manifest = Some(manifest);
-            self.send_block(&mut run, at, owner, last, progress).await?;
+            self.send_block(&mut run, at, last, progress).await?;
             if run.done_ops.len() >= LOG_FLUSH_OPS {
                 let ops = std::mem::take(&mut run.done_ops);
                 self.append(&mut cat, ops).await?;
@@ -557,8 +563,7 @@ impl Files {
         &mut self,
         run: &mut Run,
         at: usize,
-        owner: UserId,
-        sealed: Vec<u8>,
+        block: Block,
         progress: &dyn Progress,
     ) -> Result<()> {
         while self.c.in_flight() >= WINDOW {
@@ -566,8 +571,7 @@ impl Files {
             self.on_backup_answer(run, id, r, progress).await?;
         }
         run.files[at].blocks_left += 1;
-        let item = Item::Block(Block::new(owner, sealed));
-        let id = self.c.submit(ClientOp::Put(item)).await?;
+        let id = self.c.submit(ClientOp::Put(Item::Block(block))).await?;
         run.calls.insert(id, CallFor::Block(at));
         Ok(())
     }

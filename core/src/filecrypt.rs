@@ -509,6 +509,12 @@ impl Encryptor {
         Ok(out)
     }
 
+    /// The ids of the chunks sealed so far, in order (those [`Encryptor::push`]
+    /// returned last are the last ones).
+    pub fn chunk_ids(&self) -> &[BlockId] {
+        &self.chunk_ids
+    }
+
     /// Seals the final chunk (the remaining bytes, padded).
     pub fn finish(mut self, rng: &mut (impl CryptoRngCore + ?Sized)) -> Finished {
         let padded = final_padded_len(self.buf.len());

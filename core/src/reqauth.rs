@@ -115,13 +115,26 @@ pub fn sign_batch(
     now_ms: u64,
     rng: &mut (impl CryptoRngCore + ?Sized),
 ) -> Vec<SignedRequest> {
+    let digests: Vec<[u8; 32]> = requests.iter().map(|r| crate::hash::sha256(r)).collect();
+    sign_batch_digests(signer, digests, now_ms, rng)
+}
+
+/// Like [`sign_batch`], for requests whose digests the caller worked out
+/// (a collision-resistant digest of everything the request says; the
+/// verifier must work it out the same way, see
+/// [`ReplayGuard::check_digest`]).
+pub fn sign_batch_digests(
+    signer: &Signer,
+    digests: Vec<[u8; 32]>,
+    now_ms: u64,
+    rng: &mut (impl CryptoRngCore + ?Sized),
+) -> Vec<SignedRequest> {
     assert!(
-        requests.len() <= BATCH_MAX,
+        digests.len() <= BATCH_MAX,
         "a batch is at most BATCH_MAX requests"
     );
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
-    let digests: Vec<[u8; 32]> = requests.iter().map(|r| crate::hash::sha256(r)).collect();
     let user_key = signer.public_der().to_vec();
     let sig = signer.sign(rng, &batch_msg(&user_key, &digests, &nonce, now_ms));
     (0..digests.len())
@@ -150,9 +163,19 @@ pub fn sign_request(
     now_ms: u64,
     rng: &mut (impl CryptoRngCore + ?Sized),
 ) -> SignedRequest {
+    sign_request_digest(signer, crate::hash::sha256(request), now_ms, rng)
+}
+
+/// Like [`sign_request`], for a request whose digest the caller worked out
+/// (see [`sign_batch_digests`]).
+pub fn sign_request_digest(
+    signer: &Signer,
+    body_digest: [u8; 32],
+    now_ms: u64,
+    rng: &mut (impl CryptoRngCore + ?Sized),
+) -> SignedRequest {
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
-    let body_digest: [u8; 32] = crate::hash::sha256(request);
     let user_key = signer.public_der().to_vec();
     let sig = signer.sign(rng, &signed_msg(&user_key, &body_digest, &nonce, now_ms));
     SignedRequest {
@@ -293,6 +316,21 @@ impl ReplayGuard {
         registered_key: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<(), AuthError> {
+        let digest = crate::hash::sha256(request);
+        self.check_digest(req, &digest, registered_key, now_ms)
+    }
+
+    /// Like [`ReplayGuard::check`], for a request whose digest the caller
+    /// worked out from what the request says (as the signer did, see
+    /// [`sign_batch_digests`]).
+    pub fn check_digest(
+        &mut self,
+        req: &SignedRequest,
+        body_digest: &[u8; 32],
+        registered_key: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<(), AuthError> {
+        let body_digest = *body_digest;
         self.high_water_ms = self.high_water_ms.max(now_ms);
         self.evict();
         let registered = registered_key.ok_or(AuthError::UnknownUser)?;
@@ -317,7 +355,6 @@ impl ReplayGuard {
         if used.is_some_and(|mask| mask & bit != 0) {
             return Err(AuthError::Replayed);
         }
-        let body_digest: [u8; 32] = crate::hash::sha256(request);
         if body_digest != req.body_digest {
             return Err(AuthError::BadSignature);
         }
