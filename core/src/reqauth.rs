@@ -10,6 +10,10 @@
 //!
 //! The request bytes themselves travel beside the envelope (a block put is a
 //! megabyte; the envelope stays small) and the node hashes what it received.
+//! A caller may instead sign and check its own collision-resistant digest of
+//! what the request says ([`sign_batch_digests`],
+//! [`ReplayGuard::check_digest`]): the client gate digests a block put by
+//! the block's id, which both sides work out anyway.
 //!
 //! # Batches
 //!
