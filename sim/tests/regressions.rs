@@ -62,23 +62,50 @@ fn final_sweep_failure() {
     replay(24, 0, 1_202_371, 2);
 }
 
-/// Also failing, not yet investigated: the one failure among the storage
-/// sweep's first ~5,000 seeds (2,000,000 and up; `--storage
-/// --record-writes-per-s 2 --corrupt 0.02`): 10 principals where r+1 = 11
-/// at 38.5 s, after which some keys are not back on their R replicas
-/// within the bound. The same class as `final_sweep_failure`.
-#[test]
-#[ignore = "known rare principal-count violation in the storage sweep, seed 2007076; not yet investigated"]
-fn storage_sweep_failure() {
-    let seed = 2_007_076;
+fn storage_seed(seed: u64, keep_going: bool) -> peerstore_sim::Report {
     let mut cfg = common::swarm(24, 0, seed);
     cfg.duration_ms = 120_000;
+    cfg.stop_on_violation = !keep_going;
     cfg.storage = peerstore_sim::StorageConfig {
         enabled: true,
         record_writes_per_s: 2.0,
         corrupt: 0.02,
         ..peerstore_sim::StorageConfig::default()
     };
-    let rep = peerstore_sim::run(cfg);
-    assert!(rep.passed(), "storage seed {seed}:\n{}", rep.summary());
+    peerstore_sim::run(cfg)
+}
+
+/// The storage sweep's only failures in 10,000 seeds (2,000,000 to
+/// 2,009,999; `--storage --record-writes-per-s 2 --corrupt 0.02`): 10
+/// principals where r+1 = 11 (at 38.5 s and 34.3 s), the class of
+/// `final_sweep_failure`. The sweep stops a run at its first violation, so
+/// the storage checks then saw keys not yet back on their R replicas; run on
+/// (next test), storage is whole.
+#[test]
+#[ignore = "known rare principal-count violations in the storage sweep, seeds 2007076 and 2009840; the ring's open problem"]
+fn storage_sweep_failure() {
+    for seed in [2_007_076, 2_009_840] {
+        let rep = storage_seed(seed, false);
+        assert!(rep.passed(), "storage seed {seed}:\n{}", rep.summary());
+    }
+}
+
+/// Past the ring's violation, the same seeds lose nothing: every acked
+/// write is readable, no record diverges, every key is back on its R
+/// replicas, and the ring becomes ideal after healing.
+#[test]
+fn storage_is_whole_after_the_principal_count_seeds() {
+    for seed in [2_007_076, 2_009_840] {
+        let rep = storage_seed(seed, true);
+        let st = rep.storage.as_ref().expect("a storage report");
+        assert!(
+            !rep.no_liveness && st.passed() && st.repaired,
+            "storage seed {seed} (run on past the ring's violation):\n{}",
+            rep.summary()
+        );
+        assert!(
+            rep.invariant_violations.count > 0,
+            "seed {seed} no longer breaks the ring: move it to the seeds that once failed"
+        );
+    }
 }
