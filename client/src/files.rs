@@ -168,7 +168,7 @@ fn explain(e: GateError) -> anyhow::Error {
             anyhow!("this user is not registered in the ring yet: run `peerstore register`")
         }
         GateError::Store(StoreError::Unavailable { acks, needed }) => anyhow!(
-            "only {acks} of the {needed} replicas needed confirmed the write: too few nodes are up; retry when the ring has healed"
+            "only {acks} of the {needed} replicas needed confirmed the write in time: too few nodes are up, or they are overloaded; run the command again (what was stored is kept)"
         ),
         GateError::Store(StoreError::Full) => {
             anyhow!("a replica's disk is full: free space on the nodes or add nodes")

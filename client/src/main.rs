@@ -19,8 +19,17 @@ use zeroize::Zeroizing;
 /// A passphrase, wiped when dropped.
 type Secret = Zeroizing<Vec<u8>>;
 
-/// The PeerStore client: your identity and, as the network milestone lands,
-/// your files (backup, restore, ls, rm, share, revoke).
+/// The PeerStore client: your identity and your files in a PeerStore ring.
+/// Everything is encrypted here before it leaves; nodes see no names, sizes
+/// or contents.
+///
+/// First steps, against a ring whose first node's public key you have:
+///   peerstore init                        # your key file
+///   peerstore trust ROOT.pub.pem          # the ring's root, remembered
+///   peerstore backup ~/docs               # --node ADDR picks the entry node
+///   peerstore ls
+///   peerstore restore ~/docs --to /tmp/docs-back
+/// (--node defaults to 127.0.0.1:7400, peerstore-node's default address.)
 ///
 /// Your key file is you: it holds your signing and encryption keys. Keep a
 /// copy somewhere safe; nobody can recover it for you.
