@@ -305,6 +305,11 @@ impl NodeClient {
             if !self.pending.contains_key(&id) && !self.is_queued(id) {
                 bail!("call {id} was never sent");
             }
+            if self.pending.is_empty() {
+                // Everything left is queued (a failed node's calls moved to
+                // the entry): nothing will answer until it is sent.
+                self.send_batch()?;
+            }
             self.pump(None).await?;
             self.send_low()?;
         }
