@@ -129,6 +129,10 @@ pub struct LinkConfig {
     pub vnodes_max: u32,
     /// How long the endorsements this machine gives are valid.
     pub endorse_ttl_ms: u64,
+    /// A machine whose own chain expires within this long asks a ring
+    /// neighbour to endorse it again ([`crate::machine::Machine::tick`]),
+    /// and takes a same-length or shorter chain that lasts longer.
+    pub renew_before_ms: u64,
     /// Whether this machine opens client sessions for users' clients.
     pub serve_clients: bool,
     /// Calls one client session may have in progress; more are answered
@@ -145,6 +149,7 @@ impl Default for LinkConfig {
             handshake_timeout_ms: 10_000,
             vnodes_max: 64,
             endorse_ttl_ms: 30 * 24 * 60 * 60 * 1000,
+            renew_before_ms: 10 * 24 * 60 * 60 * 1000,
             serve_clients: true,
             client_calls_max: 64,
         }
@@ -263,6 +268,11 @@ pub struct Call {
     pub from: Addr,
     pub id: u64,
     pub req: ClientRequest,
+}
+
+/// The earliest expiry of a chain's links.
+fn chain_expires_ms(chain: &[crate::endorse::Endorsement]) -> u64 {
+    chain.iter().map(|e| e.expires_ms).min().unwrap_or(0)
 }
 
 /// What a frame carries (the two forms encode alike).
@@ -432,6 +442,17 @@ impl Links {
     /// what a node keeps on disk to present again after a restart.
     pub fn credential(&self) -> &[u8] {
         &self.credential
+    }
+
+    /// When this machine's endorsement chain stops being valid (the earliest
+    /// expiry of its links); `None` without a chain.
+    pub fn credential_expires_ms(&self) -> Option<u64> {
+        if self.credential.is_empty() || self.credential == CLIENT_CREDENTIAL {
+            return None;
+        }
+        decode_chain(&self.credential)
+            .ok()
+            .map(|c| chain_expires_ms(&c))
     }
 
     /// Whether this machine presents an endorsement chain.
@@ -923,8 +944,17 @@ impl Links {
             return;
         }
         self.stats.endorsements_received += 1;
-        let current = decode_chain(&self.credential).map(|c| c.len()).ok();
-        if self.credential.is_empty() || current.is_some_and(|n| links.len() < n) {
+        let current = decode_chain(&self.credential).ok();
+        let shorter = current.as_ref().is_some_and(|c| links.len() < c.len());
+        // A renewal: no longer than what we have, and it outlives it, which
+        // is about to expire.
+        let renews = current.as_ref().is_some_and(|c| {
+            let now_until = chain_expires_ms(c);
+            links.len() <= c.len()
+                && now_until.saturating_sub(now_ms) < self.cfg.renew_before_ms
+                && chain_expires_ms(&links) > now_until
+        });
+        if self.credential.is_empty() || shorter || renews {
             if let Some(r) = self.responder.as_mut() {
                 if r.set_credential(chain.clone()).is_err() {
                     return;

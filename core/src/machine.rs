@@ -91,6 +91,11 @@ pub struct Machine {
     gate_cmds: BTreeMap<CmdId, GateCmd>,
     next_cmd: CmdId,
     joining: Option<Joining>,
+    /// Our address as others reach us, once we joined through someone.
+    my_addr: Option<String>,
+    /// No endorsement renewal is asked for before this time.
+    next_renew_ms: u64,
+    renew_before_ms: u64,
     out: VecDeque<MachineOutput>,
     now_ms: u64,
 }
@@ -109,6 +114,7 @@ impl Machine {
     /// credential and trust). `seed` seeds the node's own jitter.
     pub fn new(cfg: MachineConfig, links: Links, id: Id, addr: Addr, seed: u64) -> Machine {
         let me = Peer { id, addr };
+        let renew_before_ms = cfg.link.renew_before_ms;
         Machine {
             node: Node::new(cfg.node, me, seed),
             links,
@@ -118,6 +124,9 @@ impl Machine {
             gate_cmds: BTreeMap::new(),
             next_cmd: 0,
             joining: None,
+            my_addr: None,
+            next_renew_ms: 0,
+            renew_before_ms,
             out: VecDeque::new(),
             now_ms: 0,
         }
@@ -157,6 +166,7 @@ impl Machine {
             my_addr: my_addr.to_string(),
             cmd: None,
         });
+        self.my_addr = Some(my_addr.to_string());
         self.links.register(now_ms, entry, my_addr);
         self.flush();
     }
@@ -194,6 +204,32 @@ impl Machine {
         self.now_ms = now_ms;
         self.node.handle(now_ms, Input::Timeout);
         self.drain();
+        self.renew_endorsement(now_ms);
+    }
+
+    /// Endorsements expire (30 days by default): a machine whose chain
+    /// expires within `renew_before_ms` asks the machine that endorsed it
+    /// (the next link of its chain names it and its address) to endorse it
+    /// again, at most every sixteenth of that window, until a chain that
+    /// lasts longer arrives. The chain keeps its length, so the new one is
+    /// taken ([`crate::link`]). A ring's root never expires.
+    fn renew_endorsement(&mut self, now_ms: u64) {
+        let Some(until) = self.links.credential_expires_ms() else {
+            return;
+        };
+        if until.saturating_sub(now_ms) >= self.renew_before_ms || now_ms < self.next_renew_ms {
+            return;
+        }
+        let Some(my_addr) = self.my_addr.clone() else {
+            return;
+        };
+        let chain = crate::endorse::decode_chain(self.links.credential()).unwrap_or_default();
+        let Some(endorser) = chain.get(1).and_then(|e| Addr::parse(&e.subject_addr)) else {
+            return;
+        };
+        self.next_renew_ms = now_ms + (self.renew_before_ms / 16).max(1);
+        self.links.register(now_ms, endorser, &my_addr);
+        self.flush();
     }
 
     /// A packet arrived from `from`.
@@ -431,8 +467,15 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(i as u64);
         let s = key(i);
         let credential = if i == 0 {
-            let e = endorse(&mut rng, s, s.public_der(), s.user_id(), "0", u64::MAX / 2)
-                .expect("endorse");
+            let e = endorse(
+                &mut rng,
+                s,
+                s.public_der(),
+                s.user_id(),
+                "slot:0",
+                u64::MAX / 2,
+            )
+            .expect("endorse");
             encode_chain(&[e])
         } else {
             Vec::new()
@@ -574,6 +617,53 @@ mod tests {
             let next = ids[(i + 1) % ids.len()];
             m.node().is_joined() && m.node().successors().first().map(|p| p.id) == Some(next)
         })
+    }
+
+    #[test]
+    fn a_machine_renews_its_endorsement_before_it_expires() {
+        const DAY: u64 = 24 * 60 * 60 * 1000;
+        let mut net = Net::new(3);
+        net.ms[0].create(net.now);
+        for i in 1..3 {
+            net.ms[0].admit(key_sha256(key(i).public_der()));
+            let now = net.now;
+            net.ms[i].join(now, addr(0), &format!("slot:{i}"));
+            net.run_for(3_000);
+        }
+        net.run_for(20_000);
+        assert!(ring_ok(&net), "ring did not form");
+        let first = net.ms[1].links().credential_expires_ms().expect("endorsed");
+        assert!(first > net.now + 29 * DAY && first <= net.now + 30 * DAY);
+        assert_eq!(
+            net.ms[0].links().credential_expires_ms(),
+            Some(u64::MAX / 2),
+            "the root's own chain does not expire"
+        );
+        // Nothing happens while the chain has more than ten days left.
+        net.now += 19 * DAY;
+        net.run_for(5_000);
+        assert_eq!(net.ms[1].links().credential_expires_ms(), Some(first));
+        // With under ten days left each machine asks its endorser again and
+        // takes the new chain, as long as the old one.
+        net.now += 2 * DAY;
+        net.run_for(5_000);
+        for i in 1..3 {
+            let renewed = net.ms[i].links().credential_expires_ms().expect("endorsed");
+            assert!(
+                renewed > net.now + 29 * DAY,
+                "machine {i} renewed: {renewed} vs now {}",
+                net.now
+            );
+            let chain = crate::endorse::decode_chain(net.ms[i].links().credential()).unwrap();
+            assert_eq!(chain.len(), 2, "same length as before");
+        }
+        // Past the first chain's expiry the ring still works.
+        net.now = first + DAY;
+        net.run_for(20_000);
+        assert!(
+            ring_ok(&net),
+            "ring broke after the old endorsements expired"
+        );
     }
 
     #[test]

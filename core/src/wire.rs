@@ -15,6 +15,17 @@ pub enum Addr {
     Tcp(SocketAddr),
 }
 
+impl Addr {
+    /// The address an endorsement names (`slot:N` in-process, or a socket
+    /// address), if it is one.
+    pub fn parse(s: &str) -> Option<Addr> {
+        match s.strip_prefix("slot:") {
+            Some(n) => n.parse().ok().map(Addr::Slot),
+            None => s.parse().ok().map(Addr::Tcp),
+        }
+    }
+}
+
 /// A node as others refer to it: its ring id and how to reach it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Peer {
