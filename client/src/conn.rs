@@ -171,8 +171,11 @@ impl NodeClient {
                 Some(GateReply::Status(st)) if st.joined => self.conns[at].id = Some(st.me.id),
                 _ => {
                     // No answer in time, or not in the ring: unused. Its
-                    // status call is forgotten (a late answer is dropped).
+                    // status call is forgotten, wherever it is (a late
+                    // answer is dropped; one moved to the entry when the
+                    // node failed is not sent).
                     self.pending.remove(&id);
+                    self.unsigned.retain(|(i, _, _)| *i != id);
                     self.conns[at].dead = true;
                     self.links.reset(self.conns[at].addr);
                 }
