@@ -979,6 +979,12 @@ impl Links {
             self.stats.bad_handshakes += 1;
             return;
         };
+        if init.as_ref().is_some_and(|i| !i.answers(body)) {
+            // A late answer to a Hello we gave up on (or garbage): the
+            // handshake under way is not spoiled by it.
+            self.stats.bad_handshakes += 1;
+            return;
+        }
         let Some(initiator) = init.take() else {
             self.stats.bad_handshakes += 1;
             return;
@@ -1291,6 +1297,30 @@ mod tests {
         let got = run(&mut ms, false);
         assert_eq!(got[2].len(), 1, "a new session carries on");
         assert_eq!(ms[1].stats().handshakes_started, 2);
+    }
+
+    #[test]
+    fn a_late_challenge_to_an_abandoned_hello_does_not_spoil_the_new_handshake() {
+        let mut ms = vec![machine(0, true), machine(1, true), machine(2, true)];
+        ms[1].send(NOW, peer(1).id, peer(2), &ping(1));
+        // Hello 1 reaches 2; its Challenge is held up.
+        let hello1 = ms[1].poll_packet().expect("hello 1");
+        ms[2].receive(NOW, addr(1), &hello1.bytes);
+        let challenge1 = ms[2].poll_packet().expect("challenge 1");
+        // 1 gives up on it: the next message starts a new handshake.
+        let later = NOW + cfg().handshake_timeout_ms;
+        ms[1].send(later, peer(1).id, peer(2), &ping(2));
+        let hello2 = ms[1].poll_packet().expect("hello 2");
+        // The old Challenge arrives first, then the new handshake runs.
+        ms[1].receive(later, addr(2), &challenge1.bytes);
+        assert!(
+            ms[1].poll_packet().is_none(),
+            "the late challenge is not answered"
+        );
+        ms[2].receive(later, addr(1), &hello2.bytes);
+        let got = run(&mut ms, false);
+        let reqs: Vec<Message> = got[2].iter().map(|d| d.msg.clone()).collect();
+        assert_eq!(reqs, vec![ping(1), ping(2)], "no second timeout needed");
     }
 
     #[test]

@@ -7,12 +7,17 @@
 //! ```text
 //! Initiator I                                       Responder R
 //! Hello     { nonce_i }                        ->
-//!                                              <-   Challenge { nonce_r, key_R, cert_R, cred_R }
+//!                                              <-   Challenge { nonce_i, nonce_r, key_R, cert_R, cred_R }
 //! Auth      { key_I, wrapped, cred_I, sig_I }  ->
 //!                                              <-   Finish { sig_R, confirm }
 //! ```
 //!
 //! * `key_I`, `key_R`: identity keys (SPKI DER); the peer ids are their SHA-1.
+//! * The Challenge echoes `nonce_i`, so an initiator that gave up on a slow
+//!   handshake and sent a new Hello can tell a late Challenge to the old one
+//!   ([`Initiator::answers`]) and ignore it, instead of answering it and
+//!   spoiling the new handshake. (The transcript covers the Hello anyway;
+//!   the echo only lets I see the mismatch before R does.)
 //! * `cert_R`: R's *ephemeral key certificate*: a short-lived RSA encryption
 //!   key (SPKI DER), its `not_after_ms`, and R's identity signature over
 //!   (tag, id_R, key, not_after_ms). R rotates it every
@@ -330,6 +335,8 @@ struct EphemeralCert {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Challenge {
+    /// The Hello's nonce, echoed.
+    echo: [u8; NONCE_BYTES],
     nonce: [u8; NONCE_BYTES],
     #[serde(with = "wire_bytes")]
     identity_key: Vec<u8>,
@@ -621,6 +628,17 @@ impl Initiator {
     /// certificate and its expiry at `now_ms`), wraps a fresh secret to the
     /// ephemeral key and signs the transcript. Returns the state to keep and
     /// the Auth to send.
+    /// Whether `challenge` answers this initiator's Hello (and not an
+    /// earlier one the caller gave up on). Decodes it; checks nothing else.
+    pub fn answers(&self, challenge: &[u8]) -> bool {
+        decode_msg::<Challenge>(
+            KIND_CHALLENGE,
+            challenge,
+            self.config.max_handshake_message_bytes(),
+        )
+        .is_ok_and(|c| c.echo == self.nonce)
+    }
+
     pub fn handle_challenge(
         self,
         rng: &mut (impl CryptoRngCore + ?Sized),
@@ -630,6 +648,9 @@ impl Initiator {
         let cfg = &self.config;
         let c: Challenge =
             decode_msg(KIND_CHALLENGE, challenge, cfg.max_handshake_message_bytes())?;
+        if c.echo != self.nonce {
+            return Err(HandshakeError::Malformed("a challenge to another hello"));
+        }
         if c.credential.len() > cfg.max_credential_bytes {
             return Err(HandshakeError::CredentialTooLarge);
         }
@@ -937,6 +958,7 @@ impl Responder {
         let challenge = encode_msg(
             KIND_CHALLENGE,
             &Challenge {
+                echo: h.nonce,
                 nonce,
                 identity_key: self.identity.public_der().to_vec(),
                 cert: self.current.cert.clone(),
@@ -1791,15 +1813,17 @@ pub(crate) mod tests {
         assert!(init
             .handle_challenge(&mut r, not_after + c.clock_skew_ms, &challenge)
             .is_ok());
-        // A recorded challenge presented later: refused.
-        let (init, _) = Initiator::new(&mut r, &c, identity(ALICE), vec![]).expect("initiator");
+        // The same certificate presented later: refused.
+        let (init, hello) = Initiator::new(&mut r, &c, identity(ALICE), vec![]).expect("initiator");
+        let (_, challenge) = bob().handle_hello(&mut r, 0, &hello).expect("challenge");
         assert_eq!(
             init.handle_challenge(&mut r, not_after + c.clock_skew_ms + 1, &challenge)
                 .err(),
             Some(HandshakeError::CertificateExpired)
         );
         // A certificate re-dated by someone else: bad signature.
-        let (init, _) = Initiator::new(&mut r, &c, identity(ALICE), vec![]).expect("initiator");
+        let (init, hello) = Initiator::new(&mut r, &c, identity(ALICE), vec![]).expect("initiator");
+        let (_, challenge) = bob().handle_hello(&mut r, 0, &hello).expect("challenge");
         let mut forged = decode_challenge(&challenge);
         forged.cert.not_after_ms = u64::MAX;
         assert_eq!(
@@ -1869,11 +1893,26 @@ pub(crate) mod tests {
             bob().handle_auth(&mut r, 20, pending, &old.auth).err(),
             Some(HandshakeError::BadSignature)
         );
-        // A recorded Challenge and Finish replayed to a fresh initiator.
+        // A recorded Challenge replayed to a fresh initiator answers
+        // another Hello: refused before anything is spent on it.
         let (init, _) = Initiator::new(&mut r, &cfg(), identity(ALICE), vec![]).expect("init");
+        assert!(!init.answers(&old.challenge));
+        assert_eq!(
+            init.handle_challenge(&mut r, 20, &old.challenge).err(),
+            Some(HandshakeError::Malformed("a challenge to another hello"))
+        );
+        // With the echo forged to match, the recorded Finish still fails:
+        // the transcript holds this Hello.
+        let (init, hello) = Initiator::new(&mut r, &cfg(), identity(ALICE), vec![]).expect("init");
+        let mut c = decode_challenge(&old.challenge);
+        c.echo = decode_msg::<Hello>(KIND_HELLO, &hello, 1 << 16)
+            .expect("hello")
+            .nonce;
+        let forged = encode_msg(KIND_CHALLENGE, &c);
+        assert!(init.answers(&forged));
         let (wait, _) = init
-            .handle_challenge(&mut r, 20, &old.challenge)
-            .expect("a challenge is public and may be replayed");
+            .handle_challenge(&mut r, 20, &forged)
+            .expect("a challenge is public; its echo is not signed on its own");
         assert_eq!(
             wait.handle_finish(&old.finish).err(),
             Some(HandshakeError::BadSignature)
