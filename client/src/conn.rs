@@ -258,19 +258,16 @@ impl NodeClient {
         if queued.len() > BATCH_MAX {
             self.unsigned = queued.split_off(BATCH_MAX);
         }
-        let mut ops = Vec::with_capacity(queued.len());
-        let mut calls = Vec::with_capacity(queued.len());
-        for (id, at, op) in queued {
-            let node = self.conns[at].id.unwrap_or(Id([0; 20]));
+        let ops: Vec<(Id, &ClientOp)> = queued
+            .iter()
+            .map(|(_, at, op)| (self.conns[*at].id.unwrap_or(Id([0; 20])), op))
+            .collect();
+        let reqs = ClientRequest::batch_to(&self.user, &ops, now_ms(), &mut OsRng);
+        for ((id, at, op), req) in queued.into_iter().zip(reqs) {
+            self.links.call(now_ms(), self.conns[at].addr, id, &req);
             // A call to a node other than the entry keeps its operation, to
             // go again through the entry if that node fails.
-            let kept = (at != ENTRY).then(|| op.clone());
-            ops.push((node, op));
-            calls.push((id, at, kept));
-        }
-        let reqs = ClientRequest::batch_to(&self.user, ops, now_ms(), &mut OsRng);
-        for ((id, at, op), req) in calls.into_iter().zip(reqs) {
-            self.links.call(now_ms(), self.conns[at].addr, id, &req);
+            let op = (at != ENTRY).then_some(op);
             self.pending.insert(
                 id,
                 Sent {

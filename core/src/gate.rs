@@ -68,28 +68,50 @@ pub struct ClientBody {
     pub op: ClientOp,
 }
 
+/// [`ClientBody`] borrowing its operation: encodes to the same bytes, so a
+/// client signs what it keeps without copying it.
+#[derive(Serialize)]
+struct ClientBodyRef<'a> {
+    node: Id,
+    op: &'a ClientOp,
+}
+
 const TAG_PUT_BLOCK: &[u8] = b"peerstore/request/put-block/v1";
 
-impl ClientBody {
-    /// What the client's signature covers: for a block put, SHA-256 over a
-    /// tag, the node, the block's owner and the block's id (itself SHA-256
-    /// of the bytes, which the client and the node both need anyway), so a
-    /// 1 MiB block is not hashed once more on each side just to be signed;
-    /// for anything else, SHA-256 of the encoded body. Either way it is a
-    /// collision-resistant digest of everything the body says.
-    pub fn digest(&self, encoded: &[u8]) -> [u8; 32] {
-        match &self.op {
-            ClientOp::Put(Item::Block(b)) => {
-                let mut h = crate::hash::Sha256::new();
-                h.update(TAG_PUT_BLOCK);
-                h.update(self.node.as_bytes());
-                h.update(b.owner.as_bytes());
-                h.update(b.id());
-                h.finalize()
-            }
-            _ => crate::hash::sha256(encoded),
+/// What the client's signature covers: for a block put, SHA-256 over a tag,
+/// the node, the block's owner and the block's id (itself SHA-256 of the
+/// bytes, which the client and the node both need anyway), so a 1 MiB block
+/// is not hashed once more on each side just to be signed; for anything
+/// else, SHA-256 of the encoded body. Either way it is a collision-resistant
+/// digest of everything the body says.
+fn body_digest(node: Id, op: &ClientOp, encoded: &[u8]) -> [u8; 32] {
+    match op {
+        ClientOp::Put(Item::Block(b)) => {
+            let mut h = crate::hash::Sha256::new();
+            h.update(TAG_PUT_BLOCK);
+            h.update(node.as_bytes());
+            h.update(b.owner.as_bytes());
+            h.update(b.id());
+            h.finalize()
         }
+        _ => crate::hash::sha256(encoded),
     }
+}
+
+impl ClientBody {
+    /// The digest the signature covers (see [`ClientRequest::batch_to`]);
+    /// `encoded` is the body as received.
+    pub fn digest(&self, encoded: &[u8]) -> [u8; 32] {
+        body_digest(self.node, &self.op, encoded)
+    }
+}
+
+/// The encoded body and the digest its signature covers.
+fn encode_body(node: Id, op: &ClientOp) -> (Vec<u8>, [u8; 32]) {
+    let encoded = postcard::to_allocvec(&ClientBodyRef { node, op })
+        .expect("postcard encoding into a Vec cannot fail");
+    let digest = body_digest(node, op, &encoded);
+    (encoded, digest)
 }
 
 /// A client's request: the signed envelope and the body it covers.
@@ -110,49 +132,23 @@ impl ClientRequest {
         now_ms: u64,
         rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
     ) -> ClientRequest {
-        let body = ClientBody { node, op };
-        let encoded =
-            postcard::to_allocvec(&body).expect("postcard encoding into a Vec cannot fail");
-        let auth = crate::reqauth::sign_request_digest(signer, body.digest(&encoded), now_ms, rng);
-        ClientRequest {
-            auth,
-            body: encoded,
-        }
-    }
-
-    /// Signs several operations for `node` with one signature (see
-    /// [`crate::reqauth::sign_batch`]); at most
-    /// [`crate::reqauth::BATCH_MAX`].
-    pub fn batch(
-        signer: &crate::Signer,
-        node: Id,
-        ops: Vec<ClientOp>,
-        now_ms: u64,
-        rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
-    ) -> Vec<ClientRequest> {
-        let ops = ops.into_iter().map(|op| (node, op)).collect();
-        ClientRequest::batch_to(signer, ops, now_ms, rng)
+        let (body, digest) = encode_body(node, &op);
+        let auth = crate::reqauth::sign_request_digest(signer, digest, now_ms, rng);
+        ClientRequest { auth, body }
     }
 
     /// Signs several operations, each for its own node, with one
     /// signature (each node checks its own request's place in the signed
-    /// list); at most [`crate::reqauth::BATCH_MAX`].
+    /// list); at most [`crate::reqauth::BATCH_MAX`]. The operations are
+    /// borrowed: the caller may keep them (to send one again elsewhere).
     pub fn batch_to(
         signer: &crate::Signer,
-        ops: Vec<(Id, ClientOp)>,
+        ops: &[(Id, &ClientOp)],
         now_ms: u64,
         rng: &mut (impl rand_core::CryptoRngCore + ?Sized),
     ) -> Vec<ClientRequest> {
-        let (bodies, digests): (Vec<Vec<u8>>, Vec<[u8; 32]>) = ops
-            .into_iter()
-            .map(|(node, op)| {
-                let body = ClientBody { node, op };
-                let encoded =
-                    postcard::to_allocvec(&body).expect("postcard encoding into a Vec cannot fail");
-                let digest = body.digest(&encoded);
-                (encoded, digest)
-            })
-            .unzip();
+        let (bodies, digests): (Vec<Vec<u8>>, Vec<[u8; 32]>) =
+            ops.iter().map(|(node, op)| encode_body(*node, op)).unzip();
         let auths = crate::reqauth::sign_batch_digests(signer, digests, now_ms, rng);
         auths
             .into_iter()
@@ -572,12 +568,13 @@ mod tests {
         let mut f = Fixture::new();
         f.register(0);
         let other = Id([8; 20]);
-        let ops = vec![
-            (ME, ClientOp::Put(block(0))),
-            (other, ClientOp::Get(Id([3; 20]))),
-            (ME, ClientOp::Get(block(0).position())),
-        ];
-        let reqs = ClientRequest::batch_to(user(0), ops, NOW, &mut rng());
+        let (put, elsewhere, get) = (
+            ClientOp::Put(block(0)),
+            ClientOp::Get(Id([3; 20])),
+            ClientOp::Get(block(0).position()),
+        );
+        let ops = [(ME, &put), (other, &elsewhere), (ME, &get)];
+        let reqs = ClientRequest::batch_to(user(0), &ops, NOW, &mut rng());
         assert_eq!(reqs.len(), 3);
         assert!(reqs.iter().all(|r| r.auth.sig == reqs[0].auth.sig));
         assert_eq!(f.ask(1, reqs[0].clone()), GateReply::Put(Ok(())));

@@ -275,6 +275,15 @@ fn chain_expires_ms(chain: &[crate::endorse::Endorsement]) -> u64 {
     chain.iter().map(|e| e.expires_ms).min().unwrap_or(0)
 }
 
+/// When an encoded credential stops being valid; `None` for no chain (or a
+/// client's marker).
+fn expiry_of(credential: &[u8]) -> Option<u64> {
+    if credential.is_empty() || credential == CLIENT_CREDENTIAL {
+        return None;
+    }
+    decode_chain(credential).ok().map(|c| chain_expires_ms(&c))
+}
+
 /// What a frame carries (the two forms encode alike).
 #[derive(Serialize)]
 enum PayloadRef<'a> {
@@ -350,6 +359,9 @@ pub struct Links {
     cfg: LinkConfig,
     identity: Signer,
     credential: Vec<u8>,
+    /// When `credential` stops being valid, worked out when it is set (a
+    /// machine asks at every tick).
+    credential_expires_ms: Option<u64>,
     trust: TrustStore,
     /// None on a client's links: a client only opens sessions.
     responder: Option<Responder>,
@@ -404,6 +416,7 @@ impl Links {
         Links {
             cfg,
             identity,
+            credential_expires_ms: expiry_of(&credential),
             credential,
             trust,
             responder,
@@ -447,12 +460,7 @@ impl Links {
     /// When this machine's endorsement chain stops being valid (the earliest
     /// expiry of its links); `None` without a chain.
     pub fn credential_expires_ms(&self) -> Option<u64> {
-        if self.credential.is_empty() || self.credential == CLIENT_CREDENTIAL {
-            return None;
-        }
-        decode_chain(&self.credential)
-            .ok()
-            .map(|c| chain_expires_ms(&c))
+        self.credential_expires_ms
     }
 
     /// Whether this machine presents an endorsement chain.
@@ -960,6 +968,7 @@ impl Links {
                     return;
                 }
             }
+            self.credential_expires_ms = expiry_of(&chain);
             self.credential = chain;
         }
         self.events.push_back(LinkEvent::Registered {

@@ -619,19 +619,26 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_machine_renews_its_endorsement_before_it_expires() {
-        const DAY: u64 = 24 * 60 * 60 * 1000;
-        let mut net = Net::new(3);
+    /// `n` machines: 0 creates the ring and admits the others, which
+    /// register and join through it one by one; then `settle_ms` more.
+    fn formed_ring(n: usize, settle_ms: u64) -> Net {
+        let mut net = Net::new(n);
         net.ms[0].create(net.now);
-        for i in 1..3 {
+        for i in 1..n {
             net.ms[0].admit(key_sha256(key(i).public_der()));
             let now = net.now;
             net.ms[i].join(now, addr(0), &format!("slot:{i}"));
             net.run_for(3_000);
         }
-        net.run_for(20_000);
+        net.run_for(settle_ms);
         assert!(ring_ok(&net), "ring did not form");
+        net
+    }
+
+    #[test]
+    fn a_machine_renews_its_endorsement_before_it_expires() {
+        const DAY: u64 = 24 * 60 * 60 * 1000;
+        let mut net = formed_ring(3, 20_000);
         let first = net.ms[1].links().credential_expires_ms().expect("endorsed");
         assert!(first > net.now + 29 * DAY && first <= net.now + 30 * DAY);
         assert_eq!(
@@ -668,16 +675,7 @@ mod tests {
 
     #[test]
     fn machines_register_join_and_serve_a_client_over_sessions() {
-        let mut net = Net::new(4);
-        net.ms[0].create(net.now);
-        for i in 1..4 {
-            net.ms[0].admit(key_sha256(key(i).public_der()));
-            let now = net.now;
-            net.ms[i].join(now, addr(0), &format!("slot:{i}"));
-            net.run_for(3_000);
-        }
-        net.run_for(60_000);
-        assert!(ring_ok(&net), "ring did not form");
+        let mut net = formed_ring(4, 60_000);
         for m in &net.ms[1..] {
             assert!(m.links().endorsed(), "registered before joining");
         }

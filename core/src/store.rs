@@ -209,9 +209,7 @@ impl From<RecordError> for StoreError {
     }
 }
 
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    crate::hash::sha256(bytes)
-}
+pub use crate::hash::sha256;
 
 /// A block's ring position: SHA-1 of its id.
 pub fn block_position(id: &BlockId) -> Id {
