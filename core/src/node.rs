@@ -22,6 +22,18 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// Longest chain of witnesses asked about one suspect successor (each hop
 /// walks from a witness to its predecessor, towards the suspect).
 const CONFIRM_HOPS_MAX: u8 = 16;
+/// How many other nodes try a suspect before we drop it (SWIM's k).
+const PROBE_WITNESSES: usize = 3;
+/// Probes a node runs at once for others; more are ignored.
+const PROBES_SERVED_MAX: usize = 8;
+
+/// The indirect probes of one suspect, see [`Wait::Probe`].
+struct ProbeRound {
+    id: u32,
+    suspect: Peer,
+    outstanding: usize,
+    dead: usize,
+}
 
 #[path = "replica.rs"]
 mod replica;
@@ -149,6 +161,20 @@ enum Wait {
         hops: u8,
         answered: u8,
     },
+    /// Before dropping a first successor the walk above found gone, ask up
+    /// to [`PROBE_WITNESSES`] other nodes to reach it: the walk's evidence
+    /// says only that the suspect is silent to us and that the witness has
+    /// not heard it lately, and a clogged path looks exactly like that.
+    /// One "alive" keeps the suspect; it goes only if a witness that
+    /// answered found it gone and none found it alive.
+    Probe {
+        round: u32,
+    },
+    /// We are that other node: asking `target` on `origin`'s behalf.
+    ProbeFor {
+        origin: Peer,
+        origin_req: ReqId,
+    },
     StabilizeCandidate,
     CheckPred,
     RectifyProbe {
@@ -244,6 +270,11 @@ pub struct Node {
     pred_fails: (u32, u64),
     /// When the first successor last went silent (cleared when it answers).
     succ_silent_since: Option<u64>,
+    /// The indirect probes of a suspect we are about to drop, if any.
+    probe_round: Option<ProbeRound>,
+    next_probe_round: u32,
+    /// Probes we are running for others (bounded: a probe costs a request).
+    probes_serving: usize,
     /// When any peer last answered one of our requests, and when a request
     /// to someone other than our first successor last timed out: both
     /// silent together means we were the one cut off.
@@ -303,6 +334,9 @@ impl Node {
             succ_fails: (0, 0),
             pred_fails: (0, 0),
             succ_silent_since: None,
+            probe_round: None,
+            next_probe_round: 0,
+            probes_serving: 0,
             last_reply_ms: 0,
             last_other_timeout_ms: 0,
             pred_heard_ms: 0,
@@ -497,6 +531,8 @@ impl Node {
         }
         self.status = Status::Left;
         self.pending.clear();
+        self.probe_round = None;
+        self.probes_serving = 0;
         self.deadlines.clear();
         self.lookups.clear();
         self.reply(cmd, CmdResult::Done);
@@ -750,6 +786,8 @@ impl Node {
                     self.confirm_dead(now_ms, suspect, next, hops + 1, answered);
                 }
             }
+            Wait::Probe { round } => self.probe_answered(round, None),
+            Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
             Wait::StabilizeCandidate => {
                 // x did not answer: keep the list we have, notify our successor.
                 self.stabilizing = false;
@@ -786,6 +824,14 @@ impl Node {
         }
     }
 
+    /// The peer answered, but not the question we asked (a confused or
+    /// hostile peer): counted, and the request failed as if it had timed out,
+    /// so whatever waits on it moves on.
+    fn wrong_reply(&mut self, now_ms: u64, p: Pending) {
+        self.stats.dropped_unexpected += 1;
+        self.request_timed_out(now_ms, p);
+    }
+
     /// The peer answered, but it is not in a ring (it restarted, or is still
     /// joining): as good as dead for ring pointers, and known at once.
     fn not_a_member(&mut self, now_ms: u64, p: Pending) {
@@ -812,8 +858,9 @@ impl Node {
                     self.drive(now_ms, lid, step);
                 }
             }
+            Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
             // A witness or candidate outside the ring tells us nothing.
-            Wait::StabilizeCandidate | Wait::ConfirmDead { .. } => {
+            Wait::StabilizeCandidate | Wait::ConfirmDead { .. } | Wait::Probe { .. } => {
                 self.request_timed_out(now_ms, p)
             }
             w => self.store_request_failed(now_ms, p.to, w),
@@ -835,6 +882,84 @@ impl Node {
                 answered,
             },
             true,
+        );
+    }
+
+    /// Asks up to [`PROBE_WITNESSES`] nodes (the witness that just answered,
+    /// then our list after the suspect) to reach `suspect` for us.
+    fn start_probe(&mut self, now_ms: u64, suspect: Peer, witness: Peer) {
+        let mut asked: Vec<Peer> = Vec::with_capacity(PROBE_WITNESSES);
+        for w in std::iter::once(witness).chain(self.succs.iter().skip(1).copied()) {
+            if asked.len() == PROBE_WITNESSES {
+                break;
+            }
+            if w.id != self.me.id && w.id != suspect.id && !asked.iter().any(|a| a.id == w.id) {
+                asked.push(w);
+            }
+        }
+        if asked.is_empty() {
+            // Nobody else to ask: the walk's evidence stands alone.
+            return self.drop_first_successor(suspect);
+        }
+        self.next_probe_round = self.next_probe_round.wrapping_add(1);
+        let round = self.next_probe_round;
+        self.probe_round = Some(ProbeRound {
+            id: round,
+            suspect,
+            outstanding: asked.len(),
+            dead: 0,
+        });
+        self.stabilizing = true;
+        for w in asked {
+            self.request(
+                now_ms,
+                w,
+                |req| Message::Probe {
+                    req,
+                    target: suspect,
+                },
+                Wait::Probe { round },
+                true,
+            );
+        }
+    }
+
+    /// One witness's verdict on the suspect of probe round `round`: alive,
+    /// gone, or no answer (`None`).
+    fn probe_answered(&mut self, round: u32, alive: Option<bool>) {
+        let Some(r) = self.probe_round.as_mut().filter(|r| r.id == round) else {
+            return;
+        };
+        match alive {
+            Some(true) => {
+                // Alive to someone: the silence is our path's, not the node's.
+                self.probe_round = None;
+                self.stabilizing = false;
+                self.succ_fails = (0, 0);
+                return;
+            }
+            Some(false) => r.dead += 1,
+            None => {}
+        }
+        r.outstanding = r.outstanding.saturating_sub(1);
+        if r.outstanding == 0 {
+            let r = self.probe_round.take().expect("present");
+            self.stabilizing = false;
+            if r.dead > 0 {
+                self.drop_first_successor(r.suspect);
+            }
+        }
+    }
+
+    /// We asked `target` for `origin`: tell it what we found.
+    fn probe_done(&mut self, origin: Peer, origin_req: ReqId, alive: bool) {
+        self.probes_serving = self.probes_serving.saturating_sub(1);
+        self.push_send(
+            origin,
+            Message::ProbeResult {
+                req: origin_req,
+                alive,
+            },
         );
     }
 
@@ -1125,7 +1250,7 @@ impl Node {
                                 if silent_ms >= 3 * self.cfg.suspect_ms
                                     && answered >= CONFIRM_HOPS_MAX / 2
                                 {
-                                    self.drop_first_successor(suspect);
+                                    self.start_probe(now_ms, suspect, from);
                                 }
                             }
                             // The witness has lost its predecessor: no evidence
@@ -1133,21 +1258,22 @@ impl Node {
                             // will win the witness back with its own notify.
                             None => self.send_maintenance(from, Message::Notify),
                             // The witness's predecessor now lies before the
-                            // suspect: it has replaced the suspect.
-                            Some(_) => self.drop_first_successor(suspect),
+                            // suspect: it has replaced the suspect (or we
+                            // offered ourselves and nobody has won it back).
+                            Some(_) => self.start_probe(now_ms, suspect, from),
                         }
                     }
                     Wait::RectifyProbe { .. } => self.probing_pred = false,
+                    Wait::ProbeFor { origin, origin_req } => {
+                        self.probe_done(origin, origin_req, true)
+                    }
                     Wait::Lookup(lid) => {
                         if let Some(run) = self.lookups.get_mut(&lid) {
                             let step = run.lookup.on_state(from, pred, succs);
                             self.drive(now_ms, lid, step);
                         }
                     } // A State where we asked a storage question: a confused peer.
-                    w => {
-                        self.stats.dropped_unexpected += 1;
-                        self.store_request_failed(now_ms, from, w);
-                    }
+                    w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
                 }
             }
             Message::Put { .. }
@@ -1156,15 +1282,45 @@ impl Node {
             | Message::Got { .. }
             | Message::SyncRange { .. }
             | Message::SyncReply { .. } => self.on_store_message(now_ms, from, msg),
+            Message::Probe { req, target } => {
+                if self.status != Status::Joined {
+                    return;
+                }
+                if target.id == self.me.id {
+                    return self.push_send(from, Message::ProbeResult { req, alive: true });
+                }
+                if self.probes_serving >= PROBES_SERVED_MAX || target.id == from.id {
+                    self.stats.dropped_unexpected += 1;
+                    return;
+                }
+                self.probes_serving += 1;
+                self.request(
+                    now_ms,
+                    target,
+                    |req| Message::GetState { req },
+                    Wait::ProbeFor {
+                        origin: from,
+                        origin_req: req,
+                    },
+                    true,
+                );
+            }
+            Message::ProbeResult { req, alive } => {
+                let Some(p) = self.take_pending(now_ms, req, from) else {
+                    return;
+                };
+                match p.wait {
+                    Wait::Probe { round } => self.probe_answered(round, Some(alive)),
+                    w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
+                }
+            }
             Message::Next { req, succs, closer } => {
                 let Some(p) = self.take_pending(now_ms, req, from) else {
                     return;
                 };
                 let Wait::Lookup(lid) = p.wait else {
                     // A Next where we asked for State: a confused or hostile peer.
-                    self.stats.dropped_unexpected += 1;
-                    self.pending.insert(req, p);
-                    return;
+                    return self.wrong_reply(now_ms, p);
                 };
                 // A responder alone in its ring names itself as its successor.
                 let alone = succs.len() == 1 && succs[0].id == from.id;
@@ -1206,9 +1362,10 @@ impl Node {
                 }
                 self.last_reply_ms = now_ms;
                 self.deadlines.remove(&(p.deadline_ms, req));
-                // Storage replies include disk time and transfer time: they
-                // would teach the failure detector the wrong round trip.
-                if !p.wait.is_storage() {
+                // Storage replies include disk time and transfer time, and a
+                // probe's answer waits for a third node: they would teach the
+                // failure detector the wrong round trip.
+                if !p.wait.is_storage() && !matches!(p.wait, Wait::Probe { .. }) {
                     self.rtt.sample(from.id, now_ms.saturating_sub(p.sent_ms));
                 }
                 Some(p)
@@ -1235,6 +1392,10 @@ impl Node {
         let req = self.next_req;
         let msg = mk(req);
         let mut deadline_ms = now_ms + self.rtt.timeout_ms(to.id);
+        if matches!(wait, Wait::Probe { .. }) {
+            // The witness waits for the suspect before it answers.
+            deadline_ms += self.cfg.rto_max_ms;
+        }
         if wait.is_storage() {
             // Room for the replica's disk and the transfer: a quarter second
             // plus a millisecond per KiB carried, at most store_timeout_ms.
@@ -1689,5 +1850,376 @@ mod tests {
         }
         assert!(n.successors().len() <= 3);
         assert!(n.successors().iter().all(|p| p.id != n.me().id));
+    }
+
+    // ----- the indirect probe ------------------------------------------------
+
+    /// Four nodes in a ring, maintenance off: only what a test asks for runs.
+    fn quiet_ring(ids: &[u128]) -> BTreeMap<Id, Node> {
+        let mut w = BTreeMap::new();
+        for (i, &me) in ids.iter().enumerate() {
+            let succs = (1..ids.len())
+                .map(|k| peer(ids[(i + k) % ids.len()]))
+                .take(3)
+                .collect();
+            let pred = peer(ids[(i + ids.len() - 1) % ids.len()]);
+            let mut n = Node::new(cfg(), peer(me), me as u64);
+            n.bootstrap(0, succs, Some(pred), None);
+            n.handle(0, Input::Command(0, Command::SetMaintenance(false)));
+            drain(&mut n);
+            w.insert(Id::from_u128(me), n);
+        }
+        w
+    }
+
+    /// Delivers messages until none are left, except those between `a` and
+    /// `b` (a clogged path), which are lost. Returns how many were delivered.
+    fn pump(w: &mut BTreeMap<Id, Node>, now_ms: u64, clog: (u128, u128)) -> usize {
+        let (a, b) = (Id::from_u128(clog.0), Id::from_u128(clog.1));
+        let mut delivered = 0;
+        for _ in 0..1000 {
+            let mut sends = Vec::new();
+            for (id, n) in w.iter_mut() {
+                for o in drain(n) {
+                    if let Output::Send { to, msg } = o {
+                        sends.push((n.me(), *id, to, msg));
+                    }
+                }
+            }
+            if sends.is_empty() {
+                return delivered;
+            }
+            for (from, fid, to, msg) in sends {
+                let clogged = (fid == a && to.id == b) || (fid == b && to.id == a);
+                if let (false, Some(n)) = (clogged, w.get_mut(&to.id)) {
+                    delivered += 1;
+                    n.handle(now_ms, Input::Message { from, msg });
+                }
+            }
+        }
+        panic!("messages still flowing after 1000 rounds");
+    }
+
+    /// Runs stabilize rounds on `who` (each followed by the timeout of its
+    /// request) until its first successor changes or `rounds` run out.
+    fn stabilize_rounds(
+        w: &mut BTreeMap<Id, Node>,
+        who: u128,
+        mut now_ms: u64,
+        rounds: usize,
+        clog: (u128, u128),
+    ) -> u64 {
+        let id = Id::from_u128(who);
+        let first = w[&id].successors()[0];
+        for _ in 0..rounds {
+            let n = w.get_mut(&id).expect("in the world");
+            n.handle(now_ms, Input::Command(1, Command::Stabilize));
+            pump(w, now_ms, clog);
+            now_ms += 10_000;
+            // Everyone else's requests expire first (a witness answers its
+            // probe before the asker gives up on it).
+            for (other, n) in w.iter_mut() {
+                if *other != id {
+                    n.handle(now_ms, Input::Timeout);
+                }
+            }
+            pump(w, now_ms, clog);
+            w.get_mut(&id)
+                .expect("in the world")
+                .handle(now_ms, Input::Timeout);
+            pump(w, now_ms, clog);
+            if w[&id].successors()[0] != first {
+                break;
+            }
+        }
+        now_ms
+    }
+
+    #[test]
+    fn a_successor_behind_a_clogged_path_is_kept() {
+        // 10 cannot reach 30, everyone else can; 40 has just joined and has
+        // no predecessor yet, so it takes 10's notify (the case that once
+        // made 10 drop a live 30 on 40's word alone).
+        let mut w = quiet_ring(&[10, 30, 40, 50]);
+        w.get_mut(&Id::from_u128(40)).unwrap().pred = None;
+        stabilize_rounds(&mut w, 10, 0, 12, (10, 30));
+        let n = &w[&Id::from_u128(10)];
+        assert_eq!(n.successors()[0], peer(30), "a live successor was dropped");
+        assert_eq!(w[&Id::from_u128(40)].predecessor(), Some(peer(10)));
+        assert!(n.stats().timeouts >= 4, "the clog never bit");
+        // The probes did run: 40 and 50 reached 30 for 10.
+        assert_eq!(w[&Id::from_u128(40)].probes_serving, 0);
+        assert!(n.probe_round.is_none() && !n.stabilizing);
+    }
+
+    #[test]
+    fn a_successor_gone_for_everyone_is_dropped() {
+        // 30 has crashed: the witnesses cannot reach it either.
+        let mut w = quiet_ring(&[10, 30, 40, 50]);
+        w.remove(&Id::from_u128(30));
+        w.get_mut(&Id::from_u128(40)).unwrap().pred = None;
+        stabilize_rounds(&mut w, 10, 0, 12, (0, 0));
+        assert!(
+            w[&Id::from_u128(40)].stats().timeouts > 0,
+            "no witness tried 30"
+        );
+        assert_eq!(w[&Id::from_u128(10)].successors()[0], peer(40));
+    }
+
+    /// Drives a lone node (successors 30, 40, 50; 30 silent) to the point
+    /// where it asks others to probe 30, and returns the probes it sent.
+    fn origin_probing() -> (Node, Vec<(Peer, ReqId)>, u64) {
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
+        n.handle(0, Input::Command(0, Command::SetMaintenance(false)));
+        drain(&mut n);
+        let mut now = 0;
+        for _ in 0..2 {
+            n.handle(now, Input::Command(1, Command::Stabilize));
+            drain(&mut n);
+            now += 10_000;
+            n.handle(now, Input::Timeout);
+        }
+        // The walk asks 40, which names a predecessor before 30.
+        let req = drain(&mut n)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::GetState { req },
+                } if to == peer(40) => Some(req),
+                _ => None,
+            })
+            .expect("asks the next entry about 30");
+        n.handle(
+            now,
+            Input::Message {
+                from: peer(40),
+                msg: Message::State {
+                    req,
+                    member: true,
+                    pred: Some(peer(10)),
+                    succs: vec![peer(50)],
+                },
+            },
+        );
+        let probes: Vec<(Peer, ReqId)> = drain(&mut n)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::Probe { req, target },
+                } => {
+                    assert_eq!(target, peer(30));
+                    Some((to, req))
+                }
+                _ => None,
+            })
+            .collect();
+        (n, probes, now)
+    }
+
+    fn result(n: &mut Node, now: u64, (to, req): (Peer, ReqId), alive: bool) {
+        n.handle(
+            now,
+            Input::Message {
+                from: to,
+                msg: Message::ProbeResult { req, alive },
+            },
+        );
+    }
+
+    #[test]
+    fn the_probe_asks_the_witness_then_the_rest_of_the_list() {
+        let (n, probes, _) = origin_probing();
+        let to: Vec<Peer> = probes.iter().map(|p| p.0).collect();
+        assert_eq!(to, vec![peer(40), peer(50)]);
+        assert_eq!(
+            n.successors()[0],
+            peer(30),
+            "nothing dropped before the verdict"
+        );
+        assert!(n.stabilizing, "no new round while the probe runs");
+    }
+
+    #[test]
+    fn one_alive_answer_keeps_the_suspect() {
+        let (mut n, probes, now) = origin_probing();
+        result(&mut n, now + 1, probes[0], false);
+        result(&mut n, now + 2, probes[1], true);
+        assert_eq!(n.successors()[0], peer(30));
+        assert!(!n.stabilizing && n.probe_round.is_none());
+    }
+
+    #[test]
+    fn a_dead_verdict_with_no_alive_answer_drops_the_suspect() {
+        let (mut n, probes, now) = origin_probing();
+        result(&mut n, now + 1, probes[0], false);
+        assert_eq!(n.successors()[0], peer(30), "waits for every witness");
+        // The other witness never answers.
+        n.handle(now + 60_000, Input::Timeout);
+        assert_eq!(n.successors()[0], peer(40));
+        assert!(!n.stabilizing);
+    }
+
+    #[test]
+    fn silence_from_every_witness_is_no_evidence() {
+        let (mut n, _, now) = origin_probing();
+        n.handle(now + 60_000, Input::Timeout);
+        assert_eq!(n.successors()[0], peer(30));
+        assert!(!n.stabilizing && n.probe_round.is_none());
+    }
+
+    #[test]
+    fn a_wrong_kind_of_reply_fails_the_request_instead_of_wedging_it() {
+        let (mut n, probes, now) = origin_probing();
+        let (to, req) = probes[1];
+        // 50 answers the probe with a State: counted, and taken as no answer.
+        n.handle(
+            now + 1,
+            Input::Message {
+                from: to,
+                msg: Message::State {
+                    req,
+                    member: true,
+                    pred: None,
+                    succs: vec![],
+                },
+            },
+        );
+        assert_eq!(n.stats().dropped_unexpected, 1);
+        result(&mut n, now + 2, probes[0], false);
+        assert_eq!(n.successors()[0], peer(40));
+        assert!(!n.stabilizing, "stabilization moves on");
+    }
+
+    /// A witness (40) asked by 10 to reach 30, and what it sends.
+    fn witness_asked(target: u128) -> (Node, Vec<Output>) {
+        let mut n = Node::new(cfg(), peer(40), 4);
+        n.bootstrap(0, vec![peer(50), peer(10)], Some(peer(30)), None);
+        n.handle(0, Input::Command(0, Command::SetMaintenance(false)));
+        drain(&mut n);
+        n.handle(
+            1,
+            Input::Message {
+                from: peer(10),
+                msg: Message::Probe {
+                    req: 77,
+                    target: peer(target),
+                },
+            },
+        );
+        let out = drain(&mut n);
+        (n, out)
+    }
+
+    fn probe_result_to_10(out: &[Output]) -> Option<bool> {
+        out.iter().find_map(|o| match o {
+            Output::Send {
+                to,
+                msg: Message::ProbeResult { req: 77, alive },
+            } if *to == peer(10) => Some(*alive),
+            _ => None,
+        })
+    }
+
+    fn get_state_to(out: &[Output], p: Peer) -> Option<ReqId> {
+        out.iter().find_map(|o| match o {
+            Output::Send {
+                to,
+                msg: Message::GetState { req },
+            } if *to == p => Some(*req),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_witness_reports_what_it_found() {
+        // 30 answers: alive.
+        let (mut n, out) = witness_asked(30);
+        let req = get_state_to(&out, peer(30)).expect("the witness asks 30");
+        n.handle(
+            2,
+            Input::Message {
+                from: peer(30),
+                msg: Message::State {
+                    req,
+                    member: true,
+                    pred: Some(peer(10)),
+                    succs: vec![peer(40)],
+                },
+            },
+        );
+        assert_eq!(probe_result_to_10(&drain(&mut n)), Some(true));
+        assert_eq!(n.probes_serving, 0);
+
+        // 30 is silent: gone.
+        let (mut n, _) = witness_asked(30);
+        n.handle(60_000, Input::Timeout);
+        assert_eq!(probe_result_to_10(&drain(&mut n)), Some(false));
+        assert_eq!(n.probes_serving, 0);
+
+        // 30 answers but is not in a ring (it restarted): gone.
+        let (mut n, out) = witness_asked(30);
+        let req = get_state_to(&out, peer(30)).expect("the witness asks 30");
+        n.handle(
+            2,
+            Input::Message {
+                from: peer(30),
+                msg: Message::State {
+                    req,
+                    member: false,
+                    pred: None,
+                    succs: vec![],
+                },
+            },
+        );
+        assert_eq!(probe_result_to_10(&drain(&mut n)), Some(false));
+
+        // Asked about itself: alive at once, no request.
+        let (n, out) = witness_asked(40);
+        assert_eq!(probe_result_to_10(&out), Some(true));
+        assert_eq!(n.probes_serving, 0);
+
+        // Asked about the asker: ignored.
+        let (_, out) = witness_asked(10);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_witness_serves_a_bounded_number_of_probes() {
+        let mut n = Node::new(cfg(), peer(40), 4);
+        n.bootstrap(0, vec![peer(50)], Some(peer(30)), None);
+        n.handle(0, Input::Command(0, Command::SetMaintenance(false)));
+        drain(&mut n);
+        for i in 0..PROBES_SERVED_MAX as u128 + 5 {
+            n.handle(
+                1,
+                Input::Message {
+                    from: peer(10),
+                    msg: Message::Probe {
+                        req: i as u64,
+                        target: peer(1000 + i),
+                    },
+                },
+            );
+        }
+        let asked = drain(&mut n)
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        msg: Message::GetState { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(asked, PROBES_SERVED_MAX);
+        assert_eq!(n.stats().dropped_unexpected, 5);
+        // Once they time out, the witness serves again.
+        n.handle(60_000, Input::Timeout);
+        assert_eq!(n.probes_serving, 0);
     }
 }

@@ -22,7 +22,7 @@
 //! served, and disk reads are checked against the index, so a corrupt copy is
 //! dropped and re-fetched rather than served. Every queue has a bound.
 
-use super::{CmdId, CmdResult, Node, Output, Purpose, Status, Wait};
+use super::{CmdId, CmdResult, Node, Output, Pending, Purpose, Status, Wait};
 use crate::id::Id;
 use crate::lookup::{LookupError, PeerState};
 use crate::store::{self, merge_held, split_range, Digest, Held, Index, Item, Merge, StoreError};
@@ -585,7 +585,7 @@ impl Node {
                     Wait::StorePut(op) => self.put_ack(now_ms, op, result),
                     Wait::Push(sid) => self.session_step_done(now_ms, sid, result.is_ok()),
                     Wait::Repair => {}
-                    w => self.confused(now_ms, from, w),
+                    w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
                 }
             }
             Message::Got { req, result } => {
@@ -607,7 +607,7 @@ impl Node {
                         }
                         self.session_step_done(now_ms, sid, true);
                     }
-                    w => self.confused(now_ms, from, w),
+                    w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
                 }
             }
             Message::SyncReply { req, answer } => {
@@ -616,18 +616,10 @@ impl Node {
                 };
                 match p.wait {
                     Wait::Sync { sid, lo, hi } => self.on_sync_reply(now_ms, sid, lo, hi, answer),
-                    w => self.confused(now_ms, from, w),
+                    w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
                 }
             }
             _ => unreachable!("only storage messages are routed here"),
-        }
-    }
-
-    /// A reply of the wrong kind: the request failed.
-    fn confused(&mut self, now_ms: u64, from: Peer, w: Wait) {
-        self.stats.dropped_unexpected += 1;
-        if w.is_storage() {
-            self.store_request_failed(now_ms, from, w);
         }
     }
 

@@ -103,6 +103,19 @@ pub enum Message {
         req: ReqId,
         answer: SyncAnswer,
     },
+    /// "Ask `target` whether it is alive, and tell me." Sent before a node
+    /// drops a first successor it cannot reach itself: a silent path is not
+    /// a dead node, and a third party's answer tells the two apart.
+    Probe {
+        req: ReqId,
+        target: Peer,
+    },
+    /// The answer to [`Message::Probe`]: whether `target` answered the
+    /// prober as a ring member.
+    ProbeResult {
+        req: ReqId,
+        alive: bool,
+    },
 }
 
 /// How a replica answers a range digest.
@@ -134,6 +147,8 @@ impl Message {
             Message::Got { .. } => "got",
             Message::SyncRange { .. } => "sync_range",
             Message::SyncReply { .. } => "sync_reply",
+            Message::Probe { .. } => "probe",
+            Message::ProbeResult { .. } => "probe_result",
         }
     }
 
@@ -152,6 +167,8 @@ impl Message {
             Message::Got { .. } => 10,
             Message::SyncRange { .. } => 11,
             Message::SyncReply { .. } => 12,
+            Message::Probe { .. } => 13,
+            Message::ProbeResult { .. } => 14,
         }
     }
 
@@ -166,7 +183,9 @@ impl Message {
             | Message::Get { req, .. }
             | Message::Got { req, .. }
             | Message::SyncRange { req, .. }
-            | Message::SyncReply { req, .. } => Some(*req),
+            | Message::SyncReply { req, .. }
+            | Message::Probe { req, .. }
+            | Message::ProbeResult { req, .. } => Some(*req),
             Message::Notify | Message::Leaving => None,
         }
     }
