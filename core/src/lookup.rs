@@ -75,8 +75,10 @@ pub(crate) struct Lookup {
     /// The querier's predecessor, checked like any answer's when the querier
     /// itself turns out to be the answer.
     my_pred: Option<Peer>,
-    /// Route candidates, each strictly preceding the key.
-    candidates: Vec<Peer>,
+    /// Route candidates, each strictly preceding the key, with its distance
+    /// to the key: kept sorted farthest first (the next to ask is last), no
+    /// id twice (the first offered stays).
+    candidates: Vec<(Id, Peer)>,
     /// Ids asked as route hops (they answered or are pending).
     asked: BTreeSet<NodeId>,
     /// Ids that answered a verification.
@@ -132,7 +134,16 @@ impl Lookup {
 
     /// Seeds the route with a node to start from (a joiner's entry node).
     pub fn add_start(&mut self, peer: Peer) {
-        self.candidates.push(peer);
+        self.add_candidate(peer);
+    }
+
+    fn add_candidate(&mut self, p: Peer) {
+        let d = p.id.distance_to(self.key);
+        let at = self.candidates.partition_point(|c| c.0 > d);
+        // Equal distance means the same id: it is already there.
+        if self.candidates.get(at).is_none_or(|c| c.0 != d) {
+            self.candidates.insert(at, (d, p));
+        }
     }
 
     /// A responder `from` (or the querier itself, `local`) reports its successor
@@ -166,7 +177,7 @@ impl Lookup {
                 // entries before the key: their lists reach further.
                 for p in succs[..start].iter().chain(closer) {
                     if p.id.in_open(from.id, self.key) && self.strikes(p.id) == 0 {
-                        self.candidates.push(*p);
+                        self.add_candidate(*p);
                     }
                 }
                 return self.next_step();
@@ -180,7 +191,7 @@ impl Lookup {
                 && !self.asked.contains(&p.id)
                 && self.strikes(p.id) == 0
             {
-                self.candidates.push(*p);
+                self.add_candidate(*p);
             }
         }
         self.next_step()
@@ -346,18 +357,14 @@ impl Lookup {
         // Route on: closest preceding candidate not yet tried.
         let strikes = &self.strikes;
         self.candidates
-            .retain(|p| !self.asked.contains(&p.id) && !strikes.contains_key(&p.id));
-        self.candidates.sort_by_key(|p| p.id.distance_to(self.key));
-        self.candidates.dedup_by_key(|p| p.id);
-        self.candidates.truncate(self.candidates_max);
-        match self.candidates.first() {
-            Some(&p) => {
-                self.candidates.remove(0);
-                Step::Ask {
-                    to: p,
-                    verify: false,
-                }
-            }
+            .retain(|(_, p)| !self.asked.contains(&p.id) && !strikes.contains_key(&p.id));
+        let excess = self.candidates.len().saturating_sub(self.candidates_max);
+        self.candidates.drain(..excess);
+        match self.candidates.pop() {
+            Some((_, p)) => Step::Ask {
+                to: p,
+                verify: false,
+            },
             None => Step::Failed(LookupError::NoRoute {
                 hops: self.hops,
                 timeouts: self.timeouts,
