@@ -31,11 +31,13 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use tokio::sync::mpsc;
 
-/// Calls in flight at most (the node answers more with "busy").
-pub const WINDOW: usize = 32;
+/// Calls in flight at most: a node answers "busy" to more than 64 calls at
+/// once on one session (`LinkConfig::client_calls_max`). Callers bound the
+/// bytes in flight themselves.
+pub const WINDOW: usize = 64;
 
 /// Calls signed with one signature at most.
-pub const BATCH: usize = 16;
+pub const BATCH: usize = BATCH_MAX;
 
 /// While at least this many signed calls are on the wire, waiting for an
 /// answer does not sign the calls queued since: they wait for more to join
@@ -231,7 +233,10 @@ impl NodeClient {
     /// run low.
     pub async fn submit(&mut self, op: ClientOp) -> Result<u64> {
         while self.in_flight() >= WINDOW {
-            self.send_batch()?;
+            // Sign what is queued only when the wire runs low (or the queue
+            // is a whole batch): signing at every freed slot would sign
+            // one call at a time.
+            self.send_low()?;
             self.pump(None).await?;
         }
         let at = self.route(&op);

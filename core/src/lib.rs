@@ -16,6 +16,7 @@ pub mod identity;
 pub mod link;
 pub mod lookup;
 pub mod machine;
+pub mod merkle;
 pub mod node;
 pub mod record;
 pub mod reqauth;

@@ -67,6 +67,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::id::Id;
+use crate::merkle;
 
 /// A user's identifier: SHA-1 of the user's signing public key (SPKI DER).
 pub type UserId = Id;
@@ -95,6 +96,11 @@ const TAG_PUBKEY: &[u8] = b"peerstore/pubkey/v1";
 const TAG_ACL: &[u8] = b"peerstore/acl/v1";
 const TAG_MANIFEST: &[u8] = b"peerstore/manifest/v1";
 const TAG_TX_ENTRY: &[u8] = b"peerstore/tx-entry/v1";
+const TAG_SIG_BATCH: &[u8] = b"peerstore/signature-batch/v1";
+
+/// Most messages one batch signature covers ([`Signer::sign_batch`]); a
+/// proof is then at most 10 hashes long.
+pub const SIG_BATCH_MAX: usize = 1024;
 
 /// Why a record was refused. Messages name the rule, never key material.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -217,6 +223,60 @@ impl Signer {
             .expect("RSA-PSS signing with a key of at least 1024 bits")
             .to_vec()
     }
+
+    /// One signature for each of `msgs`, made with one RSA operation per
+    /// [`SIG_BATCH_MAX`] messages: a Merkle tree ([`crate::merkle`]) over
+    /// the messages, the tree's size and root signed as
+    /// `(tag "peerstore/signature-batch/v1", size u32, root)`, and each
+    /// message's signature that root signature with the message's index
+    /// and inclusion proof ([`BatchSig`]). [`verify`] accepts either form
+    /// wherever a signature goes; a verifier that has seen the root
+    /// signature once checks the next message of the batch with a few
+    /// hashes. A lone message gets a plain signature.
+    pub fn sign_batch(
+        &self,
+        rng: &mut (impl CryptoRngCore + ?Sized),
+        msgs: &[&[u8]],
+    ) -> Vec<Vec<u8>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for batch in msgs.chunks(SIG_BATCH_MAX) {
+            if let [msg] = batch {
+                out.push(self.sign(rng, msg));
+                continue;
+            }
+            let leaves: Vec<merkle::Hash> = batch.iter().map(|m| merkle::leaf(m)).collect();
+            let count = batch.len() as u32;
+            let sig = self.sign(rng, &batch_root_msg(count, &merkle::root(&leaves)));
+            for index in 0..batch.len() {
+                out.push(encode(&BatchSig {
+                    count,
+                    index: index as u32,
+                    path: merkle::path(&leaves, index),
+                    sig: sig.clone(),
+                }));
+            }
+        }
+        out
+    }
+}
+
+/// The signature of one message of a batch ([`Signer::sign_batch`]), as its
+/// bytes travel in any record's `sig` field: postcard of this. Always longer
+/// than the key's modulus, which is exactly how long a plain signature is.
+#[derive(Serialize, Deserialize)]
+struct BatchSig {
+    /// Messages in the batch, at least 2.
+    count: u32,
+    /// This message's place in the batch.
+    index: u32,
+    /// Inclusion proof of the message's leaf, from the leaf up.
+    path: Vec<merkle::Hash>,
+    /// RSA-PSS over [`batch_root_msg`].
+    sig: Vec<u8>,
+}
+
+fn batch_root_msg(count: u32, root: &merkle::Hash) -> Vec<u8> {
+    encode(&(TAG_SIG_BATCH, count, root))
 }
 
 /// Lets `?Sized` RNGs (`&mut dyn CryptoRngCore`) be passed to the rsa crate,
@@ -273,11 +333,88 @@ pub(crate) fn parse_public_key(
 
 fn verify_parsed(key: &VerifyingKey<Sha256>, msg: &[u8], sig: &[u8]) -> Result<(), RecordError> {
     let public: &RsaPublicKey = key.as_ref();
+    if sig.len() > public.size() {
+        return verify_batched(key, msg, sig);
+    }
+    verify_rsa(key, msg, sig)
+}
+
+/// A [`BatchSig`]: canonical bytes, a proof of exactly the length its place
+/// needs, and a valid signature over the root the proof leads to.
+fn verify_batched(key: &VerifyingKey<Sha256>, msg: &[u8], sig: &[u8]) -> Result<(), RecordError> {
+    let bad = RecordError::BadSignature;
+    // A batch of the greatest size with a 4096-bit key: well under this.
+    if sig.len() > 1024 {
+        return Err(bad);
+    }
+    let b: BatchSig = postcard::from_bytes(sig).map_err(|_| bad)?;
+    // One batch signature, one encoding: no one can re-encode a record's
+    // signature into other bytes that still verify.
+    if encode(&b) != sig || b.count < 2 || b.count as usize > SIG_BATCH_MAX {
+        return Err(bad);
+    }
+    let root = merkle::root_from_path(
+        merkle::leaf(msg),
+        u64::from(b.index),
+        u64::from(b.count),
+        &b.path,
+    )
+    .ok_or(bad)?;
+    verify_rsa(key, &batch_root_msg(b.count, &root), &b.sig)
+}
+
+fn verify_rsa(key: &VerifyingKey<Sha256>, msg: &[u8], sig: &[u8]) -> Result<(), RecordError> {
+    let public: &RsaPublicKey = key.as_ref();
     if sig.len() != public.size() {
         return Err(RecordError::BadSignature);
     }
-    let sig = Signature::try_from(sig).map_err(|_| RecordError::BadSignature)?;
-    key.verify(msg, &sig).map_err(|_| RecordError::BadSignature)
+    let seen = verified_digest(public, msg, sig);
+    if verified_before(&seen) {
+        return Ok(());
+    }
+    let parsed = Signature::try_from(sig).map_err(|_| RecordError::BadSignature)?;
+    key.verify(msg, &parsed)
+        .map_err(|_| RecordError::BadSignature)?;
+    remember_verified(seen);
+    Ok(())
+}
+
+/// Signatures that verified lately, by [`verified_digest`]: a process sees
+/// the same signature again and again (a replica checks a record when it
+/// is stored, again when it is read back and when another replica's copy
+/// answers a read; a client checks a batch signature for every record it
+/// covers), and each RSA-3072 check costs most of a millisecond. Only
+/// successes are remembered, so a forged signature is checked every time,
+/// exactly as before; the bound keeps memory fixed (about 2.5 MiB).
+const VERIFIED_MEMO: usize = 32_768;
+
+static VERIFIED: std::sync::Mutex<Option<lru::LruCache<[u8; 32], ()>>> =
+    std::sync::Mutex::new(None);
+
+/// SHA-256 over everything a verification depends on (modulus, exponent,
+/// message, signature), each length-prefixed: equal digests mean the same
+/// verification, whose answer is the same.
+fn verified_digest(key: &RsaPublicKey, msg: &[u8], sig: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"peerstore/verified-signature/v1");
+    for part in [&key.n().to_bytes_be()[..], &key.e().to_bytes_be(), msg, sig] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+fn verified_before(d: &[u8; 32]) -> bool {
+    let mut memo = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    memo.as_mut().is_some_and(|m| m.get(d).is_some())
+}
+
+fn remember_verified(d: [u8; 32]) {
+    let mut memo = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    memo.get_or_insert_with(|| {
+        lru::LruCache::new(std::num::NonZeroUsize::new(VERIFIED_MEMO).expect("nonzero"))
+    })
+    .put(d, ());
 }
 
 /// Verifies an RSA-PSS(SHA-256) signature by the SPKI DER key `public_der`,
@@ -519,20 +656,48 @@ pub fn new_acl(
     owner: &Signer,
     position: Id,
     epoch: u64,
-    mut writers: Vec<UserId>,
-    mut readers: Vec<AclEntry>,
+    writers: Vec<UserId>,
+    readers: Vec<AclEntry>,
 ) -> Acl {
-    writers.sort();
-    writers.dedup();
-    readers.sort_by_key(|e| e.user);
-    readers.dedup_by(|later, first| later.user == first.user);
-    let sig = owner.sign(rng, &acl_msg(position, epoch, &writers, &readers));
-    Acl {
-        epoch,
-        writers,
-        readers,
-        sig,
+    let mut acls = new_acls(rng, owner, vec![(position, epoch, writers, readers)]);
+    acls.pop().expect("one ACL asked, one made")
+}
+
+/// What [`new_acls`] makes an ACL of: `(manifest position, epoch, writers,
+/// readers)`.
+pub type AclParts = (Id, u64, Vec<UserId>, Vec<AclEntry>);
+
+/// What [`new_manifests`] makes a manifest of: `(owner key, file id, acl,
+/// clock, body)`.
+pub type ManifestParts = (Vec<u8>, [u8; 32], Acl, u64, Vec<u8>);
+
+/// [`new_acl`] for many manifests at once, with one batch signature
+/// ([`Signer::sign_batch`]).
+pub fn new_acls(
+    rng: &mut (impl CryptoRngCore + ?Sized),
+    owner: &Signer,
+    items: Vec<AclParts>,
+) -> Vec<Acl> {
+    let mut acls = Vec::with_capacity(items.len());
+    let mut msgs = Vec::with_capacity(items.len());
+    for (position, epoch, mut writers, mut readers) in items {
+        writers.sort();
+        writers.dedup();
+        readers.sort_by_key(|e| e.user);
+        readers.dedup_by(|later, first| later.user == first.user);
+        msgs.push(acl_msg(position, epoch, &writers, &readers));
+        acls.push(Acl {
+            epoch,
+            writers,
+            readers,
+            sig: Vec::new(),
+        });
     }
+    let msgs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    for (acl, sig) in acls.iter_mut().zip(owner.sign_batch(rng, &msgs)) {
+        acl.sig = sig;
+    }
+    acls
 }
 
 /// A manifest version `clock` written by `signer` (the owner or a writer on
@@ -546,21 +711,45 @@ pub fn new_manifest(
     signer: &Signer,
     body: Vec<u8>,
 ) -> Record {
-    let position = manifest_position(user_id(&owner_key_der), &file_id);
-    let version = Version {
-        clock,
-        writer: signer.user_id(),
-    };
-    let sig = signer.sign(rng, &manifest_msg(position, &acl.digest(), &version, &body));
-    Record::Manifest(Manifest {
-        owner_key: owner_key_der,
-        file_id,
-        acl,
-        version,
-        signer_key: signer.public_der().to_vec(),
-        body,
-        sig,
-    })
+    let mut ms = new_manifests(
+        rng,
+        signer,
+        vec![(owner_key_der, file_id, acl, clock, body)],
+    );
+    Record::Manifest(ms.pop().expect("one manifest asked, one made"))
+}
+
+/// [`new_manifest`] for many manifests at once, with one batch signature
+/// ([`Signer::sign_batch`]).
+pub fn new_manifests(
+    rng: &mut (impl CryptoRngCore + ?Sized),
+    signer: &Signer,
+    items: Vec<ManifestParts>,
+) -> Vec<Manifest> {
+    let mut ms = Vec::with_capacity(items.len());
+    let mut msgs = Vec::with_capacity(items.len());
+    for (owner_key, file_id, acl, clock, body) in items {
+        let position = manifest_position(user_id(&owner_key), &file_id);
+        let version = Version {
+            clock,
+            writer: signer.user_id(),
+        };
+        msgs.push(manifest_msg(position, &acl.digest(), &version, &body));
+        ms.push(Manifest {
+            owner_key,
+            file_id,
+            acl,
+            version,
+            signer_key: signer.public_der().to_vec(),
+            body,
+            sig: Vec::new(),
+        });
+    }
+    let msgs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    for (m, sig) in ms.iter_mut().zip(signer.sign_batch(rng, &msgs)) {
+        m.sig = sig;
+    }
+    ms
 }
 
 /// An empty transaction log for `owner`; add entries with [`TxLog::insert`]
@@ -1290,6 +1479,106 @@ mod tests {
         assert_eq!(by_stranger.verify(TEST_BITS), Err(RecordError::NotAllowed));
         assert!(acl1.reader(&key(3).user_id()).is_some());
         assert!(acl1.reader(&key(4).user_id()).is_none());
+    }
+
+    #[test]
+    fn batch_signatures_verify_each_message_and_nothing_else() {
+        let msgs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        let sigs = owner().sign_batch(&mut rng(40), &refs);
+        assert_eq!(sigs.len(), 5);
+        let pk = owner().public_der();
+        for (i, sig) in sigs.iter().enumerate() {
+            assert!(
+                sig.len() > TEST_BITS / 8,
+                "a batch signature is longer than a plain one"
+            );
+            assert_eq!(verify(pk, &msgs[i], sig, TEST_BITS), Ok(()));
+            // Another message of the batch, another key, a flipped byte
+            // anywhere, a byte more or less: refused.
+            assert_eq!(
+                verify(pk, &msgs[(i + 1) % 5], sig, TEST_BITS),
+                Err(RecordError::BadSignature)
+            );
+            assert_eq!(
+                verify(writer().public_der(), &msgs[i], sig, TEST_BITS),
+                Err(RecordError::BadSignature)
+            );
+            for at in (0..sig.len()).step_by(7) {
+                let mut bad = sig.clone();
+                bad[at] ^= 0x20;
+                assert!(verify(pk, &msgs[i], &bad, TEST_BITS).is_err(), "byte {at}");
+            }
+            let mut longer = sig.clone();
+            longer.push(0);
+            assert!(verify(pk, &msgs[i], &longer, TEST_BITS).is_err());
+            assert!(verify(pk, &msgs[i], &sig[..sig.len() - 1], TEST_BITS).is_err());
+        }
+        // The root signature alone is no signature of any message, nor of
+        // the root message taken for a plain one's message.
+        let b: BatchSig = postcard::from_bytes(&sigs[0]).expect("decodes");
+        for m in &msgs {
+            assert_eq!(
+                verify(pk, m, &b.sig, TEST_BITS),
+                Err(RecordError::BadSignature)
+            );
+        }
+        // A lone message gets a plain signature; a one-leaf "batch" is
+        // refused even though its proof is trivially right.
+        let one = owner().sign_batch(&mut rng(41), &[b"alone"]);
+        assert_eq!(one[0].len(), TEST_BITS / 8);
+        assert_eq!(verify(pk, b"alone", &one[0], TEST_BITS), Ok(()));
+        let lone = BatchSig {
+            count: 1,
+            index: 0,
+            path: vec![],
+            sig: owner().sign(&mut rng(42), &batch_root_msg(1, &merkle::leaf(b"alone"))),
+        };
+        assert_eq!(
+            verify(pk, b"alone", &encode(&lone), TEST_BITS),
+            Err(RecordError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn manifests_and_acls_signed_in_a_batch_are_records_like_any_other() {
+        let files: Vec<[u8; 32]> = (0..3u8).map(|i| [i; 32]).collect();
+        let acls = new_acls(
+            &mut rng(50),
+            owner(),
+            files
+                .iter()
+                .map(|f| (manifest_position(owner().user_id(), f), 0, vec![], vec![]))
+                .collect(),
+        );
+        let ms = new_manifests(
+            &mut rng(51),
+            owner(),
+            files
+                .iter()
+                .zip(acls)
+                .map(|(f, acl)| (owner().public_der().to_vec(), *f, acl, 1, f.to_vec()))
+                .collect(),
+        );
+        for m in &ms {
+            let r = Record::Manifest(m.clone());
+            assert_eq!(r.verify(TEST_BITS), Ok(()));
+            assert_eq!(Record::decode(&r.encode()), Ok(r.clone()));
+        }
+        // A manifest's signature does not carry over to its neighbour's
+        // ACL and body, nor its ACL to the neighbour's position.
+        let mut swapped = ms[0].clone();
+        swapped.sig = ms[1].sig.clone();
+        assert_eq!(
+            Record::Manifest(swapped).verify(TEST_BITS),
+            Err(RecordError::BadSignature)
+        );
+        let mut moved = ms[0].clone();
+        moved.file_id = files[1];
+        assert_eq!(
+            Record::Manifest(moved).verify(TEST_BITS),
+            Err(RecordError::BadSignature)
+        );
     }
 
     #[test]

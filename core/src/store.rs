@@ -131,6 +131,26 @@ impl Tombstone {
         }
     }
 
+    /// Tombstones for many blocks, made with one batch signature
+    /// ([`record::Signer::sign_batch`]).
+    pub fn new_batch(
+        rng: &mut impl rand_core::CryptoRngCore,
+        owner: &record::Signer,
+        blocks: &[BlockId],
+    ) -> Vec<Tombstone> {
+        let msgs: Vec<Vec<u8>> = blocks.iter().map(Self::signed_bytes).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        blocks
+            .iter()
+            .zip(owner.sign_batch(rng, &refs))
+            .map(|(block, sig)| Tombstone {
+                block: *block,
+                owner_key: owner.public_der().to_vec(),
+                sig,
+            })
+            .collect()
+    }
+
     fn signed_bytes(block: &BlockId) -> Vec<u8> {
         let mut m = Vec::with_capacity(TOMBSTONE_TAG.len() + 32);
         m.extend_from_slice(TOMBSTONE_TAG);
@@ -561,6 +581,23 @@ mod tests {
         b.remove(&id(7));
         assert_eq!(a.summarize(id(0), id(25)), b.summarize(id(0), id(25)));
         assert_eq!(a.bytes(), b.bytes());
+    }
+
+    #[test]
+    fn tombstones_signed_in_a_batch_validate_each_for_its_own_block() {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let owner = record::Signer::generate(&mut rng, 1024).expect("key");
+        let blocks: Vec<BlockId> = (0..3u8).map(|i| [i; 32]).collect();
+        let ts = Tombstone::new_batch(&mut rng, &owner, &blocks);
+        assert_eq!(ts.len(), 3);
+        for (t, b) in ts.iter().zip(&blocks) {
+            assert_eq!(t.block, *b);
+            assert_eq!(Item::Tombstone(t.clone()).validate(1024), Ok(()));
+        }
+        let mut moved = ts[0].clone();
+        moved.block = blocks[1];
+        assert!(Item::Tombstone(moved).validate(1024).is_err());
     }
 
     #[test]
