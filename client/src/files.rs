@@ -42,7 +42,7 @@ use peerstore_core::filecrypt::{
 };
 use peerstore_core::gate::{ClientOp, GateError, GateReply};
 use peerstore_core::identity::Identity;
-use peerstore_core::record::{self, Manifest, PubKeyRecord, Record, TxEntry, UserId};
+use peerstore_core::record::{self, Manifest, PubKeyRecord, Record, UserId};
 use peerstore_core::reqauth::AuthError;
 use peerstore_core::store::{sha256, Block, BlockId, Tombstone};
 use peerstore_core::{Id, Item, StoreError};
@@ -397,10 +397,10 @@ impl Files {
             return Ok(());
         }
         let key = self.log_key();
-        let mut entries: Vec<TxEntry> = Vec::new();
+        let mut entries: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         let mut batch: Vec<LogOp> = Vec::new();
         let mut batch_len = 0;
-        let seal = |batch: &mut Vec<LogOp>, cat: &mut Catalog| -> Result<TxEntry> {
+        let seal = |batch: &mut Vec<LogOp>, cat: &mut Catalog| -> Result<(u64, u64, Vec<u8>)> {
             cat.clock += 1;
             let plain = postcard::to_allocvec(&*batch).context("encoding log operations")?;
             let mut enc = Encryptor::new(&key, Self::entry_file_id(cat.clock, self.client_id));
@@ -410,13 +410,7 @@ impl Files {
             for op in batch.drain(..) {
                 cat.apply(op);
             }
-            Ok(record::new_tx_entry(
-                &mut OsRng,
-                self.id.signer(),
-                cat.clock,
-                self.client_id,
-                body,
-            ))
+            Ok((cat.clock, self.client_id, body))
         };
         for op in ops {
             let len = postcard::to_allocvec(&op).map(|v| v.len()).unwrap_or(0);
@@ -430,6 +424,7 @@ impl Files {
         if !batch.is_empty() {
             entries.push(seal(&mut batch, cat)?);
         }
+        let entries = record::new_tx_entries(&mut OsRng, self.id.signer(), entries);
         let rec = record::new_txlog_record(self.id.signer(), entries)
             .map_err(|e| anyhow!("building the log: {e}"))?;
         self.put(Item::Record(Box::new(rec)))

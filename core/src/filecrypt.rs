@@ -467,7 +467,9 @@ impl Encryptor {
         Encryptor {
             keys: key.subkeys(),
             file_id,
-            buf: Zeroizing::new(Vec::with_capacity(CHUNK_BYTES)),
+            // Grown as data comes (see `make_room`): zeroing a whole
+            // chunk's capacity on drop cost a small file more than sealing it.
+            buf: Zeroizing::new(Vec::new()),
             size: 0,
             chunk_ids: Vec::new(),
         }
@@ -488,6 +490,8 @@ impl Encryptor {
         let mut out = Vec::new();
         while !data.is_empty() {
             let take = (CHUNK_BYTES - self.buf.len()).min(data.len());
+            let need = self.buf.len() + take;
+            make_room(&mut self.buf, need);
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.buf.len() == CHUNK_BYTES {
@@ -518,7 +522,7 @@ impl Encryptor {
     /// Seals the final chunk (the remaining bytes, padded).
     pub fn finish(mut self, rng: &mut (impl CryptoRngCore + ?Sized)) -> Finished {
         let padded = final_padded_len(self.buf.len());
-        // Within the capacity reserved up front: no copy is left behind.
+        make_room(&mut self.buf, padded);
         pad(&mut self.buf, padded);
         let index = self.chunk_ids.len() as u64;
         let last_chunk = seal(
@@ -535,6 +539,22 @@ impl Encryptor {
             size: self.size,
         }
     }
+}
+
+/// Makes `buf`'s capacity at least `need` (at most [`CHUNK_BYTES`] is ever
+/// asked), by moving it into a new buffer at least twice as large: the old
+/// one is zeroed as it drops, where a `Vec` growing in place would leave
+/// plaintext behind in the memory it freed.
+fn make_room(buf: &mut Zeroizing<Vec<u8>>, need: usize) {
+    if buf.capacity() >= need {
+        return;
+    }
+    let cap = need
+        .max(2 * buf.capacity())
+        .clamp(4096, CHUNK_BYTES.max(need));
+    let mut bigger = Zeroizing::new(Vec::with_capacity(cap));
+    bigger.extend_from_slice(buf);
+    *buf = bigger;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -70,6 +70,28 @@ pub fn path(leaves: &[Hash], m: usize) -> Vec<Hash> {
     p
 }
 
+/// The root and every leaf's inclusion proof ([`path`] of each), hashing
+/// each inner node once.
+pub fn root_and_paths(leaves: &[Hash]) -> (Hash, Vec<Vec<Hash>>) {
+    match leaves.len() {
+        0 => panic!("a Merkle tree has at least one leaf"),
+        1 => (leaves[0], vec![Vec::new()]),
+        n => {
+            let k = split(n);
+            let (left, mut lpaths) = root_and_paths(&leaves[..k]);
+            let (right, rpaths) = root_and_paths(&leaves[k..]);
+            for p in &mut lpaths {
+                p.push(right);
+            }
+            lpaths.extend(rpaths.into_iter().map(|mut p| {
+                p.push(left);
+                p
+            }));
+            (node(&left, &right), lpaths)
+        }
+    }
+}
+
 /// The root that `proof` leads to from `leaf` at index `m` of a tree of `n`
 /// leaves, or `None` if the proof cannot belong to that position (wrong
 /// length, `m >= n`). RFC 9162 §2.1.3.2.
@@ -133,6 +155,17 @@ mod tests {
                 }
                 assert_eq!(root_from_path(ls[m], nu, nu, &p), None);
             }
+        }
+    }
+
+    #[test]
+    fn all_paths_at_once_are_each_path() {
+        for n in 1..=40 {
+            let ls = leaves(n);
+            let (r, ps) = root_and_paths(&ls);
+            assert_eq!(r, root(&ls));
+            let each: Vec<Vec<Hash>> = (0..n).map(|m| path(&ls, m)).collect();
+            assert_eq!(ps, each, "{n} leaves");
         }
     }
 

@@ -246,12 +246,13 @@ impl Signer {
             }
             let leaves: Vec<merkle::Hash> = batch.iter().map(|m| merkle::leaf(m)).collect();
             let count = batch.len() as u32;
-            let sig = self.sign(rng, &batch_root_msg(count, &merkle::root(&leaves)));
-            for index in 0..batch.len() {
+            let (root, paths) = merkle::root_and_paths(&leaves);
+            let sig = self.sign(rng, &batch_root_msg(count, &root));
+            for (index, path) in paths.into_iter().enumerate() {
                 out.push(encode(&BatchSig {
                     count,
                     index: index as u32,
-                    path: merkle::path(&leaves, index),
+                    path,
                     sig: sig.clone(),
                 }));
             }
@@ -777,6 +778,32 @@ pub fn new_tx_entry(
         body,
         sig,
     }
+}
+
+/// [`new_tx_entry`] for many entries at once, `(clock, client, body)`
+/// each, with one batch signature ([`Signer::sign_batch`]).
+pub fn new_tx_entries(
+    rng: &mut (impl CryptoRngCore + ?Sized),
+    owner: &Signer,
+    items: Vec<(u64, u64, Vec<u8>)>,
+) -> Vec<TxEntry> {
+    let position = txlog_position(owner.public_der());
+    let msgs: Vec<Vec<u8>> = items
+        .iter()
+        .map(|(clock, client, body)| tx_entry_msg(position, *clock, *client, body))
+        .collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    let sigs = owner.sign_batch(rng, &refs);
+    items
+        .into_iter()
+        .zip(sigs)
+        .map(|((clock, client, body), sig)| TxEntry {
+            clock,
+            client,
+            body,
+            sig,
+        })
+        .collect()
 }
 
 /// A log record for `owner` holding `entries` (merged by the log's rule).
@@ -1538,6 +1565,19 @@ mod tests {
             verify(pk, b"alone", &encode(&lone), TEST_BITS),
             Err(RecordError::BadSignature)
         );
+    }
+
+    #[test]
+    fn log_entries_signed_in_a_batch_verify_and_stay_bound_to_their_place() {
+        let items = (1..=4u64).map(|c| (c, 9, vec![c as u8; 20])).collect();
+        let entries = new_tx_entries(&mut rng(70), owner(), items);
+        let log = new_txlog_record(owner(), entries.clone()).expect("log");
+        assert_eq!(log.verify(TEST_BITS), Ok(()));
+        // An entry's signature on another entry's body: refused.
+        let mut swapped = entries.clone();
+        swapped[0].body = swapped[1].body.clone();
+        let bad = new_txlog_record(owner(), swapped).expect("log");
+        assert_eq!(bad.verify(TEST_BITS), Err(RecordError::BadSignature));
     }
 
     #[test]
