@@ -461,11 +461,18 @@ impl Node {
                 self.reply(cmd, CmdResult::Done);
             }
             Command::Join { via } => {
-                if self.status != Status::Idle {
+                if self.status == Status::Joined {
                     return self.reply(cmd, CmdResult::Refused("node is already in a ring"));
                 }
                 if via.id == self.me.id {
                     return self.reply(cmd, CmdResult::Refused("cannot join through oneself"));
+                }
+                if self.status == Status::Joining {
+                    // Asked to join through another node (the daemon moves
+                    // on from an entry that does not answer): the join under
+                    // way is dropped, its command answered, and this one
+                    // starts afresh.
+                    self.abandon_join();
                 }
                 self.status = Status::Joining;
                 self.start_join(
@@ -545,6 +552,29 @@ impl Node {
         self.next_fix_ms = now_ms + self.jittered(self.cfg.fix_fingers_ms);
         self.store_joined(now_ms);
         self.out.push_back(Output::Event(Event::Joined));
+    }
+
+    /// Drops the join under way (its lookup and any retry waiting), failing
+    /// its command.
+    fn abandon_join(&mut self) {
+        let mut cmds = Vec::new();
+        self.lookups.retain(|_, r| match r.purpose {
+            Purpose::Join { cmd, .. } => {
+                cmds.extend(cmd);
+                false
+            }
+            _ => true,
+        });
+        if let Some((_, Purpose::Join { cmd, .. })) = self.join_retry.take() {
+            cmds.extend(cmd);
+        }
+        for cmd in cmds {
+            self.reply(
+                cmd,
+                CmdResult::Refused("the join was restarted through another node"),
+            );
+        }
+        self.status = Status::Idle;
     }
 
     fn start_join(&mut self, now_ms: u64, purpose: Purpose) {
@@ -1850,6 +1880,76 @@ mod tests {
         }
         assert!(n.successors().len() <= 3);
         assert!(n.successors().iter().all(|p| p.id != n.me().id));
+    }
+
+    #[test]
+    fn a_join_through_another_entry_replaces_the_one_under_way() {
+        // 10 and 20 form a ring; 15 first tries to join through 99, which
+        // never answers, then through 10.
+        let mut w = quiet_ring(&[10, 20]);
+        let mut n = Node::new(cfg(), peer(15), 15);
+        n.handle(0, Input::Command(1, Command::Join { via: peer(99) }));
+        let first = drain(&mut n);
+        assert!(
+            first
+                .iter()
+                .any(|o| matches!(o, Output::Send { to, .. } if *to == peer(99))),
+            "asks 99 first"
+        );
+        assert_eq!(n.status(), Status::Joining);
+        n.handle(10, Input::Command(2, Command::Join { via: peer(10) }));
+        let out = drain(&mut n);
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                Output::Reply {
+                    cmd: 1,
+                    result: CmdResult::Refused(_)
+                }
+            )),
+            "the first join's command is answered: {out:?}"
+        );
+        // Deliver the new join's messages between 15 and the ring.
+        let mut joined = false;
+        let mut pending: Vec<Output> = out;
+        for _ in 0..50 {
+            let mut next = Vec::new();
+            for o in pending.drain(..) {
+                match o {
+                    Output::Send { to, msg } => {
+                        if let Some(m) = w.get_mut(&to.id) {
+                            m.handle(
+                                20,
+                                Input::Message {
+                                    from: peer(15),
+                                    msg,
+                                },
+                            );
+                            for r in drain(m) {
+                                if let Output::Send { to, msg } = r {
+                                    if to.id == Id::from_u128(15) {
+                                        n.handle(20, Input::Message { from: m.me(), msg });
+                                    }
+                                }
+                            }
+                            next.extend(drain(&mut n));
+                        }
+                    }
+                    Output::Reply {
+                        cmd: 2,
+                        result: CmdResult::Joined { .. },
+                    } => joined = true,
+                    _ => {}
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            pending = next;
+        }
+        assert!(joined, "the second join completes");
+        assert_eq!(n.status(), Status::Joined);
+        assert_eq!(n.successors()[0], peer(20));
     }
 
     // ----- the indirect probe ------------------------------------------------
