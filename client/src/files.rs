@@ -822,15 +822,15 @@ impl Files {
                     Err(err) => fail(&mut report, &group[i].0, err),
                 }
             }
-            // The rest, one by one.
-            for i in 0..group.len() {
-                let Some((m, key, meta)) = opened[i].take() else {
-                    continue;
-                };
-                match self
-                    .restore_opened(m, key, meta, &targets[i], progress)
-                    .await
-                {
+            // The rest, their chunks in one window across the files.
+            let (at, rest): (Vec<usize>, Vec<(PathBuf, Opened)>) = opened
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, o)| o.take().map(|o| (i, (targets[i].clone(), o))))
+                .unzip();
+            let results = self.restore_many(&rest, progress).await?;
+            for (i, r) in at.into_iter().zip(results) {
+                match r {
                     Ok(n) => {
                         report.files += 1;
                         report.bytes += n;
@@ -840,6 +840,91 @@ impl Files {
             }
         }
         Ok(report)
+    }
+
+    /// Restores opened files, each to its target, with one window of chunk
+    /// gets across them: a file's chunks are written in order, and the
+    /// next files' are asked for while this one's arrive (one file at a
+    /// time cost a round trip or more per file). At most
+    /// [`CHUNKS_IN_FLIGHT`] chunks are asked for and not yet written. One
+    /// result per file, in order; an error of the connection ends it all.
+    async fn restore_many(
+        &mut self,
+        files: &[(PathBuf, Opened)],
+        progress: &dyn Progress,
+    ) -> Result<Vec<Result<u64>>> {
+        enum Out {
+            Waiting,
+            Writing(PathBuf, File, Decryptor),
+            Done,
+        }
+        let seq: Vec<(usize, usize)> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (_, (_, _, meta)))| (0..meta.chunks.len()).map(move |j| (k, j)))
+            .collect();
+        let mut outs: Vec<Out> = files.iter().map(|_| Out::Waiting).collect();
+        let mut results: Vec<Option<Result<u64>>> = files.iter().map(|_| None).collect();
+        let mut by_call: HashMap<u64, usize> = HashMap::new();
+        let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
+        let (mut next_send, mut next_write) = (0usize, 0usize);
+        while next_write < seq.len() {
+            while next_send < seq.len()
+                && next_send - next_write < CHUNKS_IN_FLIGHT
+                && self.c.in_flight() < WINDOW
+            {
+                let (k, j) = seq[next_send];
+                let at = filecrypt_block_position(&files[k].1 .2.chunks[j]);
+                let id = self.c.submit(ClientOp::Get(at)).await?;
+                by_call.insert(id, next_send);
+                next_send += 1;
+            }
+            let (id, r) = self.c.next_answer().await?;
+            let Some(i) = by_call.remove(&id) else {
+                continue;
+            };
+            ready.insert(i, get_result(r).and_then(block_data));
+            while let Some(data) = ready.remove(&next_write) {
+                let (k, j) = seq[next_write];
+                next_write += 1;
+                let (target, (m, key, meta)) = &files[k];
+                if j == 0 {
+                    outs[k] = match partial_file(target) {
+                        Ok((tmp, out)) => {
+                            Out::Writing(tmp, out, Decryptor::for_meta(key, m.file_id, meta))
+                        }
+                        Err(e) => {
+                            results[k] = Some(Err(e));
+                            Out::Done
+                        }
+                    };
+                }
+                let Out::Writing(_, out, dec) = &mut outs[k] else {
+                    continue;
+                };
+                let last = j + 1 == meta.chunks.len();
+                let mut written = data.and_then(|d| {
+                    let plain = dec.push(&d).map_err(|e| anyhow!("{e}"))?;
+                    out.write_all(&plain)?;
+                    progress.bytes(plain.len() as u64);
+                    Ok(())
+                });
+                if written.is_err() || last {
+                    let Out::Writing(tmp, out, dec) = std::mem::replace(&mut outs[k], Out::Done)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    if written.is_ok() {
+                        written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
+                    }
+                    results[k] = Some(finish_file(tmp, out, target, meta, written));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+            .collect())
     }
 
     /// Gets several items at once (a window in flight); each answer in
