@@ -1058,16 +1058,31 @@ impl Files {
             .map(|(p, _)| LogOp::Rm { path: p.clone() })
             .collect();
         self.append(&mut cat, ops).await?;
-        for (_, e) in &chosen {
-            let at = self.own_manifest(&e.file_id);
-            if let Ok((_, _, meta)) = self.open(at).await {
-                self.tombstone(&meta.chunks).await?;
+        // A group of files at a time: their manifests fetched together,
+        // then all their blocks' tombstones signed in one batch.
+        for group in chosen.chunks(RESTORE_GROUP) {
+            let positions: Vec<Id> = group
+                .iter()
+                .map(|(_, e)| self.own_manifest(&e.file_id))
+                .collect();
+            let mut chunks: Vec<BlockId> = Vec::new();
+            for item in self.get_many(&positions).await? {
+                // A manifest that cannot be read leaves its blocks behind
+                // (as it always did); the file is gone from the list
+                // either way.
+                if let Ok((_, _, meta)) = item.and_then(|i| self.open_item(i)) {
+                    chunks.extend(meta.chunks);
+                }
             }
+            self.tombstone(&chunks).await?;
         }
         Ok(chosen.len() as u64)
     }
 
     async fn tombstone(&mut self, chunks: &[BlockId]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
         for t in Tombstone::new_batch(&mut OsRng, self.id.signer(), chunks) {
             while self.c.in_flight() >= WINDOW {
                 let (_, r) = self.c.next_answer().await?;
