@@ -927,6 +927,31 @@ impl Files {
             .collect())
     }
 
+    /// Puts several small items at once (a window in flight); each result
+    /// in the order given.
+    async fn put_many(&mut self, items: Vec<Item>) -> Result<Vec<Result<()>>> {
+        let mut out: Vec<Option<Result<()>>> = items.iter().map(|_| None).collect();
+        let mut by_call: HashMap<u64, usize> = HashMap::new();
+        let mut items = items.into_iter().enumerate().peekable();
+        while items.peek().is_some() || !by_call.is_empty() {
+            while self.c.in_flight() < WINDOW {
+                let Some((i, item)) = items.next() else {
+                    break;
+                };
+                let id = self.c.submit(ClientOp::Put(item)).await?;
+                by_call.insert(id, i);
+            }
+            let (id, r) = self.c.next_answer().await?;
+            if let Some(i) = by_call.remove(&id) {
+                out[i] = Some(put_result(r));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+            .collect())
+    }
+
     /// Gets several items at once (a window in flight); each answer in
     /// the order asked.
     async fn get_many(&mut self, keys: &[Id]) -> Result<Vec<Result<Option<Item>>>> {
@@ -1104,15 +1129,30 @@ impl Files {
         let chosen = cat.pick(path)?;
         let rec = self.pubkey(reader).await?;
         let mut links = Vec::new();
-        for (p, e) in chosen {
-            let at = self.own_manifest(&e.file_id);
-            let (m, _, _) = self.open(at).await?;
-            let shared = filecrypt::share(&mut OsRng, &self.id, &m, &rec, self.min_bits)
-                .map_err(|e| anyhow!("{p}: {e}"))?;
-            self.put(Item::Record(Box::new(Record::Manifest(shared))))
-                .await
-                .with_context(|| format!("sharing {p}"))?;
-            links.push((p, link(self.id.user_id(), &e.file_id)));
+        // A group of files at a time: their manifests fetched together,
+        // the new versions signed in one batch and stored together.
+        for group in chosen.chunks(RESTORE_GROUP) {
+            let positions: Vec<Id> = group
+                .iter()
+                .map(|(_, e)| self.own_manifest(&e.file_id))
+                .collect();
+            let mut ms = Vec::with_capacity(group.len());
+            for ((p, _), item) in group.iter().zip(self.get_many(&positions).await?) {
+                let (m, _, _) = item
+                    .and_then(|i| self.open_item(i))
+                    .with_context(|| format!("sharing {p}"))?;
+                ms.push(m);
+            }
+            let shared = filecrypt::share_many(&mut OsRng, &self.id, &ms, &rec, self.min_bits)
+                .map_err(|e| anyhow!("sharing under {path}: {e}"))?;
+            let items = shared
+                .into_iter()
+                .map(|m| Item::Record(Box::new(Record::Manifest(m))))
+                .collect();
+            for ((p, e), r) in group.iter().zip(self.put_many(items).await?) {
+                r.with_context(|| format!("sharing {p}"))?;
+                links.push((p.clone(), link(self.id.user_id(), &e.file_id)));
+            }
         }
         Ok(links)
     }
