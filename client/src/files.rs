@@ -677,39 +677,22 @@ impl Files {
             .map(|(at, key, meta)| (run.files[*at].file_id, key, meta))
             .collect();
         let manifests = filecrypt::new_file_manifests(&mut OsRng, &self.id, &files, 1);
-        drop(files);
-        let manifests = match manifests {
-            Ok(ms) => ms,
-            Err(_) => {
-                // One file's metadata too large for a manifest (a path
-                // near the size limit): make them one by one, so only
-                // that file fails.
-                let mut ms = Vec::new();
-                for (at, key, meta) in &sealed {
-                    let f = &mut run.files[*at];
-                    match filecrypt::new_file_manifest(
-                        &mut OsRng, &self.id, f.file_id, key, meta, 1,
-                    ) {
-                        Ok(m) => ms.push(m),
-                        Err(e) => {
-                            progress.note(&format!("failed {}: {e}", f.path));
-                            run.report.failed.push((f.path.clone(), format!("{e}")));
-                            f.failed = true;
-                        }
-                    }
+        for ((at, _, _), m) in sealed.iter().zip(manifests) {
+            match m {
+                Ok(m) => {
+                    let item = Item::Record(Box::new(Record::Manifest(m)));
+                    let id = self.c.submit(ClientOp::Put(item)).await?;
+                    run.calls.insert(id, CallFor::Manifest(*at));
                 }
-                ms
+                // Its metadata too large for a manifest (a path near the
+                // size limit): that file alone fails.
+                Err(e) => {
+                    let f = &mut run.files[*at];
+                    progress.note(&format!("failed {}: {e}", f.path));
+                    run.report.failed.push((f.path.clone(), format!("{e}")));
+                    f.failed = true;
+                }
             }
-        };
-        let mut ats = sealed
-            .iter()
-            .map(|(at, _, _)| *at)
-            .filter(|at| !run.files[*at].failed);
-        for m in manifests {
-            let at = ats.next().expect("a manifest per file that did not fail");
-            let item = Item::Record(Box::new(Record::Manifest(m)));
-            let id = self.c.submit(ClientOp::Put(item)).await?;
-            run.calls.insert(id, CallFor::Manifest(at));
         }
         Ok(())
     }
@@ -930,48 +913,48 @@ impl Files {
     /// Puts several small items at once (a window in flight); each result
     /// in the order given.
     async fn put_many(&mut self, items: Vec<Item>) -> Result<Vec<Result<()>>> {
-        let mut out: Vec<Option<Result<()>>> = items.iter().map(|_| None).collect();
-        let mut by_call: HashMap<u64, usize> = HashMap::new();
-        let mut items = items.into_iter().enumerate().peekable();
-        while items.peek().is_some() || !by_call.is_empty() {
-            while self.c.in_flight() < WINDOW {
-                let Some((i, item)) = items.next() else {
-                    break;
-                };
-                let id = self.c.submit(ClientOp::Put(item)).await?;
-                by_call.insert(id, i);
-            }
-            let (id, r) = self.c.next_answer().await?;
-            if let Some(i) = by_call.remove(&id) {
-                out[i] = Some(put_result(r));
-            }
-        }
-        Ok(out
+        let ops = items.into_iter().map(ClientOp::Put).collect();
+        Ok(self
+            .call_many(ops)
+            .await?
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+            .map(|r| r.and_then(put_result))
             .collect())
     }
 
     /// Gets several items at once (a window in flight); each answer in
     /// the order asked.
     async fn get_many(&mut self, keys: &[Id]) -> Result<Vec<Result<Option<Item>>>> {
-        let mut out: Vec<Option<Result<Option<Item>>>> = (0..keys.len()).map(|_| None).collect();
+        let ops = keys.iter().map(|k| ClientOp::Get(*k)).collect();
+        Ok(self
+            .call_many(ops)
+            .await?
+            .into_iter()
+            .map(|r| r.and_then(get_result))
+            .collect())
+    }
+
+    /// Sends `ops` with a window in flight; each reply in the order given.
+    async fn call_many(&mut self, ops: Vec<ClientOp>) -> Result<Vec<Result<GateReply>>> {
+        let mut out: Vec<Option<GateReply>> = ops.iter().map(|_| None).collect();
         let mut by_call: HashMap<u64, usize> = HashMap::new();
-        let mut next = 0;
-        while next < keys.len() || !by_call.is_empty() {
-            while next < keys.len() && self.c.in_flight() < WINDOW {
-                let id = self.c.submit(ClientOp::Get(keys[next])).await?;
-                by_call.insert(id, next);
-                next += 1;
+        let mut ops = ops.into_iter().enumerate().peekable();
+        while ops.peek().is_some() || !by_call.is_empty() {
+            while self.c.in_flight() < WINDOW {
+                let Some((i, op)) = ops.next() else {
+                    break;
+                };
+                let id = self.c.submit(op).await?;
+                by_call.insert(id, i);
             }
             let (id, r) = self.c.next_answer().await?;
             if let Some(i) = by_call.remove(&id) {
-                out[i] = Some(get_result(r));
+                out[i] = Some(r);
             }
         }
         Ok(out
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+            .map(|r| r.ok_or_else(|| anyhow!("no answer")))
             .collect())
     }
 
@@ -1009,68 +992,11 @@ impl Files {
         target: &Path,
         progress: &dyn Progress,
     ) -> Result<u64> {
-        let (m, key, meta) = self.open(at).await?;
-        self.restore_opened(m, key, meta, target, progress).await
-    }
-
-    /// Fetches, verifies and writes one opened file; returns its size.
-    async fn restore_opened(
-        &mut self,
-        m: Manifest,
-        key: FileKey,
-        meta: FileMeta,
-        target: &Path,
-        progress: &dyn Progress,
-    ) -> Result<u64> {
-        let (tmp, mut out) = partial_file(target)?;
-        let result = self
-            .fetch_chunks(&key, m.file_id, &meta, &mut out, progress)
-            .await;
-        finish_file(tmp, out, target, &meta, result)
-    }
-
-    /// Gets the chunks in order (a window of them in flight), checks each
-    /// against the manifest and writes the plaintext.
-    async fn fetch_chunks(
-        &mut self,
-        key: &FileKey,
-        file_id: FileId,
-        meta: &FileMeta,
-        out: &mut File,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        let mut dec = Decryptor::for_meta(key, file_id, meta);
-        let mut next_send = 0usize;
-        let mut next_write = 0usize;
-        let mut by_call: HashMap<u64, usize> = HashMap::new();
-        let mut ready: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-        while next_write < meta.chunks.len() {
-            // Chunks asked for and not yet written (answered out of order
-            // or not): at most a window's bytes of them.
-            while next_send < meta.chunks.len()
-                && (next_send - next_write) < CHUNKS_IN_FLIGHT
-                && self.c.in_flight() < WINDOW
-            {
-                let at = filecrypt_block_position(&meta.chunks[next_send]);
-                let id = self.c.submit(ClientOp::Get(at)).await?;
-                by_call.insert(id, next_send);
-                next_send += 1;
-            }
-            let (id, r) = self.c.next_answer().await?;
-            let Some(i) = by_call.remove(&id) else {
-                continue;
-            };
-            let data = block_data(get_result(r)?)?;
-            ready.insert(i, data);
-            while let Some(data) = ready.remove(&next_write) {
-                let plain = dec.push(&data).map_err(|e| anyhow!("{e}"))?;
-                out.write_all(&plain)?;
-                progress.bytes(plain.len() as u64);
-                next_write += 1;
-            }
-        }
-        dec.finish().map_err(|e| anyhow!("{e}"))?;
-        Ok(())
+        let opened = self.open(at).await?;
+        let mut r = self
+            .restore_many(&[(target.to_path_buf(), opened)], progress)
+            .await?;
+        r.pop().expect("one file asked, one result")
     }
 
     /// Removes every catalog file at or under `path`: the log forgets them

@@ -930,47 +930,52 @@ pub fn new_file_manifest(
     meta: &FileMeta,
     clock: u64,
 ) -> Result<Manifest, FileCryptError> {
-    let mut ms = new_file_manifests(rng, owner, &[(file_id, key, meta)], clock)?;
-    Ok(ms.pop().expect("one manifest asked, one made"))
+    let mut ms = new_file_manifests(rng, owner, &[(file_id, key, meta)], clock);
+    ms.pop().expect("one manifest asked, one made")
 }
 
 /// [`new_file_manifest`] for many files, `(file id, key, meta)` each, all
 /// at version `clock`: two RSA signatures in all (one batch signature over
 /// the ACLs, one over the versions; see
 /// [`crate::record::Signer::sign_batch`]) instead of two per file, which
-/// is what backing up many small files costs.
+/// is what backing up many small files costs. One result per file: a file
+/// whose manifest cannot be made fails alone.
 pub fn new_file_manifests(
     rng: &mut (impl CryptoRngCore + ?Sized),
     owner: &Identity,
     files: &[(FileId, &FileKey, &FileMeta)],
     clock: u64,
-) -> Result<Vec<Manifest>, FileCryptError> {
+) -> Vec<Result<Manifest, FileCryptError>> {
+    let mut out: Vec<Result<(), FileCryptError>> = Vec::with_capacity(files.len());
     let mut bodies = Vec::with_capacity(files.len());
     let mut acls = Vec::with_capacity(files.len());
     for (file_id, key, meta) in files {
-        bodies.push(seal_meta(rng, key, file_id, meta)?);
-        let entry = owner_entry(rng, owner, key, file_id)?;
-        let position = record::manifest_position(owner.user_id(), file_id);
-        acls.push((position, 0, vec![], vec![entry]));
+        let made = seal_meta(rng, key, file_id, meta).and_then(|body| {
+            let entry = owner_entry(rng, owner, key, file_id)?;
+            let position = record::manifest_position(owner.user_id(), file_id);
+            bodies.push((*file_id, body));
+            acls.push((position, 0, vec![], vec![entry]));
+            Ok(())
+        });
+        out.push(made);
     }
     let acls = record::new_acls(rng, owner.signer(), acls);
-    let items = files
-        .iter()
+    let items = bodies
+        .into_iter()
         .zip(acls)
-        .zip(bodies)
-        .map(|(((file_id, _, _), acl), body)| {
+        .map(|((file_id, body), acl)| {
             (
                 owner.signing_public_der().to_vec(),
-                *file_id,
+                file_id,
                 acl,
                 clock,
                 body,
             )
         })
         .collect();
-    record::new_manifests(rng, owner.signer(), items)
-        .into_iter()
-        .map(check_size)
+    let mut made = record::new_manifests(rng, owner.signer(), items).into_iter();
+    out.into_iter()
+        .map(|r| r.and_then(|()| check_size(made.next().expect("a manifest per sealed file"))))
         .collect()
 }
 
@@ -1678,8 +1683,18 @@ mod tests {
             .collect();
         let files: Vec<(FileId, &FileKey, &FileMeta)> =
             (0..4).map(|i| (ids[i], &keys[i], &metas[i])).collect();
-        let ms = new_file_manifests(&mut rng(61), owner, &files, 1).unwrap();
+        let ms: Vec<Manifest> = new_file_manifests(&mut rng(61), owner, &files, 1)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(ms.len(), 4);
+        // A file whose metadata cannot be sealed fails alone.
+        let huge = meta_for(&"x".repeat(MAX_RECORD_BYTES), 0, vec![[9; 32]]);
+        let mixed = [files[0], ([9; 32], &keys[1], &huge), files[2]];
+        let made = new_file_manifests(&mut rng(65), owner, &mixed, 1);
+        assert!(made[0].is_ok() && made[2].is_ok());
+        assert!(matches!(made[1], Err(FileCryptError::InvalidMeta(_))));
+        assert_eq!(made[2].as_ref().unwrap().file_id, files[2].0);
         for (i, m) in ms.iter().enumerate() {
             assert_eq!(m.file_id, ids[i]);
             assert!(m.sig.len() > TEST_BITS / 8, "batch-signed");
@@ -1701,7 +1716,10 @@ mod tests {
         let files: Vec<(FileId, &FileKey, &FileMeta)> = (0..3)
             .map(|i| ([10 + i as u8; 32], &keys[i], &metas[i]))
             .collect();
-        let ms = new_file_manifests(&mut rng(71), owner, &files, 1).unwrap();
+        let ms: Vec<Manifest> = new_file_manifests(&mut rng(71), owner, &files, 1)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
         let shared = share_many(&mut rng(72), owner, &ms, &pubkey(1), TEST_BITS).unwrap();
         for (i, m) in shared.iter().enumerate() {
             assert_eq!(m.acl.epoch, ms[i].acl.epoch + 1);

@@ -236,15 +236,16 @@ impl Signer {
     pub fn sign_batch(
         &self,
         rng: &mut (impl CryptoRngCore + ?Sized),
-        msgs: &[&[u8]],
+        msgs: &[impl AsRef<[u8]>],
     ) -> Vec<Vec<u8>> {
         let mut out = Vec::with_capacity(msgs.len());
         for batch in msgs.chunks(SIG_BATCH_MAX) {
             if let [msg] = batch {
-                out.push(self.sign(rng, msg));
+                out.push(self.sign(rng, msg.as_ref()));
                 continue;
             }
-            let leaves: Vec<merkle::Hash> = batch.iter().map(|m| merkle::leaf(m)).collect();
+            let leaves: Vec<merkle::Hash> =
+                batch.iter().map(|m| merkle::leaf(m.as_ref())).collect();
             let count = batch.len() as u32;
             let (root, paths) = merkle::root_and_paths(&leaves);
             let sig = self.sign(rng, &batch_root_msg(count, &root));
@@ -694,7 +695,6 @@ pub fn new_acls(
             sig: Vec::new(),
         });
     }
-    let msgs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
     for (acl, sig) in acls.iter_mut().zip(owner.sign_batch(rng, &msgs)) {
         acl.sig = sig;
     }
@@ -746,7 +746,6 @@ pub fn new_manifests(
             sig: Vec::new(),
         });
     }
-    let msgs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
     for (m, sig) in ms.iter_mut().zip(signer.sign_batch(rng, &msgs)) {
         m.sig = sig;
     }
@@ -792,8 +791,7 @@ pub fn new_tx_entries(
         .iter()
         .map(|(clock, client, body)| tx_entry_msg(position, *clock, *client, body))
         .collect();
-    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
-    let sigs = owner.sign_batch(rng, &refs);
+    let sigs = owner.sign_batch(rng, &msgs);
     items
         .into_iter()
         .zip(sigs)
@@ -1511,8 +1509,7 @@ mod tests {
     #[test]
     fn batch_signatures_verify_each_message_and_nothing_else() {
         let msgs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
-        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
-        let sigs = owner().sign_batch(&mut rng(40), &refs);
+        let sigs = owner().sign_batch(&mut rng(40), &msgs);
         assert_eq!(sigs.len(), 5);
         let pk = owner().public_der();
         for (i, sig) in sigs.iter().enumerate() {

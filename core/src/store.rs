@@ -139,10 +139,9 @@ impl Tombstone {
         blocks: &[BlockId],
     ) -> Vec<Tombstone> {
         let msgs: Vec<Vec<u8>> = blocks.iter().map(Self::signed_bytes).collect();
-        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
         blocks
             .iter()
-            .zip(owner.sign_batch(rng, &refs))
+            .zip(owner.sign_batch(rng, &msgs))
             .map(|(block, sig)| Tombstone {
                 block: *block,
                 owner_key: owner.public_der().to_vec(),
