@@ -191,10 +191,45 @@ impl fmt::Display for Id {
     }
 }
 
+/// Parses the form [`fmt::Display`] prints: 40 hex digits.
+impl std::str::FromStr for Id {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Id, Self::Err> {
+        let s = s.as_bytes();
+        if s.len() != 40 {
+            return Err("an id is 40 hex digits");
+        }
+        let mut out = [0u8; 20];
+        for (o, pair) in out.iter_mut().zip(s.chunks(2)) {
+            let digit = |c: u8| (c as char).to_digit(16).ok_or("an id is 40 hex digits");
+            *o = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+        }
+        Ok(Id(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn parse_refuses_what_is_not_an_id() {
+        let ok = "00".repeat(20);
+        assert!(ok.parse::<Id>().is_ok());
+        for bad in [
+            "",
+            "0",
+            &"0".repeat(39),
+            &"0".repeat(41),
+            &format!("{}g", "0".repeat(39)),
+        ] {
+            assert!(bad.parse::<Id>().is_err(), "{bad:?}");
+        }
+        // Multi-byte characters of the right byte length are not digits.
+        assert!(format!("{}é", "0".repeat(38)).parse::<Id>().is_err());
+    }
 
     fn arb_id() -> impl Strategy<Value = Id> {
         prop_oneof![
@@ -245,6 +280,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn display_and_parse_round_trip(a in arb_id()) {
+            prop_assert_eq!(a.to_string().parse::<Id>(), Ok(a));
+        }
+
         #[test]
         fn add_matches_model(a in arb_id(), b in arb_id()) {
             prop_assert_eq!(a.wrapping_add(b), model_add(a, b));

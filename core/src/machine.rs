@@ -27,7 +27,9 @@ use crate::config::Config;
 use crate::gate::{ClientOp, Gate, GateCmd, GateOutput, GateReply, RingStatus};
 use crate::id::Id;
 use crate::link::{Call, LinkConfig, LinkEvent, Links, Packet};
-use crate::node::{CmdId, CmdResult, Command, Event, Input, IoId, Node, Output, Status};
+use crate::node::{
+    CmdId, CmdResult, Command, Event, Input, IoId, Node, Output, StateAnswer, Status,
+};
 use crate::node::{StorageOp, StorageResult};
 use crate::reqauth::GuardConfig;
 use crate::store::Item;
@@ -67,6 +69,9 @@ pub enum MachineEvent {
     JoinFailed(String),
     /// The node lost every successor and is alone.
     SuccessorsLost,
+    /// The answer to [`Machine::ask_state`]: `None` if `peer` was silent,
+    /// else whether it is in a ring and its predecessor.
+    PeerState { peer: Peer, state: StateAnswer },
 }
 
 /// Why a join is under way.
@@ -91,6 +96,8 @@ pub struct Machine {
     gate_cmds: BTreeMap<CmdId, GateCmd>,
     next_cmd: CmdId,
     joining: Option<Joining>,
+    /// Questions from [`Machine::ask_state`] awaiting their answer.
+    asks: BTreeMap<CmdId, Peer>,
     /// Our address as others reach us, once we joined through someone.
     my_addr: Option<String>,
     /// No endorsement renewal is asked for before this time.
@@ -124,6 +131,7 @@ impl Machine {
             gate_cmds: BTreeMap::new(),
             next_cmd: 0,
             joining: None,
+            asks: BTreeMap::new(),
             my_addr: None,
             next_renew_ms: 0,
             renew_before_ms,
@@ -151,10 +159,24 @@ impl Machine {
         self.node.restore(items)
     }
 
-    /// Starts a new ring with this machine as its only member.
+    /// Starts a new ring with this machine as its only member, dropping
+    /// a join under way.
     pub fn create(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.joining = None;
         self.command(Command::Create);
+    }
+
+    /// Asks `peer` (a ring position we remember) whether it is in a ring;
+    /// the answer comes as [`MachineEvent::PeerState`].
+    pub fn ask_state(&mut self, now_ms: u64, peer: Peer) {
+        self.now_ms = now_ms;
+        self.next_cmd += 1;
+        let id = self.next_cmd;
+        self.asks.insert(id, peer);
+        self.node
+            .handle(now_ms, Input::Command(id, Command::AskState { peer }));
+        self.drain();
     }
 
     /// Joins the ring the machine at `entry` belongs to: registers there
@@ -354,13 +376,34 @@ impl Machine {
                 self.links.send(self.now_ms, from, to, &msg);
             }
             Output::Storage { io, op } => self.out.push_back(MachineOutput::Storage { io, op }),
-            Output::Event(Event::Joined) => {}
+            // However the node got in (this join, or an earlier one the
+            // daemon gave up on too soon), the join is over.
+            Output::Event(Event::Joined) => {
+                if self.joining.take().is_some() {
+                    if let Some(&successor) = self.node.successors().first() {
+                        self.out
+                            .push_back(MachineOutput::Event(MachineEvent::Joined { successor }));
+                    }
+                }
+            }
             Output::Event(Event::SuccessorsLost) => self
                 .out
                 .push_back(MachineOutput::Event(MachineEvent::SuccessorsLost)),
             Output::Reply { cmd, result } => {
                 if let Some(gc) = self.gate_cmds.remove(&cmd) {
                     self.gate.command_done(self.now_ms, gc, result);
+                    return;
+                }
+                if let Some(peer) = self.asks.remove(&cmd) {
+                    let state = match result {
+                        CmdResult::State(s) => s,
+                        _ => None,
+                    };
+                    self.out
+                        .push_back(MachineOutput::Event(MachineEvent::PeerState {
+                            peer,
+                            state,
+                        }));
                     return;
                 }
                 let joined = self.joining.as_ref().is_some_and(|j| j.cmd == Some(cmd));
@@ -402,7 +445,7 @@ impl Machine {
 
     /// Whether a join is waiting (for the daemon's retry policy).
     pub fn join_pending(&self) -> bool {
-        self.joining.is_some()
+        self.joining.is_some() && !self.node.is_joined()
     }
 
     /// Asks the entry again (a lost registration or a failed join).
@@ -464,9 +507,16 @@ mod tests {
 
     /// Machine `i`; machine 0 is the ring's root (endorsed by itself).
     fn machine(i: usize) -> Machine {
+        machine_with(i, None)
+    }
+
+    /// Machine `i` presenting `credential` (a restart), else as [`machine`].
+    fn machine_with(i: usize, credential: Option<Vec<u8>>) -> Machine {
         let mut rng = ChaCha20Rng::seed_from_u64(i as u64);
         let s = key(i);
-        let credential = if i == 0 {
+        let credential = if let Some(c) = credential {
+            c
+        } else if i == 0 {
             let e = endorse(
                 &mut rng,
                 s,
@@ -502,6 +552,7 @@ mod tests {
         now: u64,
         answers: Vec<(u64, GateReply)>,
         storage: Vec<BTreeMap<Id, Item>>,
+        events: Vec<(usize, MachineEvent)>,
     }
 
     impl Net {
@@ -512,6 +563,7 @@ mod tests {
                 now: T0,
                 answers: Vec::new(),
                 storage: vec![BTreeMap::new(); n],
+                events: Vec::new(),
             }
         }
 
@@ -544,7 +596,7 @@ mod tests {
                                 };
                                 self.ms[i].storage_done(self.now, io, r);
                             }
-                            MachineOutput::Event(_) => {}
+                            MachineOutput::Event(e) => self.events.push((i, e)),
                         }
                     }
                 }
@@ -711,6 +763,127 @@ mod tests {
         );
         let copies = net.storage.iter().filter(|s| s.contains_key(&at)).count();
         assert_eq!(copies, 3, "R = 3 replicas");
+    }
+
+    /// What machine `i` heard from `peer` through [`Machine::ask_state`].
+    fn heard(net: &Net, i: usize, peer: Peer) -> Vec<StateAnswer> {
+        net.events
+            .iter()
+            .filter_map(|(m, e)| match e {
+                MachineEvent::PeerState { peer: p, state } if *m == i && *p == peer => Some(*state),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_whole_ring_restarted_answers_out_of_ring_until_one_creates_it_again() {
+        let mut net = formed_ring(3, 20_000);
+        let me = |net: &Net, i: usize| net.ms[i].node().me();
+        // In the ring: a member, with its predecessor.
+        let now = net.now;
+        let p2 = me(&net, 2);
+        net.ms[1].ask_state(now, p2);
+        net.run_for(2_000);
+        let pred2 = net.ms[2].node().predecessor();
+        assert!(pred2.is_some());
+        assert_eq!(heard(&net, 1, p2), vec![Some((true, pred2))]);
+
+        // Every machine stops and starts again with its credential and its
+        // disk, but no ring state.
+        let creds: Vec<Vec<u8>> = net
+            .ms
+            .iter()
+            .map(|m| m.links().credential().to_vec())
+            .collect();
+        let preds: Vec<Peer> = (0..3)
+            .map(|i| net.ms[i].node().predecessor().unwrap())
+            .collect();
+        for (i, c) in creds.into_iter().enumerate() {
+            net.ms[i] = machine_with(i, Some(c));
+        }
+        net.events.clear();
+        // Each tries to rejoin through the machine after it: nobody is in
+        // a ring, so nobody gets in.
+        let ids: Vec<Id> = (0..3).map(|i| me(&net, i).id).collect();
+        let next = |i: usize| -> usize {
+            (0..3)
+                .filter(|&j| j != i)
+                .min_by_key(|&j| ids[j].wrapping_sub(ids[i]))
+                .unwrap()
+        };
+        for i in 0..3 {
+            let now = net.now;
+            net.ms[i].join(now, addr(next(i)), &format!("slot:{i}"));
+        }
+        net.run_for(30_000);
+        assert!(net.ms.iter().all(|m| !m.node().is_joined()));
+        // Asked, each says it is out of any ring; one with a wrong id at a
+        // right address (a stale memory) gets no answer.
+        let lowest = (0..3).min_by_key(|&i| ids[i]).unwrap();
+        assert!(
+            preds[lowest].id > ids[lowest],
+            "the lowest one's predecessor wraps"
+        );
+        let now = net.now;
+        for j in (0..3).filter(|&j| j != lowest) {
+            let p = me(&net, j);
+            net.ms[lowest].ask_state(now, p);
+        }
+        let stale = Peer {
+            id: Id::from_u128(12345),
+            addr: addr(next(lowest)),
+        };
+        net.ms[lowest].ask_state(now, stale);
+        net.run_for(10_000);
+        for j in (0..3).filter(|&j| j != lowest) {
+            assert_eq!(heard(&net, lowest, me(&net, j)), vec![Some((false, None))]);
+        }
+        assert_eq!(heard(&net, lowest, stale), vec![None]);
+        // The lowest creates the ring again, dropping its own join; the
+        // others' joins go through as soon as it is in a ring.
+        assert!(net.ms[lowest].join_pending());
+        let now = net.now;
+        net.ms[lowest].create(now);
+        assert!(net.ms[lowest].node().is_joined());
+        assert!(!net.ms[lowest].join_pending());
+        for i in (0..3).filter(|&i| i != lowest) {
+            let now = net.now;
+            net.ms[i].join(now, addr(lowest), &format!("slot:{i}"));
+            net.run_for(3_000);
+        }
+        net.run_for(20_000);
+        assert!(ring_ok(&net), "the ring formed again");
+    }
+
+    /// The daemon moves a join that seems stuck to another entry; if the
+    /// first one gets through after all, the machine is in the ring and
+    /// no join is pending (the daemon would otherwise keep restarting a
+    /// join, and resetting its links, for ever).
+    #[test]
+    fn a_join_that_gets_in_after_the_daemon_moved_on_still_counts() {
+        let mut net = Net::new(3);
+        net.ms[0].admit(key_sha256(key(1).public_der()));
+        // Machine 0 is not in a ring yet: machine 1 registers there, but
+        // its join finds no ring and keeps retrying.
+        let now = net.now;
+        net.ms[1].join(now, addr(0), "slot:1");
+        net.run_for(3_000);
+        assert!(net.ms[1].join_pending() && !net.ms[1].node().is_joined());
+        // The daemon gives up on machine 0 and asks machine 2 (which is not
+        // endorsed and never answers usefully)...
+        let now = net.now;
+        net.ms[1].join(now, addr(2), "slot:1");
+        // ...while machine 0 starts its ring: the join still retrying
+        // inside the node gets in.
+        net.ms[0].create(now);
+        net.run_for(20_000);
+        assert!(net.ms[1].node().is_joined(), "the first join got in");
+        assert!(!net.ms[1].join_pending(), "and the machine knows it");
+        assert!(net
+            .events
+            .iter()
+            .any(|(i, e)| *i == 1 && matches!(e, MachineEvent::Joined { .. })));
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub enum Command {
     Put(Item),
     /// Read the item at a ring position from its nearest replica.
     Get(crate::id::Id),
+    /// Ask `peer` whether it is in a ring and whom it counts as its
+    /// predecessor (answered in any state: a restarting node uses it to
+    /// decide whether the ring it remembers still exists).
+    AskState { peer: Peer },
 }
 
 /// Effects for the caller to carry out.
@@ -110,7 +114,13 @@ pub enum CmdResult {
     Refused(&'static str),
     Put(Result<PutOk, StoreError>),
     Get(Result<Option<Item>, StoreError>),
+    /// The answer to [`Command::AskState`].
+    State(StateAnswer),
 }
+
+/// A peer's answer to [`Command::AskState`]: `None` if it did not answer in
+/// time, else whether it is in a ring and its predecessor.
+pub type StateAnswer = Option<(bool, Option<Peer>)>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupOk {
@@ -197,6 +207,8 @@ enum Wait {
     },
     /// A read-repair push nobody waits on.
     Repair,
+    /// An operator's [`Command::AskState`].
+    AskState(CmdId),
 }
 
 impl Wait {
@@ -454,6 +466,11 @@ impl Node {
     fn on_command(&mut self, now_ms: u64, cmd: CmdId, c: Command) {
         match c {
             Command::Create => {
+                if self.status == Status::Joining {
+                    // The operator (or the daemon's restart rule) decided
+                    // that no ring is left to join: drop the join.
+                    self.abandon_join();
+                }
                 if self.status != Status::Idle {
                     return self.reply(cmd, CmdResult::Refused("node is already in a ring"));
                 }
@@ -482,6 +499,18 @@ impl Node {
                         via,
                         attempt: 1,
                     },
+                );
+            }
+            Command::AskState { peer } => {
+                if peer.id == self.me.id {
+                    return self.reply(cmd, CmdResult::Refused("cannot ask oneself"));
+                }
+                self.request(
+                    now_ms,
+                    peer,
+                    |req| Message::GetState { req },
+                    Wait::AskState(cmd),
+                    false,
                 );
             }
             Command::Lookup { key } => {
@@ -849,6 +878,7 @@ impl Node {
                     self.drive(now_ms, lid, step);
                 }
             }
+            Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(None)),
             w if w.is_storage() => self.store_request_failed(now_ms, p.to, w),
             _ => unreachable!("every wait kind is handled above"),
         }
@@ -889,6 +919,7 @@ impl Node {
                 }
             }
             Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
+            Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((false, None)))),
             // A witness or candidate outside the ring tells us nothing.
             Wait::StabilizeCandidate | Wait::ConfirmDead { .. } | Wait::Probe { .. } => {
                 self.request_timed_out(now_ms, p)
@@ -1297,6 +1328,7 @@ impl Node {
                     Wait::ProbeFor { origin, origin_req } => {
                         self.probe_done(origin, origin_req, true)
                     }
+                    Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((true, pred)))),
                     Wait::Lookup(lid) => {
                         if let Some(run) = self.lookups.get_mut(&lid) {
                             let step = run.lookup.on_state(from, pred, succs);

@@ -27,10 +27,11 @@ use peerstore_core::endorse::{encode_chain, endorse, TrustStore};
 use peerstore_core::identity::{Identity, NODE_KEY_BITS};
 use peerstore_core::link::{LinkConfig, Links};
 use peerstore_core::machine::{Machine, MachineConfig, MachineEvent, MachineOutput};
+use peerstore_core::node::StateAnswer;
 use peerstore_core::record::MIN_KEY_BITS_DEFAULT;
 use peerstore_core::session::{Responder, SessionConfig};
 use peerstore_core::vnode::vnode_id;
-use peerstore_core::{Addr, IoId, Signer, StorageOp, StorageResult};
+use peerstore_core::{Addr, IoId, Peer, Signer, StorageOp, StorageResult};
 pub use peerstore_net::keyfile::fingerprint;
 use peerstore_net::keyfile::{self, public_pem, read_public};
 use peerstore_net::transport::{NetEvent, Transport, TransportConfig};
@@ -40,6 +41,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::disk::{DiskConfig, DiskStore};
+use crate::rejoin::{Rejoin, Remembered};
 
 /// How the daemon was started.
 #[derive(Clone, Debug)]
@@ -51,6 +53,9 @@ pub struct Options {
     /// A member of the ring to join (else: rejoin the ring this node was
     /// in, or start a new one).
     pub join: Option<SocketAddr>,
+    /// Start a new ring even though this node remembers one (its old ring
+    /// is gone for good, or the operator restarts a stopped ring here).
+    pub create: bool,
     /// Public key files of nodes (ring roots) to trust.
     pub trust: Vec<PathBuf>,
     /// SHA-256 fingerprints (hex) of node keys allowed to register here.
@@ -72,7 +77,7 @@ pub struct Paths {
     pub trust_dir: PathBuf,
     /// Fingerprints its operator admitted, one per line.
     pub admitted: PathBuf,
-    /// Addresses of ring members seen last, one per line.
+    /// The successors and predecessor seen last ([`Remembered`]).
     pub peers: PathBuf,
     /// The item store.
     pub store: PathBuf,
@@ -242,13 +247,16 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut clock = Clock { last_ms: 0 };
     let now = clock.now();
     let mut chain = std::fs::read(&paths.chain).unwrap_or_default();
-    let rejoin: Vec<SocketAddr> = std::fs::read_to_string(&paths.peers)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|a| *a != me_sock)
-        .collect();
-    let creating = opts.join.is_none() && rejoin.is_empty();
+    let remembered = if opts.create {
+        Remembered::default()
+    } else {
+        Remembered::parse(
+            &std::fs::read_to_string(&paths.peers).unwrap_or_default(),
+            me_sock,
+        )
+    };
+    let remembered_entries = remembered.entries();
+    let creating = opts.join.is_none() && remembered_entries.is_empty();
     if creating && chain.is_empty() {
         // A new ring: this node is its root.
         let e = endorse(
@@ -344,7 +352,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // seconds as the join going unanswered and restarted it at once, which
     // lost the registration under way and cost one more retry period.
     let now = clock.now();
-    let entry = opts.join.or_else(|| rejoin.first().copied());
+    let entry = opts.join.or_else(|| remembered_entries.first().copied());
     match entry {
         Some(e) => {
             info!(entry = %e, "joining");
@@ -355,10 +363,27 @@ pub async fn run(opts: Options) -> Result<()> {
             machine.create(now);
         }
     }
-    let mut entries: Vec<SocketAddr> = entry.into_iter().chain(rejoin).collect();
+    let mut entries: Vec<SocketAddr> = entry.into_iter().chain(remembered_entries).collect();
     entries.dedup();
     let mut join_since = now;
     let mut entry_at = 0usize;
+    // Rejoining on our own (no --join): ask the remembered peers whether
+    // they are in a ring, to join through one that is; the remembered
+    // ring's lowest node also starts the ring again if it is gone.
+    let mut rejoin = if opts.join.is_none() && entry.is_some() {
+        Rejoin::new(id, &remembered)
+    } else {
+        None
+    };
+    let mut via_member = false;
+    if let Some(r) = &rejoin {
+        if r.is_lowest() {
+            info!("this node starts the ring again if it finds it gone (it had the lowest id)");
+        }
+        for p in r.peers().to_vec() {
+            machine.ask_state(now, p);
+        }
+    }
 
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut leaving: Option<u64> = None;
@@ -367,7 +392,29 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut admitted_seen = read_admitted(&paths);
 
     loop {
-        drain(&mut machine, &transport, &disk_tx, &paths)?;
+        for (peer, state) in drain(&mut machine, &transport, &disk_tx, &paths)? {
+            let Some(r) = rejoin.as_mut() else { continue };
+            if !machine.join_pending() {
+                continue;
+            }
+            if let (Some(m), Addr::Tcp(a)) =
+                (r.heard(peer, state.map(|(member, _)| member)), peer.addr)
+            {
+                // The first member to answer in a round: later answers of
+                // the round would only restart the join again.
+                if !via_member && entries.get(entry_at) != Some(&a) {
+                    via_member = true;
+                    info!(entry = %a, "a remembered peer is in the ring: joining through it");
+                    entry_at = entries.iter().position(|e| *e == a).unwrap_or(entry_at);
+                    machine.join(clock.now(), m.addr, &me_sock.to_string());
+                    join_since = clock.now();
+                }
+            } else if r.ring_is_gone() {
+                info!("no remembered peer is in a ring: starting the ring again");
+                machine.create(clock.now());
+                rejoin = None;
+            }
+        }
         let deadline = machine.poll_timeout();
         let sleep_for = match deadline {
             Some(at) => Duration::from_millis(at.saturating_sub(clock.now())),
@@ -400,6 +447,15 @@ pub async fn run(opts: Options) -> Result<()> {
                     machine.disconnected(Addr::Tcp(e));
                     machine.join(now, Addr::Tcp(e), &me_sock.to_string());
                     join_since = now;
+                    via_member = false;
+                    if let Some(r) = &rejoin {
+                        for p in r.peers().to_vec() {
+                            machine.ask_state(now, p);
+                        }
+                    }
+                }
+                if !machine.join_pending() {
+                    rejoin = None;
                 }
                 if machine.node().is_joined() {
                     save_peers(&paths, &machine, me_sock);
@@ -445,12 +501,15 @@ fn begin_leave(machine: &mut Machine, leaving: &mut Option<u64>, now: u64) -> bo
     false
 }
 
+/// Carries out the machine's outputs; returns the answers to
+/// [`Machine::ask_state`] for the caller.
 fn drain(
     machine: &mut Machine,
     transport: &Transport,
     disk: &std::sync::mpsc::Sender<(IoId, StorageOp)>,
     paths: &Paths,
-) -> Result<()> {
+) -> Result<Vec<(Peer, StateAnswer)>> {
+    let mut answers = Vec::new();
     while let Some(o) = machine.poll() {
         match o {
             MachineOutput::Packet(p) => {
@@ -479,25 +538,21 @@ fn drain(
                 }
                 MachineEvent::JoinFailed(why) => warn!(%why, "join failed; will retry"),
                 MachineEvent::SuccessorsLost => warn!("lost every successor"),
+                MachineEvent::PeerState { peer, state } => {
+                    debug!(peer = ?peer.addr, ?state, "remembered peer answered");
+                    answers.push((peer, state));
+                }
             },
         }
     }
-    Ok(())
+    Ok(answers)
 }
 
 fn save_peers(paths: &Paths, machine: &Machine, me: SocketAddr) {
-    let mut addrs: Vec<String> = Vec::new();
-    for p in machine.node().successors() {
-        if let Addr::Tcp(a) = p.addr {
-            if a != me && !addrs.contains(&a.to_string()) {
-                addrs.push(a.to_string());
-            }
-        }
-    }
-    if addrs.is_empty() {
+    let node = machine.node();
+    let Some(text) = Remembered::render(node.successors(), node.predecessor(), me) else {
         return;
-    }
-    let text = addrs.join("\n") + "\n";
+    };
     if std::fs::read_to_string(&paths.peers).ok().as_deref() != Some(text.as_str()) {
         if let Err(e) = write_atomic(&paths.peers, text.as_bytes()) {
             debug!(error = %e, "could not save the ring's addresses");

@@ -21,6 +21,11 @@ use peerstore_node::daemon::{self, Options, Paths};
 ///      where ROOT.pub.pem is the node.pub.pem of the node that started
 ///      the ring.
 ///
+/// A node that was in a ring rejoins it on the next start through the
+/// successors it remembers. If the whole ring stopped, the node that had
+/// the lowest id starts it again once it finds the others out of any ring,
+/// and the rest rejoin through it.
+///
 /// Logs go to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM hands the
 /// node's data to its successors and exits; a second signal exits at once.
 #[derive(Parser, Debug)]
@@ -41,6 +46,12 @@ struct Cli {
     /// A member of an existing ring to join.
     #[arg(long)]
     join: Option<SocketAddr>,
+    /// Start a new ring here even though this node remembers one. Needed
+    /// only when a whole ring was stopped and its lowest node (the one that
+    /// restarts it by itself) is gone for good; the others then rejoin
+    /// through this node.
+    #[arg(long, conflicts_with = "join")]
+    create: bool,
     /// A public key (a node.pub.pem) to trust as a ring root; repeatable.
     #[arg(long)]
     trust: Vec<PathBuf>,
@@ -118,6 +129,7 @@ fn real_main() -> Result<()> {
                 advertise: cli.advertise,
                 data_dir: dir,
                 join: cli.join,
+                create: cli.create,
                 trust: cli.trust,
                 admit: cli.admit,
                 replicas: usize::from(cli.replicas),

@@ -416,3 +416,70 @@ fn holders_in(items: &Path) -> usize {
         .map(|f| f.count())
         .sum()
 }
+
+/// A whole ring stops at once (kill -9 of every node: a power cut) and
+/// every node starts again from its data directory alone, at its old
+/// address. Nobody is in a ring any more, so no rejoin can succeed until
+/// one node starts the ring again: the one with the lowest id (it finds
+/// its remembered peers out of any ring), and the others join through it.
+/// The ring is ideal again and the files restore.
+#[test]
+fn a_whole_ring_stopped_at_once_starts_again_with_its_data() {
+    let mut c = Cluster::new("restart", 5);
+    let all: Vec<usize> = (0..5).collect();
+    c.form_ring();
+    let alice = c.user_key().to_path_buf();
+    let data = c.dir().join("data");
+    let tree = make_tree(&data, 30);
+    let data = data.canonicalize().expect("canonical");
+    let ds = path_str(&data);
+    ok(cli(&c, &alice, 1, &["backup", &ds]), "backup");
+
+    // The restart works from what each node saved of its place in the
+    // ring (once a second): wait until every node saved its predecessor.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0..5 {
+        let peers = c.node(i).dir.join("peers");
+        while !std::fs::read_to_string(&peers).is_ok_and(|t| t.contains("pred ")) {
+            if Instant::now() >= deadline {
+                c.fail(&format!("n{i} saved no predecessor in {}", peers.display()));
+            }
+            std::thread::sleep(POLL_EVERY);
+        }
+    }
+    let addrs: Vec<String> = all.iter().map(|&i| c.node(i).addr().to_string()).collect();
+    for &i in &all {
+        c.kill(i);
+    }
+
+    // All at once, in index order (which is not ring order).
+    let started = Instant::now();
+    for &i in &all {
+        c.spawn(i, &["--listen".to_string(), addrs[i].clone()]);
+    }
+    for &i in &all {
+        let a = c.wait_listening(i);
+        assert_eq!(a.to_string(), addrs[i], "n{i} back at its address");
+    }
+    let took = c.wait_ideal(&all, started, Duration::from_secs(60));
+    peerstore_tests::report(format!(
+        "a 5-node ring killed at once and restarted: ideal {:.2} s after the restart",
+        took.as_secs_f64()
+    ));
+    assert_eq!(
+        c.count_in_logs("starting the ring again"),
+        1,
+        "exactly one node starts the ring again"
+    );
+    let out = c.dir().join("out");
+    ok(
+        cli(&c, &alice, 3, &["restore", &ds, "--to", &path_str(&out)]),
+        "restore after the restart",
+    );
+    assert_same(
+        &tree,
+        &out.join("data"),
+        "restore after the whole ring restarted",
+    );
+    c.assert_no_panics();
+}

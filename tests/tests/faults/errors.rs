@@ -116,6 +116,19 @@ fn peerstore_node_refuses_bad_arguments_clearly() {
         &["must trust its root", "--trust ROOT.pub.pem"],
     );
 
+    // --create and --join contradict each other.
+    refused(
+        "--create with --join",
+        c.node_cmd().args([
+            "--data-dir",
+            &fresh("createjoin"),
+            "--create",
+            "--join",
+            &unused_port().to_string(),
+        ]),
+        &["--create", "cannot be used with", "--join"],
+    );
+
     // --trust files that are not public keys.
     let not_a_key = c.dir().join("not-a-key.pem");
     std::fs::write(&not_a_key, "this is not a key\n").expect("write");
