@@ -565,13 +565,34 @@ fn disk_loop(
     ops: std::sync::mpsc::Receiver<(IoId, StorageOp)>,
     done: mpsc::UnboundedSender<(IoId, StorageResult)>,
 ) {
-    while let Ok((io, op)) = ops.recv() {
-        let result = store.apply(op);
-        if let StorageResult::Failed(e) = &result {
-            warn!(error = %e, detail = ?store.stats().last_error, "disk operation failed");
+    // Whatever queued up while the disk was busy goes in one group commit
+    // (bounded, so a long queue still answers in steps).
+    const GROUP_MAX: usize = 256;
+    const GROUP_BYTES: usize = 16 << 20;
+    let size = |op: &StorageOp| match op {
+        StorageOp::Write { item, .. } => item.size(),
+        _ => 0,
+    };
+    while let Ok(first) = ops.recv() {
+        let mut bytes = size(&first.1);
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX && bytes < GROUP_BYTES {
+            match ops.try_recv() {
+                Ok(op) => {
+                    bytes += size(&op.1);
+                    group.push(op);
+                }
+                Err(_) => break,
+            }
         }
-        if done.send((io, result)).is_err() {
-            return;
+        let (ios, group): (Vec<IoId>, Vec<StorageOp>) = group.into_iter().unzip();
+        for (io, result) in ios.into_iter().zip(store.apply_batch(group)) {
+            if let StorageResult::Failed(e) = &result {
+                warn!(error = %e, detail = ?store.stats().last_error, "disk operation failed");
+            }
+            if done.send((io, result)).is_err() {
+                return;
+            }
         }
     }
 }

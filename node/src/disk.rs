@@ -37,6 +37,15 @@
 //!   may not be on disk, and a crash could bring back the old version or no
 //!   file at all after the write was acknowledged. A remove likewise unlinks
 //!   and fsyncs the directory before it says `Done`.
+//! - **Writes that queue up are committed together.** The daemon hands the
+//!   store every operation waiting for the disk at once
+//!   ([`DiskStore::apply_batch`]): all the temporary files are written,
+//!   made durable with one sync, renamed into place in issue order, and the
+//!   renames and unlinks made durable with a second sync (on Linux `syncfs`
+//!   of the store's file system; elsewhere an fsync of each file and
+//!   directory). The order is the same as above, so the guarantees are;
+//!   only the number of syncs changes: two per batch instead of two per
+//!   write. Nothing in the batch is answered before the second sync.
 //! - **Nothing torn is ever seen.** Readers see the old file or the new one,
 //!   never a mix: rename replaces a name atomically. A crash mid-write leaves
 //!   only a temporary file, which [`DiskStore::open`] deletes (that write was
@@ -66,6 +75,7 @@
 
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
@@ -169,6 +179,16 @@ pub struct DiskStore {
     counters: Counters,
 }
 
+/// A write whose bytes sit in a temporary file, to be renamed into place.
+#[derive(Debug)]
+struct Staged {
+    key: Id,
+    tmp: PathBuf,
+    size: u64,
+    /// How much it grows the store (its size less the file it replaces).
+    growth: u64,
+}
+
 /// What loading one item file found.
 enum Loaded {
     Missing,
@@ -264,9 +284,142 @@ impl DiskStore {
         }
     }
 
+    /// Carries out storage effects in order and makes them durable together
+    /// (group commit): every write's temporary file is written, then all of
+    /// them are synced at once, then renamed into place in issue order
+    /// (removes and reads taking their turn among them), then the renames
+    /// and removes are synced at once. Two syncs for the batch instead of
+    /// two per write; the guarantees are those of [`DiskStore::apply`] one
+    /// by one: nothing is answered before it is durable, a failed sync
+    /// fails every write or remove waiting on it, and a reader sees each
+    /// key as the operations before it in the batch left it.
+    pub fn apply_batch(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
+        if ops.len() <= 1 {
+            return ops.into_iter().map(|op| self.apply(op)).collect();
+        }
+        let mut results: Vec<Option<StorageResult>> = vec![None; ops.len()];
+        let mut staged: Vec<Option<Staged>> = (0..ops.len()).map(|_| None).collect();
+        // 1. Every write's temporary file, not yet synced. The capacity is
+        // checked against what the operations before it will have added
+        // and removed; for a key already written or removed earlier in the
+        // batch, conservatively (its file on disk is not counted as freed).
+        let (mut grown, mut freed) = (0u64, 0u64);
+        let mut touched: BTreeSet<Id> = BTreeSet::new();
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                StorageOp::Write { key, item } => {
+                    let first = touched.insert(*key);
+                    match self.stage(key, item, false, first, grown, freed) {
+                        Ok(st) => {
+                            grown = grown.saturating_add(st.growth);
+                            staged[i] = Some(st);
+                        }
+                        Err(e) => results[i] = Some(StorageResult::Failed(e)),
+                    }
+                }
+                StorageOp::Remove { key } => {
+                    if touched.insert(*key) {
+                        let path = self.item_path(key);
+                        if let Ok(Some(size)) = self.size_of(&path) {
+                            freed = freed.saturating_add(size);
+                        }
+                    }
+                }
+                StorageOp::Read { .. } => {}
+            }
+        }
+        // 2. Their contents made durable before any name points at them.
+        let temps: Vec<PathBuf> = staged.iter().flatten().map(|st| st.tmp.clone()).collect();
+        if !temps.is_empty() {
+            if let Err(e) = self.sync_all(&temps) {
+                for (i, st) in staged.iter_mut().enumerate() {
+                    if let Some(st) = st.take() {
+                        let _ = fs::remove_file(&st.tmp);
+                        results[i] = Some(StorageResult::Failed(e.clone()));
+                    }
+                }
+            }
+        }
+        // 3. In issue order: renames, removes, reads.
+        let mut changed: Vec<usize> = Vec::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let key = match op {
+                StorageOp::Write { key, .. } => {
+                    let Some(st) = staged[i].take() else {
+                        continue;
+                    };
+                    if let Err(e) = self.commit(st) {
+                        results[i] = Some(StorageResult::Failed(e));
+                        continue;
+                    }
+                    key
+                }
+                StorageOp::Remove { key } => {
+                    if let Err(e) = self.unlink(&key) {
+                        results[i] = Some(StorageResult::Failed(e));
+                        continue;
+                    }
+                    key
+                }
+                StorageOp::Read { key } => {
+                    results[i] = Some(match self.read(&key) {
+                        Ok(found) => StorageResult::Read(found),
+                        Err(e) => StorageResult::Failed(e),
+                    });
+                    continue;
+                }
+            };
+            changed.push(i);
+            let shard = self.shard_dir(&key);
+            if !dirs.contains(&shard) {
+                dirs.push(shard);
+            }
+        }
+        // 4. The new names (and the removed ones) made durable.
+        if !changed.is_empty() {
+            let synced = self.sync_all(&dirs);
+            for i in changed {
+                results[i] = Some(match &synced {
+                    Ok(()) => StorageResult::Done,
+                    Err(e) => StorageResult::Failed(e.clone()),
+                });
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(StorageResult::Failed(StoreError::Io)))
+            .collect()
+    }
+
     /// Makes `item` durable at `key`, replacing what is there. Refuses an item
     /// whose ring position is not `key` (it could never be read back).
     pub fn write(&mut self, key: &Id, item: &Item) -> Result<(), StoreError> {
+        let st = self.stage(key, item, true, true, 0, 0)?;
+        self.commit(st)?;
+        // The rename is in place; it is durable once the directory is synced.
+        let shard = self.shard_dir(key);
+        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+    }
+
+    /// Checks a write and puts its bytes in a temporary file beside its
+    /// final name (fsynced if `sync`). `grown` and `freed` are what the
+    /// operations before it in a batch, not yet carried out, will add to
+    /// and take from the store's size; `replaces` says whether the file
+    /// now at `key` is what this write will replace (no earlier operation
+    /// of the batch touches `key`).
+    fn stage(
+        &mut self,
+        key: &Id,
+        item: &Item,
+        sync: bool,
+        replaces: bool,
+        grown: u64,
+        freed: u64,
+    ) -> Result<Staged, StoreError> {
         let position = item.position();
         if position != *key {
             return Err(StoreError::Invalid(format!(
@@ -277,47 +430,103 @@ impl DiskStore {
         let bytes = encode(item)?;
         let size = bytes.len() as u64;
         let path = self.item_path(key);
-        let shard = self.shard_dir(key);
-
-        let old = match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => Some(m.len()),
-            Ok(_) => None,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(self.failed("inspecting", &path, e)),
-        };
+        let old = if replaces { self.size_of(&path)? } else { None };
         if let Some(cap) = self.cfg.capacity_bytes {
             let used = self.counters.bytes.load(Ordering::Relaxed);
-            let after = used.saturating_sub(old.unwrap_or(0)).saturating_add(size);
+            let after = used
+                .saturating_add(grown)
+                .saturating_sub(freed)
+                .saturating_sub(old.unwrap_or(0))
+                .saturating_add(size);
             if after > cap {
                 add(&self.counters.full_refused, 1);
                 return Err(StoreError::Full);
             }
         }
-
         self.next_tmp += 1;
-        let tmp = shard.join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
-        if let Err(e) = write_synced(&tmp, &bytes) {
+        let tmp = self
+            .shard_dir(key)
+            .join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
+        if let Err(e) = write_file(&tmp, &bytes, sync) {
             // Best effort: a temporary file that survives is deleted on open.
             let _ = fs::remove_file(&tmp);
             return Err(self.failed("writing", &tmp, e));
         }
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
+        Ok(Staged {
+            key: *key,
+            tmp,
+            size,
+            growth: size.saturating_sub(old.unwrap_or(0)),
+        })
+    }
+
+    /// Renames a staged write into place (not yet synced).
+    fn commit(&mut self, st: Staged) -> Result<(), StoreError> {
+        let path = self.item_path(&st.key);
+        let old = match self.size_of(&path) {
+            Ok(old) => old,
+            Err(e) => {
+                let _ = fs::remove_file(&st.tmp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = fs::rename(&st.tmp, &path) {
+            let _ = fs::remove_file(&st.tmp);
             return Err(self.failed("renaming into", &path, e));
         }
         match old {
             Some(old) => sub(&self.counters.bytes, old),
             None => add(&self.counters.items, 1),
         }
-        add(&self.counters.bytes, size);
-        // The rename is in place; it is durable once the directory is synced.
-        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+        add(&self.counters.bytes, st.size);
+        Ok(())
+    }
+
+    /// The size of the item file at `path`, if there is one.
+    fn size_of(&self, path: &Path) -> Result<Option<u64>, StoreError> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.failed("inspecting", path, e)),
+        }
+    }
+
+    /// Makes the files and directories in `paths` durable, with what was
+    /// written under the store before: on Linux one `syncfs` of the file
+    /// system the store is on, elsewhere an fsync of each.
+    fn sync_all(&self, paths: &[PathBuf]) -> Result<(), StoreError> {
+        #[cfg(target_os = "linux")]
+        {
+            let _ = paths;
+            let dir = &self.items_dir;
+            let f = File::open(dir).map_err(|e| self.failed("opening", dir, e))?;
+            rustix::fs::syncfs(&f).map_err(|e| self.failed("syncing", dir, e.into()))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            for p in paths {
+                let r = if p.is_dir() {
+                    sync_dir(p)
+                } else {
+                    File::open(p).and_then(|f| f.sync_all())
+                };
+                r.map_err(|e| self.failed("syncing", p, e))?;
+            }
+            Ok(())
+        }
     }
 
     /// Forgets the item at `key` (done if there is none).
     pub fn remove(&mut self, key: &Id) -> Result<(), StoreError> {
-        let path = self.item_path(key);
+        self.unlink(key)?;
         let shard = self.shard_dir(key);
+        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+    }
+
+    /// Unlinks the item file at `key` (not yet synced).
+    fn unlink(&mut self, key: &Id) -> Result<(), StoreError> {
+        let path = self.item_path(key);
         match fs::symlink_metadata(&path) {
             Ok(m) => {
                 fs::remove_file(&path).map_err(|e| self.failed("removing", &path, e))?;
@@ -331,7 +540,7 @@ impl DiskStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.failed("inspecting", &path, e)),
         }
-        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+        Ok(())
     }
 
     /// Reads the item at `key`. A corrupt file is quarantined and reads as
@@ -713,15 +922,18 @@ fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
     Ok(bytes)
 }
 
-/// Creates (or truncates) `path` with `bytes` and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Creates (or truncates) `path` with `bytes`, fsyncing it if `sync`.
+fn write_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    if sync {
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Makes a directory's entries (creations, renames, unlinks) durable.
