@@ -785,9 +785,10 @@ impl Files {
                 })
                 .collect();
             let chunks = self.get_many(&chunk_at).await?;
+            let mut finished = Vec::new();
             for (&i, chunk) in small.iter().zip(chunks) {
                 let (m, key, meta) = opened[i].take().expect("opened");
-                let r = chunk.and_then(|c| {
+                finished.push(chunk.and_then(|c| {
                     write_file(&targets[i], &meta, |out| {
                         let mut dec = Decryptor::for_meta(&key, m.file_id, &meta);
                         let plain = dec.push(&block_data(c)?).map_err(|e| anyhow!("{e}"))?;
@@ -796,7 +797,9 @@ impl Files {
                         progress.bytes(plain.len() as u64);
                         Ok(())
                     })
-                });
+                }));
+            }
+            for (&i, r) in small.iter().zip(commit_files(finished)) {
                 match r {
                     Ok(n) => {
                         report.files += 1;
@@ -847,7 +850,7 @@ impl Files {
             .flat_map(|(k, (_, (_, _, meta)))| (0..meta.chunks.len()).map(move |j| (k, j)))
             .collect();
         let mut outs: Vec<Out> = files.iter().map(|_| Out::Waiting).collect();
-        let mut results: Vec<Option<Result<u64>>> = files.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Result<Finished>>> = files.iter().map(|_| None).collect();
         let mut by_call: HashMap<u64, usize> = HashMap::new();
         let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
         let (mut next_send, mut next_write) = (0usize, 0usize);
@@ -904,10 +907,12 @@ impl Files {
                 }
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
-            .collect())
+        Ok(commit_files(
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
+                .collect(),
+        ))
     }
 
     /// Puts several small items at once (a window in flight); each result
@@ -1175,22 +1180,28 @@ fn partial_file(target: &Path) -> Result<(PathBuf, File)> {
     Ok((tmp, out))
 }
 
-/// Makes a fully written and verified temporary file durable, gives it
-/// the file's time and mode, and renames it into place; on an error,
-/// deletes it.
+/// A restored file fully written and verified in its temporary file,
+/// waiting for [`commit_files`] to make it durable and put it in place.
+struct Finished {
+    tmp: PathBuf,
+    target: PathBuf,
+    size: u64,
+}
+
+/// Gives a fully written and verified temporary file the file's time and
+/// mode; on an error, deletes it.
 fn finish_file(
     tmp: PathBuf,
     out: File,
     target: &Path,
     meta: &FileMeta,
     written: Result<()>,
-) -> Result<u64> {
+) -> Result<Finished> {
     if let Err(e) = written {
         drop(out);
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    out.sync_all()?;
     let mtime = UNIX_EPOCH + std::time::Duration::from_millis(meta.mtime_ms.max(0) as u64);
     let _ = out.set_modified(mtime);
     #[cfg(unix)]
@@ -1198,17 +1209,70 @@ fn finish_file(
         use std::os::unix::fs::PermissionsExt;
         let _ = out.set_permissions(std::fs::Permissions::from_mode(meta.mode));
     }
-    drop(out);
-    std::fs::rename(&tmp, target).with_context(|| format!("cannot write {}", target.display()))?;
-    Ok(meta.size)
+    Ok(Finished {
+        tmp,
+        target: target.to_path_buf(),
+        size: meta.size,
+    })
 }
 
-/// Writes a file through `fill` with [`partial_file`] and [`finish_file`].
+/// Makes finished files durable together and renames each into place: on
+/// Linux one `syncfs` of each file system they are on (one sync for a
+/// group of files instead of one each), elsewhere an fsync of each. If
+/// that fails, every file of the group fails; a file that cannot be
+/// renamed fails alone. A failed file's temporary file is deleted.
+fn commit_files(done: Vec<Result<Finished>>) -> Vec<Result<u64>> {
+    let sync = |f: &Finished| {
+        #[cfg(target_os = "linux")]
+        let r = File::open(&f.tmp).and_then(|h| rustix::fs::syncfs(&h).map_err(Into::into));
+        #[cfg(not(target_os = "linux"))]
+        let r = File::open(&f.tmp).and_then(|h| h.sync_all());
+        r.with_context(|| format!("cannot sync {}", f.target.display()))
+    };
+    let synced: Result<()> = {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let mut devices = Vec::new();
+            done.iter().flatten().try_for_each(|f| {
+                let dev = std::fs::metadata(&f.tmp)
+                    .with_context(|| format!("cannot sync {}", f.target.display()))?
+                    .dev();
+                if devices.contains(&dev) {
+                    return Ok(());
+                }
+                devices.push(dev);
+                sync(f)
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            done.iter().flatten().try_for_each(sync)
+        }
+    };
+    done.into_iter()
+        .map(|r| {
+            let f = r?;
+            if let Err(e) = &synced {
+                let _ = std::fs::remove_file(&f.tmp);
+                bail!("{e:#}");
+            }
+            if let Err(e) = std::fs::rename(&f.tmp, &f.target) {
+                let _ = std::fs::remove_file(&f.tmp);
+                return Err(e).with_context(|| format!("cannot write {}", f.target.display()));
+            }
+            Ok(f.size)
+        })
+        .collect()
+}
+
+/// Writes a file through `fill` with [`partial_file`] and [`finish_file`]
+/// (not yet in place: see [`commit_files`]).
 fn write_file(
     target: &Path,
     meta: &FileMeta,
     fill: impl FnOnce(&mut File) -> Result<()>,
-) -> Result<u64> {
+) -> Result<Finished> {
     let (tmp, mut out) = partial_file(target)?;
     let r = fill(&mut out);
     finish_file(tmp, out, target, meta, r)
@@ -1285,6 +1349,68 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restored_files_go_in_place_together_and_failures_leave_nothing() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let meta = |size: u64| FileMeta {
+            path: String::new(),
+            size,
+            mtime_ms: 1_600_000_000_000,
+            mode: 0o640,
+            chunks: Vec::new(),
+        };
+        let mut done = Vec::new();
+        for (name, body) in [("a", &b"alpha"[..]), ("b", b"bravo!")] {
+            let target = dir.path().join(name);
+            done.push(write_file(&target, &meta(body.len() as u64), |out| {
+                out.write_all(body)?;
+                Ok(())
+            }));
+        }
+        // Not in place before the commit.
+        assert!(!dir.path().join("a").exists());
+        // A file whose contents failed, and one whose place is taken by a
+        // directory (its rename fails).
+        done.push(write_file(&dir.path().join("c"), &meta(1), |_| {
+            bail!("a chunk of this file is missing from the ring")
+        }));
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d").join("x"), b"keep").unwrap();
+        done.push(write_file(&dir.path().join("d"), &meta(4), |out| {
+            out.write_all(b"dddd")?;
+            Ok(())
+        }));
+        let r = commit_files(done);
+        assert_eq!(r[0].as_ref().unwrap(), &5);
+        assert_eq!(r[1].as_ref().unwrap(), &6);
+        assert!(format!("{:#}", r[2].as_ref().unwrap_err()).contains("missing from the ring"));
+        assert!(format!("{:#}", r[3].as_ref().unwrap_err()).contains("cannot write"));
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"alpha");
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"bravo!");
+        let m = std::fs::metadata(dir.path().join("b")).unwrap();
+        assert_eq!(
+            m.modified().unwrap(),
+            UNIX_EPOCH + std::time::Duration::from_millis(1_600_000_000_000)
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(m.permissions().mode() & 0o777, 0o640);
+        }
+        // Only the results are left: no temporary file, the directory untouched.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "d"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("d").join("x")).unwrap(),
+            b"keep"
+        );
+        assert!(commit_files(Vec::new()).is_empty());
+    }
 
     #[test]
     fn the_catalog_follows_puts_and_removes_and_prefixes_mean_directories() {
