@@ -1090,62 +1090,121 @@ impl Files {
 
     /// Takes `user`'s access away from every file at or under `path`: each
     /// file gets a new key, its content is re-encrypted, a new manifest
-    /// without them is stored, and the old blocks are deleted.
+    /// without them is stored, and the old blocks are deleted. A group of
+    /// files at a time: manifests fetched together, small files' chunks
+    /// fetched and stored together, the new versions signed in one batch,
+    /// the old chunks' tombstones in another.
     pub async fn revoke(&mut self, path: &str, user: UserId) -> Result<u64> {
         let cat = self.catalog().await?;
         let chosen = cat.pick(path)?;
         let me = self.id.user_id();
+        let mut pubkeys: HashMap<UserId, PubKeyRecord> = HashMap::new();
         let mut count = 0;
-        for (p, e) in chosen {
-            let at = self.own_manifest(&e.file_id);
-            let (m, old_key, meta) = self.open(at).await?;
-            if m.acl.reader(&user).is_none() && !m.acl.allows_writer(&user) {
+        for group in chosen.chunks(RESTORE_GROUP) {
+            let positions: Vec<Id> = group
+                .iter()
+                .map(|(_, e)| self.own_manifest(&e.file_id))
+                .collect();
+            let mut listed: Vec<(String, Opened)> = Vec::new();
+            for ((p, _), item) in group.iter().zip(self.get_many(&positions).await?) {
+                let (m, key, meta) = item
+                    .and_then(|i| self.open_item(i))
+                    .with_context(|| format!("revoking on {p}"))?;
+                if m.acl.reader(&user).is_some() || m.acl.allows_writer(&user) {
+                    listed.push((p.clone(), (m, key, meta)));
+                }
+            }
+            if listed.is_empty() {
                 continue;
             }
-            let new_key = FileKey::generate(&mut OsRng);
-            let mut rk = Rekeyer::new(&old_key, &new_key, m.file_id, &meta);
-            let owner = me;
-            for c in &meta.chunks {
-                let data = match self.get(filecrypt_block_position(c)).await? {
-                    Some(Item::Block(b)) => b.into_data(),
-                    _ => bail!("{p}: a chunk is missing; cannot re-encrypt"),
-                };
-                for sealed in rk
-                    .push(&mut OsRng, &data)
-                    .map_err(|e| anyhow!("{p}: {e}"))?
-                {
-                    self.put(Item::Block(Block::new(owner, sealed))).await?;
+            // Every file's content under a new key.
+            let small: Vec<usize> = (0..listed.len())
+                .filter(|&i| {
+                    let meta = &listed[i].1 .2;
+                    meta.chunks.len() == 1 && meta.size <= GROUP_FILE_BYTES
+                })
+                .collect();
+            let at: Vec<Id> = small
+                .iter()
+                .map(|&i| filecrypt_block_position(&listed[i].1 .2.chunks[0]))
+                .collect();
+            let mut fetched: HashMap<usize, Vec<u8>> = HashMap::new();
+            for (&i, r) in small.iter().zip(self.get_many(&at).await?) {
+                let data = r
+                    .and_then(block_data)
+                    .with_context(|| format!("{}: cannot re-encrypt", listed[i].0))?;
+                fetched.insert(i, data);
+            }
+            let mut new_keys = Vec::with_capacity(listed.len());
+            let mut new_metas = Vec::with_capacity(listed.len());
+            let mut blocks: Vec<Item> = Vec::new();
+            for (i, (p, (m, old_key, meta))) in listed.iter().enumerate() {
+                let new_key = FileKey::generate(&mut OsRng);
+                let mut rk = Rekeyer::new(old_key, &new_key, m.file_id, meta);
+                for c in &meta.chunks {
+                    let data = match fetched.remove(&i) {
+                        Some(d) => d,
+                        None => match self.get(filecrypt_block_position(c)).await? {
+                            Some(Item::Block(b)) => b.into_data(),
+                            _ => bail!("{p}: a chunk is missing; cannot re-encrypt"),
+                        },
+                    };
+                    for sealed in rk
+                        .push(&mut OsRng, &data)
+                        .map_err(|e| anyhow!("{p}: {e}"))?
+                    {
+                        // Large files' chunks go at once (memory stays flat).
+                        self.put(Item::Block(Block::new(me, sealed))).await?;
+                    }
+                }
+                let fin = rk.finish(&mut OsRng).map_err(|e| anyhow!("{p}: {e}"))?;
+                blocks.push(Item::Block(Block::new(me, fin.last_chunk)));
+                new_keys.push(new_key);
+                new_metas.push(FileMeta {
+                    chunks: fin.chunk_ids,
+                    ..meta.clone()
+                });
+            }
+            for ((p, _), r) in listed.iter().zip(self.put_many(blocks).await?) {
+                r.with_context(|| format!("re-encrypting {p}"))?;
+            }
+            // The readers who stay get the new keys.
+            for (_, (m, _, _)) in &listed {
+                for r in &m.acl.readers {
+                    if r.user != user && r.user != me && !pubkeys.contains_key(&r.user) {
+                        let rec = self.pubkey(r.user).await?;
+                        pubkeys.insert(r.user, rec);
+                    }
                 }
             }
-            let fin = rk.finish(&mut OsRng).map_err(|e| anyhow!("{p}: {e}"))?;
-            self.put(Item::Block(Block::new(owner, fin.last_chunk)))
-                .await?;
-            let mut remaining = Vec::new();
-            for r in &m.acl.readers {
-                if r.user != user && r.user != me {
-                    remaining.push(self.pubkey(r.user).await?);
-                }
-            }
-            let new_meta = FileMeta {
-                chunks: fin.chunk_ids,
-                ..meta.clone()
-            };
-            let revoked = filecrypt::revoke(
+            let remaining: Vec<PubKeyRecord> = pubkeys.values().cloned().collect();
+            let batch: Vec<filecrypt::Rekeyed<'_>> = listed
+                .iter()
+                .zip(new_keys.iter().zip(&new_metas))
+                .map(|((_, (m, _, _)), (k, meta))| (m, k, meta))
+                .collect();
+            let revoked = filecrypt::revoke_many(
                 &mut OsRng,
                 &self.id,
-                &m,
+                &batch,
                 &user,
                 &remaining,
-                &new_key,
-                &new_meta,
                 self.min_bits,
             )
-            .map_err(|e| anyhow!("{p}: {e}"))?;
-            self.put(Item::Record(Box::new(Record::Manifest(revoked))))
-                .await
-                .with_context(|| format!("revoking on {p}"))?;
-            self.tombstone(&meta.chunks).await?;
-            count += 1;
+            .map_err(|e| anyhow!("revoking under {path}: {e}"))?;
+            let items = revoked
+                .into_iter()
+                .map(|m| Item::Record(Box::new(Record::Manifest(m))))
+                .collect();
+            for ((p, _), r) in listed.iter().zip(self.put_many(items).await?) {
+                r.with_context(|| format!("revoking on {p}"))?;
+            }
+            let old: Vec<BlockId> = listed
+                .iter()
+                .flat_map(|(_, (_, _, meta))| meta.chunks.iter().copied())
+                .collect();
+            self.tombstone(&old).await?;
+            count += listed.len() as u64;
         }
         Ok(count)
     }

@@ -236,6 +236,57 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
         "alice restores after revoke",
     );
     assert!(std::fs::read(adir.join("mib.bin")).expect("restored") == want);
+
+    // A directory: shared and revoked as a whole (a large and a small file).
+    let dir = path_str(&data.join("sub/deeper"));
+    let r = ok(
+        cli(&c, &alice, 1, &["share", &dir, "--with", &bob_id]),
+        "share a directory",
+    );
+    let links: Vec<(String, String)> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(link, p)| (link.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(links.len(), 2, "a link per file: {}", r.describe());
+    for (link, p) in &links {
+        let out = c.dir().join("bob-dir");
+        ok(
+            cli(&c, &bob, 2, &["restore", link, "--to", &path_str(&out)]),
+            "bob restores a file of the shared directory",
+        );
+        let name = Path::new(p).file_name().expect("a file name");
+        let rel = Path::new("sub/deeper").join(name);
+        assert!(std::fs::read(out.join(name)).expect("restored") == tree[&rel]);
+    }
+    let r = ok(
+        cli(&c, &alice, 3, &["revoke", &dir, "--from", &bob_id]),
+        "revoke a directory",
+    );
+    assert!(r.stdout.contains("revoked on 2 files"), "{}", r.describe());
+    for (link, _) in &links {
+        let r = cli(
+            &c,
+            &bob,
+            0,
+            &["restore", link, "--to", &path_str(&c.dir().join("b3"))],
+        );
+        assert!(
+            denied(&r),
+            "bob reads after the directory revoke: {}",
+            r.describe()
+        );
+    }
+    let adir = c.dir().join("alice-dir-after");
+    ok(
+        cli(&c, &alice, 4, &["restore", &dir, "--to", &path_str(&adir)]),
+        "alice restores the directory after the revoke",
+    );
+    for name in ["big.bin", "note.md"] {
+        let rel = Path::new("sub/deeper").join(name);
+        assert!(std::fs::read(adir.join("deeper").join(name)).expect("restored") == tree[&rel]);
+    }
     c.assert_no_panics();
 }
 
