@@ -1670,6 +1670,36 @@ mod tests {
         std::iter::from_fn(|| n.poll_output()).collect()
     }
 
+    /// `from`, a member, answers our request `req` with its predecessor
+    /// and successor list.
+    fn deliver_state(
+        n: &mut Node,
+        now: u64,
+        from: Peer,
+        req: ReqId,
+        pred: Option<Peer>,
+        succs: Vec<Peer>,
+    ) {
+        let msg = Message::State {
+            req,
+            member: true,
+            pred,
+            succs,
+        };
+        n.handle(now, Input::Message { from, msg });
+    }
+
+    /// `from` answers our request `req`: it is not in a ring.
+    fn deliver_not_member(n: &mut Node, now: u64, from: Peer, req: ReqId) {
+        let msg = Message::State {
+            req,
+            member: false,
+            pred: None,
+            succs: Vec::new(),
+        };
+        n.handle(now, Input::Message { from, msg });
+    }
+
     #[test]
     fn sanitize_cuts_at_wrap_duplicates_and_self() {
         let me = Id::from_u128(10);
@@ -1708,17 +1738,13 @@ mod tests {
             })
             .expect("asks its successor");
         // 30 says its predecessor is 20, between us: we must ask 20 first.
-        n.handle(
+        deliver_state(
+            &mut n,
             5,
-            Input::Message {
-                from: peer(30),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: Some(peer(20)),
-                    succs: vec![peer(40), peer(50)],
-                },
-            },
+            peer(30),
+            req,
+            Some(peer(20)),
+            vec![peer(40), peer(50)],
         );
         assert_eq!(n.successors(), &[peer(30), peer(40), peer(50)]);
         let out = drain(&mut n);
@@ -1757,18 +1783,7 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        n.handle(
-            5,
-            Input::Message {
-                from: peer(30),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: Some(peer(20)),
-                    succs: vec![peer(40)],
-                },
-            },
-        );
+        deliver_state(&mut n, 5, peer(30), req, Some(peer(20)), vec![peer(40)]);
         assert_eq!(n.successors()[0], peer(20));
     }
 
@@ -1788,18 +1803,7 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        n.handle(
-            1,
-            Input::Message {
-                from: peer(99),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: Some(peer(20)),
-                    succs: vec![peer(40)],
-                },
-            },
-        );
+        deliver_state(&mut n, 1, peer(99), req, Some(peer(20)), vec![peer(40)]);
         assert_eq!(n.successors(), &[peer(30)]);
         assert_eq!(n.stats().dropped_unexpected, 1);
     }
@@ -1830,18 +1834,7 @@ mod tests {
                 _ => None,
             })
             .expect("probes the old predecessor");
-        n.handle(
-            2,
-            Input::Message {
-                from: peer(90),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: None,
-                    succs: vec![],
-                },
-            },
-        );
+        deliver_state(&mut n, 2, peer(90), req, None, vec![]);
         assert_eq!(n.predecessor(), Some(peer(90)));
         // Now 90 stays silent. One timeout is not enough (a lost message)...
         n.handle(
@@ -2123,18 +2116,7 @@ mod tests {
                 _ => None,
             })
             .expect("asks the next entry about 30");
-        n.handle(
-            now,
-            Input::Message {
-                from: peer(40),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: Some(peer(10)),
-                    succs: vec![peer(50)],
-                },
-            },
-        );
+        deliver_state(&mut n, now, peer(40), req, Some(peer(10)), vec![peer(50)]);
         let probes: Vec<(Peer, ReqId)> = drain(&mut n)
             .into_iter()
             .filter_map(|o| match o {
@@ -2207,18 +2189,7 @@ mod tests {
         let (mut n, probes, now) = origin_probing();
         let (to, req) = probes[1];
         // 50 answers the probe with a State: counted, and taken as no answer.
-        n.handle(
-            now + 1,
-            Input::Message {
-                from: to,
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: None,
-                    succs: vec![],
-                },
-            },
-        );
+        deliver_state(&mut n, now + 1, to, req, None, vec![]);
         assert_eq!(n.stats().dropped_unexpected, 1);
         result(&mut n, now + 2, probes[0], false);
         assert_eq!(n.successors()[0], peer(40));
@@ -2270,18 +2241,7 @@ mod tests {
         // 30 answers: alive.
         let (mut n, out) = witness_asked(30);
         let req = get_state_to(&out, peer(30)).expect("the witness asks 30");
-        n.handle(
-            2,
-            Input::Message {
-                from: peer(30),
-                msg: Message::State {
-                    req,
-                    member: true,
-                    pred: Some(peer(10)),
-                    succs: vec![peer(40)],
-                },
-            },
-        );
+        deliver_state(&mut n, 2, peer(30), req, Some(peer(10)), vec![peer(40)]);
         assert_eq!(probe_result_to_10(&drain(&mut n)), Some(true));
         assert_eq!(n.probes_serving, 0);
 
@@ -2294,18 +2254,7 @@ mod tests {
         // 30 answers but is not in a ring (it restarted): gone.
         let (mut n, out) = witness_asked(30);
         let req = get_state_to(&out, peer(30)).expect("the witness asks 30");
-        n.handle(
-            2,
-            Input::Message {
-                from: peer(30),
-                msg: Message::State {
-                    req,
-                    member: false,
-                    pred: None,
-                    succs: vec![],
-                },
-            },
-        );
+        deliver_not_member(&mut n, 2, peer(30), req);
         assert_eq!(probe_result_to_10(&drain(&mut n)), Some(false));
 
         // Asked about itself: alive at once, no request.
