@@ -750,18 +750,14 @@ impl Files {
                     dest.join(rel.strip_prefix("/").unwrap_or(rel))
                 })
                 .collect();
-            let positions: Vec<Id> = group
-                .iter()
-                .map(|(_, e)| self.own_manifest(&e.file_id))
-                .collect();
-            let items = self.get_many(&positions).await?;
+            let items = self.open_group(group).await?;
             let mut opened: Vec<Option<Opened>> = Vec::with_capacity(group.len());
             let fail = |report: &mut RestoreReport, p: &str, err: anyhow::Error| {
                 progress.note(&format!("failed {p}: {err:#}"));
                 report.failed.push((p.to_string(), format!("{err:#}")));
             };
             for ((p, _), item) in group.iter().zip(items) {
-                match item.and_then(|i| self.open_item(i)) {
+                match item {
                     Ok(o) => opened.push(Some(o)),
                     Err(err) => {
                         fail(&mut report, p, err);
@@ -915,6 +911,30 @@ impl Files {
         ))
     }
 
+    /// Fetches the manifests of a group of our files together and opens
+    /// each; one result per file, in order.
+    async fn open_group(&mut self, group: &[(String, Entry)]) -> Result<Vec<Result<Opened>>> {
+        let positions: Vec<Id> = group
+            .iter()
+            .map(|(_, e)| self.own_manifest(&e.file_id))
+            .collect();
+        Ok(self
+            .get_many(&positions)
+            .await?
+            .into_iter()
+            .map(|item| item.and_then(|i| self.open_item(i)))
+            .collect())
+    }
+
+    /// Stores new manifest versions together; each result in order.
+    async fn put_manifests(&mut self, ms: Vec<Manifest>) -> Result<Vec<Result<()>>> {
+        let items = ms
+            .into_iter()
+            .map(|m| Item::Record(Box::new(Record::Manifest(m))))
+            .collect();
+        self.put_many(items).await
+    }
+
     /// Puts several small items at once (a window in flight); each result
     /// in the order given.
     async fn put_many(&mut self, items: Vec<Item>) -> Result<Vec<Result<()>>> {
@@ -1017,18 +1037,11 @@ impl Files {
         // A group of files at a time: their manifests fetched together,
         // then all their blocks' tombstones signed in one batch.
         for group in chosen.chunks(RESTORE_GROUP) {
-            let positions: Vec<Id> = group
-                .iter()
-                .map(|(_, e)| self.own_manifest(&e.file_id))
-                .collect();
             let mut chunks: Vec<BlockId> = Vec::new();
-            for item in self.get_many(&positions).await? {
-                // A manifest that cannot be read leaves its blocks behind
-                // (as it always did); the file is gone from the list
-                // either way.
-                if let Ok((_, _, meta)) = item.and_then(|i| self.open_item(i)) {
-                    chunks.extend(meta.chunks);
-                }
+            // A manifest that cannot be read leaves its blocks behind (as it
+            // always did); the file is gone from the list either way.
+            for (_, _, meta) in self.open_group(group).await?.into_iter().flatten() {
+                chunks.extend(meta.chunks);
             }
             self.tombstone(&chunks).await?;
         }
@@ -1063,24 +1076,14 @@ impl Files {
         // A group of files at a time: their manifests fetched together,
         // the new versions signed in one batch and stored together.
         for group in chosen.chunks(RESTORE_GROUP) {
-            let positions: Vec<Id> = group
-                .iter()
-                .map(|(_, e)| self.own_manifest(&e.file_id))
-                .collect();
             let mut ms = Vec::with_capacity(group.len());
-            for ((p, _), item) in group.iter().zip(self.get_many(&positions).await?) {
-                let (m, _, _) = item
-                    .and_then(|i| self.open_item(i))
-                    .with_context(|| format!("sharing {p}"))?;
+            for ((p, _), item) in group.iter().zip(self.open_group(group).await?) {
+                let (m, _, _) = item.with_context(|| format!("sharing {p}"))?;
                 ms.push(m);
             }
             let shared = filecrypt::share_many(&mut OsRng, &self.id, &ms, &rec, self.min_bits)
                 .map_err(|e| anyhow!("sharing under {path}: {e}"))?;
-            let items = shared
-                .into_iter()
-                .map(|m| Item::Record(Box::new(Record::Manifest(m))))
-                .collect();
-            for ((p, e), r) in group.iter().zip(self.put_many(items).await?) {
+            for ((p, e), r) in group.iter().zip(self.put_manifests(shared).await?) {
                 r.with_context(|| format!("sharing {p}"))?;
                 links.push((p.clone(), link(self.id.user_id(), &e.file_id)));
             }
@@ -1101,15 +1104,9 @@ impl Files {
         let mut pubkeys: HashMap<UserId, PubKeyRecord> = HashMap::new();
         let mut count = 0;
         for group in chosen.chunks(RESTORE_GROUP) {
-            let positions: Vec<Id> = group
-                .iter()
-                .map(|(_, e)| self.own_manifest(&e.file_id))
-                .collect();
             let mut listed: Vec<(String, Opened)> = Vec::new();
-            for ((p, _), item) in group.iter().zip(self.get_many(&positions).await?) {
-                let (m, key, meta) = item
-                    .and_then(|i| self.open_item(i))
-                    .with_context(|| format!("revoking on {p}"))?;
+            for ((p, _), item) in group.iter().zip(self.open_group(group).await?) {
+                let (m, key, meta) = item.with_context(|| format!("revoking on {p}"))?;
                 if m.acl.reader(&user).is_some() || m.acl.allows_writer(&user) {
                     listed.push((p.clone(), (m, key, meta)));
                 }
@@ -1192,11 +1189,7 @@ impl Files {
                 self.min_bits,
             )
             .map_err(|e| anyhow!("revoking under {path}: {e}"))?;
-            let items = revoked
-                .into_iter()
-                .map(|m| Item::Record(Box::new(Record::Manifest(m))))
-                .collect();
-            for ((p, _), r) in listed.iter().zip(self.put_many(items).await?) {
+            for ((p, _), r) in listed.iter().zip(self.put_manifests(revoked).await?) {
                 r.with_context(|| format!("revoking on {p}"))?;
             }
             let old: Vec<BlockId> = listed

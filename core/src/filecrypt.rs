@@ -1731,20 +1731,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sharing_many_at_once_is_sharing_each() {
-        let (owner, reader, stranger) = (test_identity(0), test_identity(1), test_identity(2));
-        let keys: Vec<FileKey> = (0..3).map(|i| key(70 + i)).collect();
+    /// Three small files of `owner`'s, their manifests made in one batch;
+    /// keys, file ids and randomness drawn from `seed`.
+    fn three_files(owner: &Identity, seed: u64) -> (Vec<FileKey>, Vec<FileMeta>, Vec<Manifest>) {
+        let keys: Vec<FileKey> = (0..3).map(|i| key(seed + i)).collect();
         let metas: Vec<FileMeta> = (0..3)
-            .map(|i| meta_for(&format!("s{i}"), 0, vec![[i as u8; 32]]))
+            .map(|i| meta_for(&format!("f{seed}-{i}"), 0, vec![[i as u8; 32]]))
             .collect();
         let files: Vec<(FileId, &FileKey, &FileMeta)> = (0..3)
-            .map(|i| ([10 + i as u8; 32], &keys[i], &metas[i]))
+            .map(|i| ([seed as u8 + i as u8; 32], &keys[i], &metas[i]))
             .collect();
-        let ms: Vec<Manifest> = new_file_manifests(&mut rng(71), owner, &files, 1)
+        let ms = new_file_manifests(&mut rng(seed + 10), owner, &files, 1)
             .into_iter()
             .collect::<Result<_, _>>()
             .unwrap();
+        (keys, metas, ms)
+    }
+
+    #[test]
+    fn sharing_many_at_once_is_sharing_each() {
+        let (owner, reader, stranger) = (test_identity(0), test_identity(1), test_identity(2));
+        let (keys, metas, ms) = three_files(owner, 70);
         let shared = share_many(&mut rng(72), owner, &ms, &pubkey(1), TEST_BITS).unwrap();
         for (i, m) in shared.iter().enumerate() {
             assert_eq!(m.acl.epoch, ms[i].acl.epoch + 1);
@@ -1767,17 +1774,7 @@ mod tests {
     #[test]
     fn revoking_many_at_once_is_revoking_each() {
         let (owner, alice, bob) = (test_identity(0), test_identity(1), test_identity(2));
-        let keys: Vec<FileKey> = (0..3).map(|i| key(80 + i)).collect();
-        let metas: Vec<FileMeta> = (0..3)
-            .map(|i| meta_for(&format!("r{i}"), 0, vec![[i as u8; 32]]))
-            .collect();
-        let files: Vec<(FileId, &FileKey, &FileMeta)> = (0..3)
-            .map(|i| ([20 + i as u8; 32], &keys[i], &metas[i]))
-            .collect();
-        let ms: Vec<Manifest> = new_file_manifests(&mut rng(81), owner, &files, 1)
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let (keys, _, ms) = three_files(owner, 80);
         let ms = share_many(&mut rng(82), owner, &ms, &pubkey(1), TEST_BITS).unwrap();
         let ms = share_many(&mut rng(83), owner, &ms, &pubkey(2), TEST_BITS).unwrap();
         let new_keys: Vec<FileKey> = (0..3).map(|i| key(90 + i)).collect();

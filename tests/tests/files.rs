@@ -196,14 +196,17 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
         .nth(3)
         .expect("a link column")
         .to_string();
-    let denied = |r: &Ran| !r.status.success() && r.stderr.contains("not listed");
-    let r = cli(
-        &c,
-        &bob,
-        3,
-        &["restore", &link, "--to", &path_str(&c.dir().join("b0"))],
-    );
-    assert!(denied(&r), "bob reads before the share: {}", r.describe());
+    // Bob, entering by `node`, is refused `link` (restored to a scratch dir).
+    let assert_denied = |node: usize, link: &str, when: &str| {
+        let out = path_str(&c.dir().join("denied"));
+        let r = cli(&c, &bob, node, &["restore", link, "--to", &out]);
+        assert!(
+            !r.status.success() && r.stderr.contains("not listed"),
+            "bob reads {when}: {}",
+            r.describe()
+        );
+    };
+    assert_denied(3, &link, "before the share");
     let r = ok(
         cli(&c, &alice, 2, &["share", &file, "--with", &bob_id]),
         "share",
@@ -223,13 +226,7 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
         cli(&c, &alice, 0, &["revoke", &file, "--from", &bob_id]),
         "revoke",
     );
-    let r = cli(
-        &c,
-        &bob,
-        1,
-        &["restore", &link, "--to", &path_str(&c.dir().join("b2"))],
-    );
-    assert!(denied(&r), "bob reads after the revoke: {}", r.describe());
+    assert_denied(1, &link, "after the revoke");
     let adir = c.dir().join("alice-after");
     ok(
         cli(&c, &alice, 4, &["restore", &file, "--to", &path_str(&adir)]),
@@ -266,17 +263,7 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
     );
     assert!(r.stdout.contains("revoked on 2 files"), "{}", r.describe());
     for (link, _) in &links {
-        let r = cli(
-            &c,
-            &bob,
-            0,
-            &["restore", link, "--to", &path_str(&c.dir().join("b3"))],
-        );
-        assert!(
-            denied(&r),
-            "bob reads after the directory revoke: {}",
-            r.describe()
-        );
+        assert_denied(0, link, "after the directory revoke");
     }
     let adir = c.dir().join("alice-dir-after");
     ok(
