@@ -138,12 +138,24 @@ impl Lookup {
     }
 
     fn add_candidate(&mut self, p: Peer) {
-        let d = p.id.distance_to(self.key);
-        let at = self.candidates.partition_point(|c| c.0 > d);
-        // Equal distance means the same id: it is already there.
-        if self.candidates.get(at).is_none_or(|c| c.0 != d) {
-            self.candidates.insert(at, (d, p));
+        let before = self.candidates.len();
+        self.candidates.push((p.id.distance_to(self.key), p));
+        self.sort_candidates(before);
+    }
+
+    /// Entries from `before` on were just appended: sorts the list back to
+    /// farthest first with the first offer of each id. One stable sort of the
+    /// sorted run plus the new entries, instead of an insertion each (a hot
+    /// spot in large simulations).
+    fn sort_candidates(&mut self, before: usize) {
+        if self.candidates.len() == before {
+            return;
         }
+        // Stable: among equal distances (the same id) the earlier offer comes
+        // first, and `dedup_by` keeps the first of each run.
+        self.candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        self.candidates
+            .dedup_by(|later, earlier| later.0 == earlier.0);
     }
 
     /// A responder `from` (or the querier itself, `local`) reports its successor
@@ -175,25 +187,35 @@ impl Lookup {
                 self.verify = succs[start..].iter().rev().map(|p| (*p, 0)).collect();
                 // If every answer candidate is dead, route on from the live
                 // entries before the key: their lists reach further.
-                for p in succs[..start].iter().chain(closer) {
-                    if p.id.in_open(from.id, self.key) && self.strikes(p.id) == 0 {
-                        self.add_candidate(*p);
-                    }
-                }
+                let (key, strikes) = (self.key, &self.strikes);
+                let before = self.candidates.len();
+                self.candidates.extend(
+                    succs[..start]
+                        .iter()
+                        .chain(closer)
+                        .filter(|p| p.id.in_open(from.id, key) && !strikes.contains_key(&p.id))
+                        .map(|p| (p.id.distance_to(key), *p)),
+                );
+                self.sort_candidates(before);
                 return self.next_step();
             }
         }
         let from_dist = from.id.distance_to(self.key);
-        for p in succs.iter().chain(closer) {
-            let d = p.id.distance_to(self.key);
-            if d < from_dist
-                && d != Id::ZERO
-                && !self.asked.contains(&p.id)
-                && self.strikes(p.id) == 0
-            {
-                self.add_candidate(*p);
-            }
-        }
+        let (key, asked, strikes) = (self.key, &self.asked, &self.strikes);
+        let before = self.candidates.len();
+        self.candidates.extend(
+            succs
+                .iter()
+                .chain(closer)
+                .map(|p| (p.id.distance_to(key), *p))
+                .filter(|(d, p)| {
+                    *d < from_dist
+                        && *d != Id::ZERO
+                        && !asked.contains(&p.id)
+                        && !strikes.contains_key(&p.id)
+                }),
+        );
+        self.sort_candidates(before);
         self.next_step()
     }
 

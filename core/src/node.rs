@@ -1560,8 +1560,20 @@ impl Node {
         Self::sanitize_iter(self.me.id, self.cfg.successors_max, list)
     }
 
-    fn sanitize_for(origin: NodeId, max: usize, list: Vec<Peer>) -> Vec<Peer> {
-        Self::sanitize_iter(origin, max, list.into_iter())
+    fn sanitize_for(origin: NodeId, max: usize, mut list: Vec<Peer>) -> Vec<Peer> {
+        // In place: the same cut as `sanitize_iter`, without a second vector.
+        let mut keep = 0;
+        let mut prev = Id::ZERO;
+        for p in list.iter().take(max) {
+            let d = origin.distance_to(p.id);
+            if d == Id::ZERO || (keep > 0 && d <= prev) {
+                break;
+            }
+            prev = d;
+            keep += 1;
+        }
+        list.truncate(keep);
+        list
     }
 
     /// Keeps the prefix of `list` that is in strict ring order after `origin`

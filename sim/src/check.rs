@@ -10,7 +10,7 @@
 //!   skips.
 
 use peerstore_core::{Id, Peer, ID_BITS};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fmt;
 
 /// One node as the checkers see it.
@@ -169,7 +169,7 @@ fn best_succ(v: &View, members: &Members) -> Option<Id> {
 pub fn check_safety(views: &[View], r: usize) -> Vec<Violation> {
     let members = Members::new(views.iter().map(|v| v.id).collect());
     let mut out = Vec::new();
-    let index: HashMap<Id, usize> = views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+    let index: FxHashMap<Id, usize> = views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
 
     // Local properties and bestSucc.
     let mut best: Vec<Option<usize>> = Vec::with_capacity(views.len());
@@ -177,11 +177,14 @@ pub fn check_safety(views: &[View], r: usize) -> Vec<Violation> {
         let mut prev = Id::ZERO;
         for (k, p) in v.succs.iter().enumerate() {
             let d = v.id.distance_to(p.id);
-            if d == Id::ZERO || v.succs[..k].iter().any(|q| q.id == p.id) {
+            // While distances rise strictly, an entry cannot repeat an earlier
+            // one: only a non-rising entry needs the scan for a duplicate.
+            let rising = k == 0 || d > prev;
+            if d == Id::ZERO || (!rising && v.succs[..k].iter().any(|q| q.id == p.id)) {
                 out.push(Violation::Duplicates { node: v.id });
                 break;
             }
-            if k > 0 && d <= prev {
+            if !rising {
                 out.push(Violation::UnorderedSuccessorList { node: v.id });
                 break;
             }
@@ -277,7 +280,7 @@ pub fn check_safety(views: &[View], r: usize) -> Vec<Violation> {
         }
     }
 
-    let skips = skips(views);
+    let skips = skips_among(views, &members);
     let principals = skips.iter().filter(|(_, by)| by.is_none()).count();
     if principals < r + 1 && members.len() > r {
         let example = skips.iter().find_map(|(id, by)| by.map(|b| (*id, b)));
@@ -301,7 +304,11 @@ pub fn principals(views: &[View]) -> Vec<Id> {
 
 /// Every member with one member that skips it, if any.
 fn skips(views: &[View]) -> Vec<(Id, Option<Id>)> {
-    let members = Members::new(views.iter().map(|v| v.id).collect());
+    skips_among(views, &Members::new(views.iter().map(|v| v.id).collect()))
+}
+
+/// [`skips`] with the members (the views' ids) already sorted.
+fn skips_among(views: &[View], members: &Members) -> Vec<(Id, Option<Id>)> {
     let n = members.len();
     let mut skipped: Vec<Option<Id>> = vec![None; n];
     for v in views {

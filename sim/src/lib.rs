@@ -5,6 +5,7 @@
 pub mod check;
 pub mod config;
 pub mod net;
+pub mod queue;
 pub mod report;
 pub mod script;
 pub mod secure;

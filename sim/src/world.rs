@@ -6,6 +6,7 @@
 use crate::check::{self, View, Violation};
 use crate::config::{CheckMode, Cut, Fault, FaultKind, Session, SimConfig, Start};
 use crate::net::{Fate, Network};
+use crate::queue::EventQueue;
 use crate::report::{LookupStats, Report, Sample, SecurityReport, ViolationReport};
 use crate::storage::{Disk, Expect, Records, StorageReport};
 use peerstore_core::gate::{ClientOp, ClientRequest, Gate, GateCmd, GateOutput, GateReply};
@@ -17,8 +18,7 @@ use peerstore_core::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Weibull};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 #[derive(Clone, Debug)]
 enum Ev {
@@ -123,8 +123,8 @@ impl Ev {
     }
 }
 
-/// A popped event. The heap holds only (time, seq, slab index), 24 bytes,
-/// so sifting does not move whole messages around.
+/// A popped event. The queue holds only slab indices, so it does not move
+/// whole messages around.
 struct Queued {
     at: u64,
     ev: Ev,
@@ -200,9 +200,9 @@ pub struct World {
     r: usize,
     node_cfg: peerstore_core::Config,
     now: u64,
-    seq: u64,
     events: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    /// Pending events (slab indices) in (time, sequence) order.
+    queue: EventQueue<u32>,
     slab: Vec<Option<Ev>>,
     slab_free: Vec<u32>,
     slots: Vec<Slot>,
@@ -379,9 +379,8 @@ impl World {
             r,
             node_cfg,
             now: 0,
-            seq: 0,
             events: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(),
             slab: Vec::new(),
             slab_free: Vec::new(),
             slots: Vec::new(),
@@ -441,7 +440,6 @@ impl World {
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
-        self.seq += 1;
         let idx = match self.slab_free.pop() {
             Some(i) => {
                 self.slab[i as usize] = Some(ev);
@@ -452,11 +450,11 @@ impl World {
                 (self.slab.len() - 1) as u32
             }
         };
-        self.queue.push(Reverse((at, self.seq, idx)));
+        self.queue.push(at, idx);
     }
 
     fn pop(&mut self) -> Option<Queued> {
-        let Reverse((at, _, idx)) = self.queue.pop()?;
+        let (at, idx) = self.queue.pop()?;
         let ev = self.slab[idx as usize]
             .take()
             .expect("queued events are in the slab");
@@ -1140,6 +1138,17 @@ impl World {
                     return;
                 }
                 s.wake_at = u64::MAX;
+                // A wake armed for a request deadline that a reply has since
+                // cleared finds nothing due: re-arm it for what is, and leave
+                // the node untouched (a timeout with nothing due is a no-op).
+                let due = s.node.as_ref().and_then(|n| n.poll_timeout());
+                if due.is_none_or(|t| t > self.now) {
+                    if let Some(t) = due {
+                        s.wake_at = t;
+                        self.push(t, Ev::Wake { node });
+                    }
+                    return;
+                }
                 self.handle(node, Input::Timeout);
             }
             Ev::Fault(kind) => {
