@@ -191,6 +191,10 @@ enum Wait {
         candidate: Peer,
     },
     Lookup(LookupId),
+    /// Fix-fingers: is far finger `i` still the successor of its target?
+    /// One GetState to the finger answers it in a steady ring; a lookup runs
+    /// only when it is not.
+    FingerCheck(usize),
     /// A coordinated client write or read waiting on one replica.
     StorePut(OpId),
     StoreGet(OpId),
@@ -879,6 +883,7 @@ impl Node {
                 }
             }
             Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(None)),
+            Wait::FingerCheck(i) => self.finger_checked(now_ms, i, p.to, None),
             w if w.is_storage() => self.store_request_failed(now_ms, p.to, w),
             _ => unreachable!("every wait kind is handled above"),
         }
@@ -920,6 +925,7 @@ impl Node {
             }
             Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
             Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((false, None)))),
+            Wait::FingerCheck(i) => self.finger_checked(now_ms, i, p.to, None),
             // A witness or candidate outside the ring tells us nothing.
             Wait::StabilizeCandidate | Wait::ConfirmDead { .. } | Wait::Probe { .. } => {
                 self.request_timed_out(now_ms, p)
@@ -1162,7 +1168,31 @@ impl Node {
             i - 1
         };
         self.fixing_finger = true;
-        self.start_lookup(now_ms, self.me.id.add_pow2(i), Purpose::Finger(i));
+        match self.fingers[i] {
+            // The finger holds if its predecessor precedes the target: one
+            // round trip instead of a lookup's several.
+            Some(f) if f.id != self.me.id => self.request(
+                now_ms,
+                f,
+                |req| Message::GetState { req },
+                Wait::FingerCheck(i),
+                true,
+            ),
+            _ => self.start_lookup(now_ms, self.me.id.add_pow2(i), Purpose::Finger(i)),
+        }
+    }
+
+    /// The answer to a finger check: `pred` is the finger's predecessor, if
+    /// it is a member and answered at all.
+    fn finger_checked(&mut self, now_ms: u64, i: usize, finger: Peer, pred: Option<Option<Peer>>) {
+        let target = self.me.id.add_pow2(i);
+        let holds = matches!(pred, Some(Some(x)) if target.in_open_closed(x.id, finger.id));
+        if holds || i < self.far_low {
+            // Still right, or the successor list covers it now.
+            self.fixing_finger = false;
+        } else {
+            self.start_lookup(now_ms, target, Purpose::Finger(i));
+        }
     }
 
     fn rectify(&mut self, now_ms: u64, n: Peer) {
@@ -1281,6 +1311,7 @@ impl Node {
                         self.checking_pred = false;
                         self.pred_fails = (0, 0);
                     }
+                    Wait::FingerCheck(i) => self.finger_checked(now_ms, i, from, Some(pred)),
                     Wait::ConfirmDead {
                         suspect,
                         hops,
@@ -1884,6 +1915,99 @@ mod tests {
         assert_eq!(f[4], Some(peer(1000))); // target 16
         assert_eq!(f[9], Some(peer(1000))); // target 512
         assert_eq!(f[10], None); // target 1024: beyond the list
+    }
+
+    /// Node 0 with the list [3, 8, 1000] and far finger 159 at `f`; runs
+    /// its first fix-fingers tick and returns what it sent.
+    fn fix_tick_with_far_finger(f: Peer) -> (Node, Vec<(Peer, Message)>) {
+        let mut fingers = vec![None; ID_BITS];
+        fingers[159] = Some(f);
+        let mut n = Node::new(cfg(), peer(0), 1);
+        n.bootstrap(0, vec![peer(3), peer(8), peer(1000)], None, Some(fingers));
+        drain(&mut n);
+        n.handle(10 * Config::default().fix_fingers_ms, Input::Timeout);
+        let sent = drain(&mut n)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { to, msg } => Some((to, msg)),
+                _ => None,
+            })
+            .collect();
+        (n, sent)
+    }
+
+    fn far(offset: i64) -> Peer {
+        let base = Id::ZERO.add_pow2(159);
+        let id = if offset >= 0 {
+            base.wrapping_add(Id::from_u128(offset as u128))
+        } else {
+            base.wrapping_sub(Id::from_u128(offset.unsigned_abs() as u128))
+        };
+        Peer {
+            id,
+            addr: Addr::Slot((7_000 + offset) as u32),
+        }
+    }
+
+    #[test]
+    fn a_far_finger_that_still_holds_costs_one_round_trip() {
+        let f = far(5);
+        let (mut n, sent) = fix_tick_with_far_finger(f);
+        let req = sent
+            .iter()
+            .find_map(|(to, m)| match m {
+                Message::GetState { req } if to.id == f.id => Some(*req),
+                _ => None,
+            })
+            .expect("the finger is asked for its state");
+        assert!(!sent
+            .iter()
+            .any(|(_, m)| matches!(m, Message::FindNext { .. })));
+        // Its predecessor precedes the target 2^159: the finger is right.
+        deliver_state(&mut n, 20_000, f, req, Some(far(-1)), vec![]);
+        let after = drain(&mut n);
+        assert!(
+            !after.iter().any(|o| matches!(o, Output::Send { .. })),
+            "no lookup follows: {after:?}"
+        );
+        assert_eq!(n.fingers()[159], Some(f));
+    }
+
+    #[test]
+    fn a_stale_or_departed_far_finger_is_looked_up() {
+        let target = Id::ZERO.add_pow2(159);
+        let looked_up = |out: Vec<Output>| {
+            out.iter().any(|o| {
+                matches!(o, Output::Send { msg: Message::FindNext { key, .. }, .. } if *key == target)
+            })
+        };
+        // The finger's request, if it is under way.
+        let f = far(5);
+        let asked = |n: &Node| {
+            n.pending
+                .iter()
+                .find(|(_, p)| p.to.id == f.id && matches!(p.wait, Wait::FingerCheck(159)))
+                .map(|(r, p)| (*r, p.deadline_ms))
+                .expect("the finger is asked")
+        };
+        // A node joined between the target and the finger.
+        let (mut n, _) = fix_tick_with_far_finger(f);
+        let (req, _) = asked(&n);
+        deliver_state(&mut n, 20_000, f, req, Some(far(2)), vec![]);
+        assert!(looked_up(drain(&mut n)), "a closer node means a lookup");
+        // The finger left the ring.
+        let (mut n, _) = fix_tick_with_far_finger(f);
+        let (req, _) = asked(&n);
+        deliver_not_member(&mut n, 20_000, f, req);
+        assert!(
+            looked_up(drain(&mut n)),
+            "a finger out of the ring means a lookup"
+        );
+        // The finger is silent.
+        let (mut n, _) = fix_tick_with_far_finger(f);
+        let (_, deadline) = asked(&n);
+        n.handle(deadline, Input::Timeout);
+        assert!(looked_up(drain(&mut n)), "a silent finger means a lookup");
     }
 
     #[test]
