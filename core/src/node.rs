@@ -186,6 +186,13 @@ enum Wait {
         origin_req: ReqId,
     },
     StabilizeCandidate,
+    /// A probe round found the first successor gone: one last question to
+    /// it before it is dropped. The round's evidence can be seconds old (it
+    /// waits out silent witnesses), and a suspect that restarted and joined
+    /// again meanwhile is a live successor that must be kept.
+    LastLook {
+        suspect: Peer,
+    },
     CheckPred,
     RectifyProbe {
         candidate: Peer,
@@ -849,7 +856,8 @@ impl Node {
                     self.confirm_dead(now_ms, suspect, next, hops + 1, answered);
                 }
             }
-            Wait::Probe { round } => self.probe_answered(round, None),
+            Wait::Probe { round } => self.probe_answered(now_ms, round, None),
+            Wait::LastLook { suspect } => self.last_look(suspect, false),
             Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
             Wait::StabilizeCandidate => {
                 // x did not answer: keep the list we have, notify our successor.
@@ -927,6 +935,7 @@ impl Node {
             Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((false, None)))),
             Wait::FingerCheck(i) => self.finger_checked(now_ms, i, p.to, None),
             // A witness or candidate outside the ring tells us nothing.
+            Wait::LastLook { suspect } => self.last_look(suspect, false),
             Wait::StabilizeCandidate | Wait::ConfirmDead { .. } | Wait::Probe { .. } => {
                 self.request_timed_out(now_ms, p)
             }
@@ -993,7 +1002,7 @@ impl Node {
 
     /// One witness's verdict on the suspect of probe round `round`: alive,
     /// gone, or no answer (`None`).
-    fn probe_answered(&mut self, round: u32, alive: Option<bool>) {
+    fn probe_answered(&mut self, now_ms: u64, round: u32, alive: Option<bool>) {
         let Some(r) = self.probe_round.as_mut().filter(|r| r.id == round) else {
             return;
         };
@@ -1011,10 +1020,30 @@ impl Node {
         r.outstanding = r.outstanding.saturating_sub(1);
         if r.outstanding == 0 {
             let r = self.probe_round.take().expect("present");
-            self.stabilizing = false;
-            if r.dead > 0 {
-                self.drop_first_successor(r.suspect);
+            if r.dead > 0 && self.succs.first().map(|s| s.id) == Some(r.suspect.id) {
+                // Still stabilizing: nothing else may change the list first.
+                self.request(
+                    now_ms,
+                    r.suspect,
+                    |req| Message::GetState { req },
+                    Wait::LastLook { suspect: r.suspect },
+                    true,
+                );
+            } else {
+                self.stabilizing = false;
             }
+        }
+    }
+
+    /// The answer to a [`Wait::LastLook`]: `alive` if the suspect answered
+    /// as a ring member.
+    fn last_look(&mut self, suspect: Peer, alive: bool) {
+        self.stabilizing = false;
+        if alive {
+            self.succ_fails = (0, 0);
+            self.succ_silent_since = None;
+        } else {
+            self.drop_first_successor(suspect);
         }
     }
 
@@ -1312,6 +1341,7 @@ impl Node {
                         self.pred_fails = (0, 0);
                     }
                     Wait::FingerCheck(i) => self.finger_checked(now_ms, i, from, Some(pred)),
+                    Wait::LastLook { suspect } => self.last_look(suspect, true),
                     Wait::ConfirmDead {
                         suspect,
                         hops,
@@ -1403,7 +1433,7 @@ impl Node {
                     return;
                 };
                 match p.wait {
-                    Wait::Probe { round } => self.probe_answered(round, Some(alive)),
+                    Wait::Probe { round } => self.probe_answered(now_ms, round, Some(alive)),
                     w => self.wrong_reply(now_ms, Pending { wait: w, ..p }),
                 }
             }
@@ -2301,13 +2331,52 @@ mod tests {
         assert!(!n.stabilizing && n.probe_round.is_none());
     }
 
+    /// The last look at 30 after a dead verdict: its request and deadline.
+    fn last_look_sent(n: &mut Node) -> (ReqId, u64) {
+        assert_eq!(n.successors()[0], peer(30), "kept until the last look");
+        assert!(n.stabilizing, "nothing else changes the list meanwhile");
+        let req = drain(n)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::GetState { req },
+                } if to == peer(30) => Some(req),
+                _ => None,
+            })
+            .expect("the suspect is asked once more");
+        (req, n.pending[&req].deadline_ms)
+    }
+
     #[test]
     fn a_dead_verdict_with_no_alive_answer_drops_the_suspect() {
         let (mut n, probes, now) = origin_probing();
         result(&mut n, now + 1, probes[0], false);
         assert_eq!(n.successors()[0], peer(30), "waits for every witness");
-        // The other witness never answers.
+        // The other witness never answers; nor does 30, asked once more.
         n.handle(now + 60_000, Input::Timeout);
+        let (_, deadline) = last_look_sent(&mut n);
+        n.handle(deadline, Input::Timeout);
+        assert_eq!(n.successors()[0], peer(40));
+        assert!(!n.stabilizing);
+    }
+
+    #[test]
+    fn a_suspect_back_in_the_ring_by_the_verdict_stays() {
+        // 30 restarted and joined again while the round waited out a witness.
+        let (mut n, probes, now) = origin_probing();
+        result(&mut n, now + 1, probes[0], false);
+        n.handle(now + 60_000, Input::Timeout);
+        let (req, _) = last_look_sent(&mut n);
+        deliver_state(&mut n, now + 60_001, peer(30), req, None, vec![peer(40)]);
+        assert_eq!(n.successors()[0], peer(30));
+        assert!(!n.stabilizing);
+        // Out of the ring (still joining): it goes.
+        let (mut n, probes, now) = origin_probing();
+        result(&mut n, now + 1, probes[0], false);
+        n.handle(now + 60_000, Input::Timeout);
+        let (req, _) = last_look_sent(&mut n);
+        deliver_not_member(&mut n, now + 60_001, peer(30), req);
         assert_eq!(n.successors()[0], peer(40));
         assert!(!n.stabilizing);
     }
@@ -2328,6 +2397,8 @@ mod tests {
         deliver_state(&mut n, now + 1, to, req, None, vec![]);
         assert_eq!(n.stats().dropped_unexpected, 1);
         result(&mut n, now + 2, probes[0], false);
+        let (_, deadline) = last_look_sent(&mut n);
+        n.handle(deadline, Input::Timeout);
         assert_eq!(n.successors()[0], peer(40));
         assert!(!n.stabilizing, "stabilization moves on");
     }

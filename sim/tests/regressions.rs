@@ -5,7 +5,8 @@
 //! join the wrong way, an isolated node blaming its successor, and the fail
 //! guard leaning on a node that had just rejoined under its old id or had
 //! just come back from isolation with a stale list, and a live successor
-//! behind a clogged path dropped on one witness's word.
+//! behind a clogged path dropped on one witness's word, and a restarted
+//! successor dropped on stale probe evidence.
 
 mod common;
 
@@ -37,6 +38,13 @@ fn swarm_seeds_that_once_failed() {
         replay(40, 3, seed, 3);
     }
     replay(32, 3, 1_000_659, 2);
+    // A probe round that waited out a silent witness dropped the first
+    // successor on evidence seconds old: it had restarted and joined again
+    // meanwhile, and was the node's last live successor. It is now asked
+    // once more before it goes.
+    for seed in [1_005_043, 1_005_988] {
+        replay(32, 3, seed, 2);
+    }
     for seed in [20, 29, 89, 9022, 9063, 9073, 1_000_350, 1_000_957] {
         replay(24, 2, seed, 2);
     }
