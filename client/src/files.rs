@@ -1138,20 +1138,35 @@ impl Files {
             for (i, (p, (m, old_key, meta))) in listed.iter().enumerate() {
                 let new_key = FileKey::generate(&mut OsRng);
                 let mut rk = Rekeyer::new(old_key, &new_key, m.file_id, meta);
-                for c in &meta.chunks {
-                    let data = match fetched.remove(&i) {
-                        Some(d) => d,
-                        None => match self.get(filecrypt_block_position(c)).await? {
-                            Some(Item::Block(b)) => b.into_data(),
-                            _ => bail!("{p}: a chunk is missing; cannot re-encrypt"),
-                        },
-                    };
+                if let Some(data) = fetched.remove(&i) {
+                    // A small file's one chunk, fetched with its group.
                     for sealed in rk
                         .push(&mut OsRng, &data)
                         .map_err(|e| anyhow!("{p}: {e}"))?
                     {
-                        // Large files' chunks go at once (memory stays flat).
                         self.put(Item::Block(Block::new(me, sealed))).await?;
+                    }
+                } else {
+                    // A large file: its chunks a group at a time, each group
+                    // fetched and stored with a window in flight (memory
+                    // stays flat: two groups of chunks at most).
+                    for group in meta.chunks.chunks(REKEY_CHUNKS) {
+                        let at: Vec<Id> = group.iter().map(filecrypt_block_position).collect();
+                        let mut sealed_blocks = Vec::with_capacity(group.len());
+                        for r in self.get_many(&at).await? {
+                            let data = r
+                                .and_then(block_data)
+                                .with_context(|| format!("{p}: cannot re-encrypt"))?;
+                            for sealed in rk
+                                .push(&mut OsRng, &data)
+                                .map_err(|e| anyhow!("{p}: {e}"))?
+                            {
+                                sealed_blocks.push(Item::Block(Block::new(me, sealed)));
+                            }
+                        }
+                        for r in self.put_many(sealed_blocks).await? {
+                            r.with_context(|| format!("re-encrypting {p}"))?;
+                        }
                     }
                 }
                 let fin = rk.finish(&mut OsRng).map_err(|e| anyhow!("{p}: {e}"))?;
@@ -1209,6 +1224,11 @@ type Opened = (Manifest, FileKey, FileMeta);
 
 /// Files whose manifests a restore fetches together.
 const RESTORE_GROUP: usize = 64;
+
+/// Chunks of a large file that `revoke` re-encrypts together: a third of
+/// the transfer window, so the fetched and the sealed copies of a group stay
+/// well inside it.
+const REKEY_CHUNKS: usize = CHUNKS_IN_FLIGHT / 3;
 
 fn block_data(item: Option<Item>) -> Result<Vec<u8>> {
     match item {

@@ -35,7 +35,8 @@ fn make_tree(root: &Path, seed: u64) -> BTreeMap<PathBuf, Vec<u8>> {
         ("page.txt", 4096),
         ("sub/chunk.bin", CHUNK),
         ("sub/mib.bin", 1 << 20),
-        ("sub/deeper/big.bin", (5 << 20) / 2),
+        // Ten chunks, the last partial: `revoke` re-encrypts it in groups.
+        ("sub/deeper/big.bin", (19 << 20) / 2),
         ("sub/deeper/note.md", 300),
     ];
     let mut made = BTreeMap::new();
