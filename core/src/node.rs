@@ -33,6 +33,7 @@ struct ProbeRound {
     suspect: Peer,
     outstanding: usize,
     dead: usize,
+    started_ms: u64,
 }
 
 #[path = "replica.rs"]
@@ -186,10 +187,10 @@ enum Wait {
         origin_req: ReqId,
     },
     StabilizeCandidate,
-    /// A probe round found the first successor gone: one last question to
-    /// it before it is dropped. The round's evidence can be seconds old (it
-    /// waits out silent witnesses), and a suspect that restarted and joined
-    /// again meanwhile is a live successor that must be kept.
+    /// A probe round found the first successor gone, but only after waiting
+    /// out a silent witness for longer than a suspicion window: one last
+    /// question to it before it is dropped. A suspect that restarted and
+    /// joined again meanwhile is a live successor that must be kept.
     LastLook {
         suspect: Peer,
     },
@@ -984,6 +985,7 @@ impl Node {
             suspect,
             outstanding: asked.len(),
             dead: 0,
+            started_ms: now_ms,
         });
         self.stabilizing = true;
         for w in asked {
@@ -1020,8 +1022,15 @@ impl Node {
         r.outstanding = r.outstanding.saturating_sub(1);
         if r.outstanding == 0 {
             let r = self.probe_round.take().expect("present");
-            if r.dead > 0 && self.succs.first().map(|s| s.id) == Some(r.suspect.id) {
-                // Still stabilizing: nothing else may change the list first.
+            let still_first = self.succs.first().map(|s| s.id) == Some(r.suspect.id);
+            let stale = now_ms.saturating_sub(r.started_ms) >= self.cfg.suspect_ms;
+            if r.dead > 0 && still_first && !stale {
+                self.stabilizing = false;
+                self.drop_first_successor(r.suspect);
+            } else if r.dead > 0 && still_first {
+                // Evidence older than a suspicion window (the round waited
+                // out a silent witness) is refreshed first: still
+                // stabilizing, so nothing else changes the list meanwhile.
                 self.request(
                     now_ms,
                     r.suspect,
@@ -2396,9 +2405,8 @@ mod tests {
         // 50 answers the probe with a State: counted, and taken as no answer.
         deliver_state(&mut n, now + 1, to, req, None, vec![]);
         assert_eq!(n.stats().dropped_unexpected, 1);
+        // A verdict within a suspicion window of the round's start: at once.
         result(&mut n, now + 2, probes[0], false);
-        let (_, deadline) = last_look_sent(&mut n);
-        n.handle(deadline, Input::Timeout);
         assert_eq!(n.successors()[0], peer(40));
         assert!(!n.stabilizing, "stabilization moves on");
     }
