@@ -124,6 +124,29 @@ impl Catalog {
             .collect()
     }
 
+    /// The catalog's name for a path the user typed. Backups record
+    /// absolute, canonical paths, so a relative path is taken from the
+    /// current directory, `.` and `..` are resolved, and where the path
+    /// exists here its symbolic links are resolved too; the first of
+    /// these spellings that names something backed up wins. With nothing
+    /// backed up under any of them, the absolute spelling (for the error
+    /// message).
+    pub fn resolve(&self, typed: &str) -> String {
+        self.resolve_in(typed, &std::env::current_dir().unwrap_or_default())
+    }
+
+    /// [`Catalog::resolve`] with the current directory given.
+    pub fn resolve_in(&self, typed: &str, cwd: &Path) -> String {
+        let candidates = path_spellings(typed, cwd);
+        candidates
+            .iter()
+            .find(|c| !self.under(c).is_empty())
+            .or(candidates.get(1))
+            .or(candidates.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Copies of the entries at or under `path`; an error if there are
     /// none.
     pub fn pick(&self, path: &str) -> Result<Vec<(String, Entry)>> {
@@ -732,6 +755,7 @@ impl Files {
         progress: &dyn Progress,
     ) -> Result<RestoreReport> {
         let cat = self.catalog().await?;
+        let path = &cat.resolve(path);
         let chosen = cat.pick(path)?;
         let base = Path::new(path.trim_end_matches('/'))
             .parent()
@@ -1028,6 +1052,7 @@ impl Files {
     /// and their blocks get owner-signed tombstones (replicas drop them).
     pub async fn rm(&mut self, path: &str) -> Result<u64> {
         let mut cat = self.catalog().await?;
+        let path = &cat.resolve(path);
         let chosen = cat.pick(path)?;
         let ops = chosen
             .iter()
@@ -1070,6 +1095,7 @@ impl Files {
     /// (`OWNER:FILE`) the reader restores them by.
     pub async fn share(&mut self, path: &str, reader: UserId) -> Result<Vec<(String, String)>> {
         let cat = self.catalog().await?;
+        let path = &cat.resolve(path);
         let chosen = cat.pick(path)?;
         let rec = self.pubkey(reader).await?;
         let mut links = Vec::new();
@@ -1099,6 +1125,7 @@ impl Files {
     /// the old chunks' tombstones in another.
     pub async fn revoke(&mut self, path: &str, user: UserId) -> Result<u64> {
         let cat = self.catalog().await?;
+        let path = &cat.resolve(path);
         let chosen = cat.pick(path)?;
         let me = self.id.user_id();
         let mut pubkeys: HashMap<UserId, PubKeyRecord> = HashMap::new();
@@ -1410,6 +1437,37 @@ pub fn parse_user(s: &str) -> Result<UserId> {
     bail!("'{s}' is neither a user id (40 hex digits, as `peerstore whoami` prints) nor a public key file")
 }
 
+/// The ways a typed path may be spelled in the catalog, best first: as
+/// typed, absolute with `.` and `..` resolved (against `cwd`), and
+/// canonical where it exists on this machine. Empty stays empty (all).
+fn path_spellings(typed: &str, cwd: &Path) -> Vec<String> {
+    if typed.is_empty() {
+        return vec![String::new()];
+    }
+    let joined = cwd.join(typed);
+    let mut out = vec![typed.to_string(), lexical(&joined)];
+    if let Ok(c) = joined.canonicalize() {
+        out.push(c.to_string_lossy().into_owned());
+    }
+    out
+}
+
+/// `p` with `.` and `..` resolved without touching the file system.
+fn lexical(p: &Path) -> String {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
 /// Now, as Unix-epoch milliseconds.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -1507,6 +1565,44 @@ mod tests {
             path: "/a/x".into(),
         });
         assert_eq!(c.under("/a").len(), 1);
+    }
+
+    #[test]
+    fn typed_paths_resolve_against_the_current_directory() {
+        let cwd = Path::new("/home/me/work");
+        assert_eq!(path_spellings("", cwd), vec![String::new()]);
+        let s = path_spellings("data/./big/../large/", cwd);
+        assert_eq!(s[0], "data/./big/../large/");
+        assert_eq!(s[1], "/home/me/work/data/large");
+        assert_eq!(path_spellings("../../../..", cwd)[1], "/");
+        assert_eq!(path_spellings("/abs/x", cwd)[1], "/abs/x");
+        // Where the path exists, its canonical spelling is a candidate.
+        let dir = tempfile::TempDir::new().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        let s = path_spellings(".", &real);
+        assert_eq!(s.last().unwrap(), &real.to_string_lossy().into_owned());
+
+        let mut c = Catalog::default();
+        let at = format!("{}/docs/a.txt", real.display());
+        c.apply(LogOp::Put {
+            path: at.clone(),
+            file_id: [1; 32],
+            size: 1,
+            mtime_ms: 0,
+        });
+        std::fs::create_dir(real.join("docs")).unwrap();
+        let (rel, missing) = (
+            c.resolve_in("docs", &real),
+            c.resolve_in("nope/../gone", &real),
+        );
+        assert_eq!(rel, format!("{}/docs", real.display()));
+        assert_eq!(c.pick(&rel).unwrap()[0].0, at);
+        assert_eq!(missing, format!("{}/gone", real.display()));
+        assert_eq!(
+            c.resolve(&at),
+            at,
+            "an absolute catalog path stays as it is"
+        );
     }
 
     #[test]

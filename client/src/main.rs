@@ -108,7 +108,8 @@ enum Cmd {
     ///   peerstore restore 1f2e...:9a8b... --to /tmp/r     # a shared file
     #[command(verbatim_doc_comment)]
     Restore {
-        /// A path as `peerstore ls` shows it, or a share link.
+        /// A path as `peerstore ls` shows it (or relative to the current
+        /// directory), or a share link.
         path: String,
         /// Where to write (created if missing).
         #[arg(long)]
@@ -379,6 +380,7 @@ fn run(args: Args) -> Result<()> {
             with_files(&args, |mut f| async move {
                 let me = f.user_id();
                 let cat = f.catalog().await?;
+                let path = cat.resolve(&path);
                 let list = cat.under(&path);
                 if list.is_empty() && !path.is_empty() {
                     bail!("nothing backed up at {path}");

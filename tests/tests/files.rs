@@ -79,7 +79,13 @@ fn assert_same(want: &BTreeMap<PathBuf, Vec<u8>>, got_root: &Path, what: &str) {
 
 /// `peerstore ARGS` as `key`'s user, entering by node `i`.
 fn cli(c: &Cluster, key: &Path, i: usize, args: &[&str]) -> Ran {
+    cli_in(c, key, i, c.dir(), args)
+}
+
+/// [`cli`] run from the directory `cwd`.
+fn cli_in(c: &Cluster, key: &Path, i: usize, cwd: &Path, args: &[&str]) -> Ran {
     let mut cmd = c.cli_bare();
+    cmd.current_dir(cwd);
     cmd.arg("--key")
         .arg(key)
         .arg("--node")
@@ -158,6 +164,29 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
         "restore",
     );
     assert_same(&tree, &out.join("data"), "restore through n3");
+    // Paths relative to the current directory name the same files.
+    let parent = data.parent().expect("parent").to_path_buf();
+    let r = ok(
+        cli_in(&c, &alice, 0, &parent, &["ls", "data/sub/../sub/deeper"]),
+        "ls relative",
+    );
+    assert_eq!(r.stdout.lines().count(), 2, "{}", r.describe());
+    let rel_out = c.dir().join("restored-relative");
+    ok(
+        cli_in(
+            &c,
+            &alice,
+            2,
+            &data,
+            &["restore", "./sub", "--to", &path_str(&rel_out)],
+        ),
+        "restore relative",
+    );
+    let sub: BTreeMap<PathBuf, Vec<u8>> = tree
+        .iter()
+        .filter_map(|(p, d)| Some((p.strip_prefix("sub").ok()?.to_path_buf(), d.clone())))
+        .collect();
+    assert_same(&sub, &rel_out.join("sub"), "restore of a relative path");
     // Nothing changed: a second backup stores nothing.
     let r = ok(cli(&c, &alice, 4, &["backup", &ds]), "backup again");
     assert!(
