@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 const CONFIRM_HOPS_MAX: u8 = 16;
 /// How many other nodes try a suspect before we drop it (SWIM's k).
 const PROBE_WITNESSES: usize = 3;
+/// Questions in a last look at a suspect before it is dropped.
+const LAST_LOOK_TRIES: u8 = 2;
 /// Probes a node runs at once for others; more are ignored.
 const PROBES_SERVED_MAX: usize = 8;
 
@@ -191,8 +193,11 @@ enum Wait {
     /// out a silent witness for longer than a suspicion window: one last
     /// question to it before it is dropped. A suspect that restarted and
     /// joined again meanwhile is a live successor that must be kept.
+    /// Asked up to [`LAST_LOOK_TRIES`] times: one lost reply is not a
+    /// death.
     LastLook {
         suspect: Peer,
+        tries: u8,
     },
     CheckPred,
     RectifyProbe {
@@ -858,7 +863,10 @@ impl Node {
                 }
             }
             Wait::Probe { round } => self.probe_answered(now_ms, round, None),
-            Wait::LastLook { suspect } => self.last_look(suspect, false),
+            Wait::LastLook { suspect, tries } if tries < LAST_LOOK_TRIES => {
+                self.last_look_ask(now_ms, suspect, tries + 1)
+            }
+            Wait::LastLook { suspect, .. } => self.last_look(suspect, false),
             Wait::ProbeFor { origin, origin_req } => self.probe_done(origin, origin_req, false),
             Wait::StabilizeCandidate => {
                 // x did not answer: keep the list we have, notify our successor.
@@ -936,7 +944,7 @@ impl Node {
             Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((false, None)))),
             Wait::FingerCheck(i) => self.finger_checked(now_ms, i, p.to, None),
             // A witness or candidate outside the ring tells us nothing.
-            Wait::LastLook { suspect } => self.last_look(suspect, false),
+            Wait::LastLook { suspect, .. } => self.last_look(suspect, false),
             Wait::StabilizeCandidate | Wait::ConfirmDead { .. } | Wait::Probe { .. } => {
                 self.request_timed_out(now_ms, p)
             }
@@ -1031,17 +1039,22 @@ impl Node {
                 // Evidence older than a suspicion window (the round waited
                 // out a silent witness) is refreshed first: still
                 // stabilizing, so nothing else changes the list meanwhile.
-                self.request(
-                    now_ms,
-                    r.suspect,
-                    |req| Message::GetState { req },
-                    Wait::LastLook { suspect: r.suspect },
-                    true,
-                );
+                self.last_look_ask(now_ms, r.suspect, 1);
             } else {
                 self.stabilizing = false;
             }
         }
+    }
+
+    /// Try `tries` of a [`Wait::LastLook`] at `suspect`.
+    fn last_look_ask(&mut self, now_ms: u64, suspect: Peer, tries: u8) {
+        self.request(
+            now_ms,
+            suspect,
+            |req| Message::GetState { req },
+            Wait::LastLook { suspect, tries },
+            true,
+        );
     }
 
     /// The answer to a [`Wait::LastLook`]: `alive` if the suspect answered
@@ -1350,7 +1363,7 @@ impl Node {
                         self.pred_fails = (0, 0);
                     }
                     Wait::FingerCheck(i) => self.finger_checked(now_ms, i, from, Some(pred)),
-                    Wait::LastLook { suspect } => self.last_look(suspect, true),
+                    Wait::LastLook { suspect, .. } => self.last_look(suspect, true),
                     Wait::ConfirmDead {
                         suspect,
                         hops,
@@ -2362,11 +2375,29 @@ mod tests {
         let (mut n, probes, now) = origin_probing();
         result(&mut n, now + 1, probes[0], false);
         assert_eq!(n.successors()[0], peer(30), "waits for every witness");
-        // The other witness never answers; nor does 30, asked once more.
+        // The other witness never answers; nor does 30, asked once more
+        // (twice: one lost reply is not a death).
         n.handle(now + 60_000, Input::Timeout);
         let (_, deadline) = last_look_sent(&mut n);
         n.handle(deadline, Input::Timeout);
+        assert_eq!(n.successors()[0], peer(30), "one silent try keeps it");
+        assert!(n.stabilizing);
+        let (_, deadline) = last_look_sent(&mut n);
+        n.handle(deadline, Input::Timeout);
         assert_eq!(n.successors()[0], peer(40));
+        assert!(!n.stabilizing);
+    }
+
+    #[test]
+    fn a_last_look_answered_on_the_second_try_keeps_the_suspect() {
+        let (mut n, probes, now) = origin_probing();
+        result(&mut n, now + 1, probes[0], false);
+        n.handle(now + 60_000, Input::Timeout);
+        let (_, deadline) = last_look_sent(&mut n);
+        n.handle(deadline, Input::Timeout);
+        let (req, _) = last_look_sent(&mut n);
+        deliver_state(&mut n, deadline + 1, peer(30), req, None, vec![peer(40)]);
+        assert_eq!(n.successors()[0], peer(30));
         assert!(!n.stabilizing);
     }
 

@@ -6,7 +6,7 @@
 //! guard leaning on a node that had just rejoined under its old id or had
 //! just come back from isolation with a stale list, and a live successor
 //! behind a clogged path dropped on one witness's word, and a restarted
-//! successor dropped on stale probe evidence.
+//! successor dropped on stale probe evidence or one lost reply.
 
 mod common;
 
@@ -50,6 +50,10 @@ fn swarm_seeds_that_once_failed() {
     for seed in [1_005_043, 1_005_988] {
         replay(32, 3, seed, 2);
     }
+    // That last look was one question: its reply lost, a fresh joiner
+    // dropped its only live successor (restarted, back in the ring). A
+    // last look now asks twice.
+    replay(32, 3, 1_007_853, 2);
     for seed in [20, 29, 89, 9022, 9063, 9073, 1_000_350, 1_000_957] {
         replay(24, 2, seed, 2);
     }
