@@ -834,7 +834,7 @@ impl Files {
                 .enumerate()
                 .filter_map(|(i, o)| o.take().map(|o| (i, (targets[i].clone(), o))))
                 .unzip();
-            let results = self.restore_many(&rest, progress).await?;
+            let results = self.restore_many(rest, progress).await?;
             for (i, r) in at.into_iter().zip(results) {
                 match r {
                     Ok(n) => {
@@ -852,36 +852,35 @@ impl Files {
     /// gets across them: a file's chunks are written in order, and the
     /// next files' are asked for while this one's arrive (one file at a
     /// time cost a round trip or more per file). At most
-    /// [`CHUNKS_IN_FLIGHT`] chunks are asked for and not yet written. One
-    /// result per file, in order; an error of the connection ends it all.
+    /// [`CHUNKS_IN_FLIGHT`] chunks are asked for and not yet handed to the
+    /// writer, and [`WRITE_QUEUE`] more wait for it. One result per file,
+    /// in order; an error of the connection ends it all.
+    ///
+    /// Decrypting, checking and writing run on a thread of their own
+    /// ([`write_chunks`]): on this task they took more than half of a
+    /// restore's time, during which no answer was read off the network.
     async fn restore_many(
         &mut self,
-        files: &[(PathBuf, Opened)],
+        files: Vec<(PathBuf, Opened)>,
         progress: &dyn Progress,
     ) -> Result<Vec<Result<u64>>> {
-        enum Out {
-            Waiting,
-            Writing(PathBuf, File, Decryptor),
-            Done,
-        }
-        let seq: Vec<(usize, usize)> = files
+        let seq: Vec<Id> = files
             .iter()
-            .enumerate()
-            .flat_map(|(k, (_, (_, _, meta)))| (0..meta.chunks.len()).map(move |j| (k, j)))
+            .flat_map(|(_, (_, _, meta))| meta.chunks.iter().map(filecrypt_block_position))
             .collect();
-        let mut outs: Vec<Out> = files.iter().map(|_| Out::Waiting).collect();
-        let mut results: Vec<Option<Result<Finished>>> = files.iter().map(|_| None).collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+        let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::task::spawn_blocking(move || write_chunks(files, rx, news_tx));
         let mut by_call: HashMap<u64, usize> = HashMap::new();
         let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
         let (mut next_send, mut next_write) = (0usize, 0usize);
-        while next_write < seq.len() {
+        let mut sent = Ok(());
+        while next_write < seq.len() && sent.is_ok() {
             while next_send < seq.len()
                 && next_send - next_write < CHUNKS_IN_FLIGHT
                 && self.c.in_flight() < WINDOW
             {
-                let (k, j) = seq[next_send];
-                let at = filecrypt_block_position(&files[k].1 .2.chunks[j]);
-                let id = self.c.submit(ClientOp::Get(at)).await?;
+                let id = self.c.submit(ClientOp::Get(seq[next_send])).await?;
                 by_call.insert(id, next_send);
                 next_send += 1;
             }
@@ -891,48 +890,25 @@ impl Files {
             };
             ready.insert(i, get_result(r).and_then(block_data));
             while let Some(data) = ready.remove(&next_write) {
-                let (k, j) = seq[next_write];
                 next_write += 1;
-                let (target, (m, key, meta)) = &files[k];
-                if j == 0 {
-                    outs[k] = match partial_file(target) {
-                        Ok((tmp, out)) => {
-                            Out::Writing(tmp, out, Decryptor::for_meta(key, m.file_id, meta))
-                        }
-                        Err(e) => {
-                            results[k] = Some(Err(e));
-                            Out::Done
-                        }
-                    };
-                }
-                let Out::Writing(_, out, dec) = &mut outs[k] else {
-                    continue;
-                };
-                let last = j + 1 == meta.chunks.len();
-                let mut written = data.and_then(|d| {
-                    let plain = dec.push(&d).map_err(|e| anyhow!("{e}"))?;
-                    out.write_all(&plain)?;
-                    progress.bytes(plain.len() as u64);
-                    Ok(())
-                });
-                if written.is_err() || last {
-                    let Out::Writing(tmp, out, dec) = std::mem::replace(&mut outs[k], Out::Done)
-                    else {
-                        unreachable!("matched above");
-                    };
-                    if written.is_ok() {
-                        written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
-                    }
-                    results[k] = Some(finish_file(tmp, out, target, meta, written));
+                if tx.send(data).await.is_err() {
+                    sent = Err(anyhow!("the restore's writer stopped"));
+                    break;
                 }
             }
+            while let Ok(n) = news.try_recv() {
+                progress.bytes(n);
+            }
         }
-        Ok(commit_files(
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(anyhow!("no answer"))))
-                .collect(),
-        ))
+        drop(tx);
+        let results = writer
+            .await
+            .map_err(|e| anyhow!("the restore's writer failed: {e}"))?;
+        sent?;
+        while let Ok(n) = news.try_recv() {
+            progress.bytes(n);
+        }
+        Ok(commit_files(results))
     }
 
     /// Fetches the manifests of a group of our files together and opens
@@ -1043,7 +1019,7 @@ impl Files {
     ) -> Result<u64> {
         let opened = self.open(at).await?;
         let mut r = self
-            .restore_many(&[(target.to_path_buf(), opened)], progress)
+            .restore_many(vec![(target.to_path_buf(), opened)], progress)
             .await?;
         r.pop().expect("one file asked, one result")
     }
@@ -1251,6 +1227,68 @@ type Opened = (Manifest, FileKey, FileMeta);
 
 /// Files whose manifests a restore fetches together.
 const RESTORE_GROUP: usize = 64;
+
+/// Chunks waiting for a restore's writer at most.
+const WRITE_QUEUE: usize = 4;
+
+/// A restore's writer: the chunks of `files` arrive on `chunks` in order
+/// (every chunk of the first file, then of the next); each is decrypted,
+/// checked and written to its file's temporary file. The plaintext bytes
+/// written go out on `news` as they are. One result per file; a file whose
+/// chunks never all came (the restore stopped) gets an error.
+fn write_chunks(
+    files: Vec<(PathBuf, Opened)>,
+    mut chunks: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
+    news: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Vec<Result<Finished>> {
+    let mut results = Vec::with_capacity(files.len());
+    for (target, (m, key, meta)) in &files {
+        let mut file: Option<(PathBuf, File, Decryptor)> = None;
+        let mut outcome = None;
+        for j in 0..meta.chunks.len() {
+            let Some(data) = chunks.blocking_recv() else {
+                break;
+            };
+            if outcome.is_some() {
+                continue; // this file failed already: skip its other chunks
+            }
+            if j == 0 {
+                match partial_file(target) {
+                    Ok((tmp, out)) => {
+                        file = Some((tmp, out, Decryptor::for_meta(key, m.file_id, meta)))
+                    }
+                    Err(e) => {
+                        outcome = Some(Err(e));
+                        continue;
+                    }
+                }
+            }
+            let Some((_, out, dec)) = file.as_mut() else {
+                continue;
+            };
+            let last = j + 1 == meta.chunks.len();
+            let mut written = data.and_then(|d| {
+                let plain = dec.push(&d).map_err(|e| anyhow!("{e}"))?;
+                out.write_all(&plain)?;
+                let _ = news.send(plain.len() as u64);
+                Ok(())
+            });
+            if written.is_err() || last {
+                let (tmp, out, dec) = file.take().expect("opened above");
+                if written.is_ok() {
+                    written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
+                }
+                outcome = Some(finish_file(tmp, out, target, meta, written));
+            }
+        }
+        if let Some((tmp, out, _)) = file.take() {
+            drop(out);
+            let _ = std::fs::remove_file(&tmp);
+        }
+        results.push(outcome.unwrap_or_else(|| Err(anyhow!("no answer"))));
+    }
+    results
+}
 
 /// Chunks of a large file that `revoke` re-encrypts together: a third of
 /// the transfer window, so the fetched and the sealed copies of a group stay
@@ -1540,6 +1578,91 @@ mod tests {
             b"keep"
         );
         assert!(commit_files(Vec::new()).is_empty());
+    }
+
+    /// A file of `len` bytes sealed under a fresh key: what restore opens,
+    /// and its sealed chunks.
+    fn sealed_file(len: usize, seed: u8) -> (Opened, Vec<Vec<u8>>, Vec<u8>) {
+        let plain: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let key = FileKey::generate(&mut OsRng);
+        let file_id = [seed; 32];
+        let mut enc = Encryptor::new(&key, file_id);
+        let mut chunks = enc.push(&mut OsRng, &plain).unwrap();
+        let fin = enc.finish(&mut OsRng);
+        chunks.push(fin.last_chunk);
+        let meta = FileMeta {
+            path: String::new(),
+            size: fin.size,
+            mtime_ms: 1_600_000_000_000,
+            mode: 0o600,
+            chunks: fin.chunk_ids,
+        };
+        let m = Manifest {
+            owner_key: Vec::new(),
+            file_id,
+            acl: record::Acl {
+                epoch: 0,
+                writers: Vec::new(),
+                readers: Vec::new(),
+                sig: Vec::new(),
+            },
+            version: record::Version {
+                clock: 0,
+                writer: Id([0; 20]),
+            },
+            signer_key: Vec::new(),
+            body: Vec::new(),
+            sig: Vec::new(),
+        };
+        ((m, key, meta), chunks, plain)
+    }
+
+    #[test]
+    fn the_restore_writer_writes_good_files_and_leaves_nothing_of_bad_ones() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (a, a_chunks, a_plain) = sealed_file(CHUNK_BYTES * 2 + 5, 3);
+        let (b, mut b_chunks, _) = sealed_file(CHUNK_BYTES + 7, 5);
+        let (c, c_chunks, c_plain) = sealed_file(10, 7);
+        let (d, d_chunks, _) = sealed_file(CHUNK_BYTES + 9, 9);
+        assert_eq!(a_chunks.len(), 3);
+        // b's first chunk tampered with; d's last never arrives.
+        b_chunks[0][40] ^= 1;
+        let target = |n: &str| dir.path().join(n);
+        let files = vec![
+            (target("a"), a),
+            (target("b"), b),
+            (target("c"), c),
+            (target("d"), d),
+        ];
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
+        let all = a_chunks.into_iter().chain(b_chunks).chain(c_chunks);
+        for chunk in all.chain(d_chunks.into_iter().take(1)) {
+            tx.try_send(Ok(chunk)).unwrap();
+        }
+        drop(tx);
+        let r = write_chunks(files, rx, news_tx);
+        assert_eq!(r.len(), 4);
+        let mut shown = 0;
+        while let Ok(n) = news.try_recv() {
+            shown += n;
+        }
+        let r = commit_files(r);
+        assert_eq!(*r[0].as_ref().unwrap(), a_plain.len() as u64);
+        assert!(r[1].is_err(), "a tampered chunk fails its file");
+        assert_eq!(*r[2].as_ref().unwrap(), 10);
+        assert!(r[3].is_err(), "a file missing its last chunk fails");
+        assert_eq!(std::fs::read(target("a")).unwrap(), a_plain);
+        assert_eq!(std::fs::read(target("c")).unwrap(), c_plain);
+        // Progress counted what was written, d's first chunk included.
+        assert_eq!(shown, (a_plain.len() + 10 + CHUNK_BYTES) as u64);
+        // Nothing else is left: no temporary files, no b, no d.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
     }
 
     #[test]
