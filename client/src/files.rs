@@ -28,7 +28,8 @@
 //! a time in order (out-of-order answers wait in a bounded window), into a
 //! temporary file renamed into place only after the last chunk verified.
 //! At most [`WINDOW`] requests and [`WINDOW_BYTES`] of blocks are in
-//! flight, so memory stays flat whatever the file size.
+//! flight ([`RESTORE_WINDOW_BYTES`] for a restore's chunks), so memory
+//! stays flat whatever the file size.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -61,6 +62,18 @@ pub const WINDOW: usize = crate::conn::WINDOW;
 pub const WINDOW_BYTES: u64 = 24 << 20;
 /// Chunks of one file asked for and not yet written, at most.
 const CHUNKS_IN_FLIGHT: usize = (WINDOW_BYTES / CHUNK_BYTES as u64) as usize;
+/// Bytes of chunks a restore asks for and has not yet handed to its
+/// writer, at most: twice a backup's window. A restore holds nothing else
+/// of size (a backup also holds the chunks it is sealing), and the larger
+/// window keeps the nodes busier: a 256 MiB restore from a 3-node ring ran
+/// at 201 MB/s instead of 185 (means of six runs each), with the client at
+/// 28–43 MiB peak RSS.
+pub const RESTORE_WINDOW_BYTES: u64 = 2 * WINDOW_BYTES;
+const RESTORE_CHUNKS_IN_FLIGHT: usize = (RESTORE_WINDOW_BYTES / CHUNK_BYTES as u64) as usize;
+const _: () = assert!(
+    RESTORE_CHUNKS_IN_FLIGHT < WINDOW,
+    "room for the window's gets"
+);
 /// Files at most this large and of one chunk are restored a group at a
 /// time, their chunks fetched together (and held until the group is
 /// written: [`RESTORE_GROUP`] of them, at most 4 MiB).
@@ -852,7 +865,7 @@ impl Files {
     /// gets across them: a file's chunks are written in order, and the
     /// next files' are asked for while this one's arrive (one file at a
     /// time cost a round trip or more per file). At most
-    /// [`CHUNKS_IN_FLIGHT`] chunks are asked for and not yet handed to the
+    /// [`RESTORE_CHUNKS_IN_FLIGHT`] chunks are asked for and not yet handed to the
     /// writer, and [`WRITE_QUEUE`] more wait for it. One result per file,
     /// in order; an error of the connection ends it all.
     ///
@@ -877,7 +890,7 @@ impl Files {
         let mut sent = Ok(());
         while next_write < seq.len() && sent.is_ok() {
             while next_send < seq.len()
-                && next_send - next_write < CHUNKS_IN_FLIGHT
+                && next_send - next_write < RESTORE_CHUNKS_IN_FLIGHT
                 && self.c.in_flight() < WINDOW
             {
                 let id = self.c.submit(ClientOp::Get(seq[next_send])).await?;
