@@ -18,6 +18,7 @@ use crate::wire::{Message, Peer, ReqId};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Longest chain of witnesses asked about one suspect successor (each hop
 /// walks from a witness to its predecessor, towards the suspect).
@@ -274,11 +275,13 @@ struct Running {
 }
 
 pub struct Node {
-    cfg: Config,
+    cfg: Arc<Config>,
     me: Peer,
     rng: ChaCha8Rng,
     status: Status,
-    succs: Vec<Peer>,
+    /// Replaced whole, never edited in place, and shared with the replies
+    /// that carry it.
+    succs: Arc<[Peer]>,
     pred: Option<Peer>,
     fingers: Vec<Option<Peer>>,
     /// Lowest finger index whose target lies beyond the successor list.
@@ -326,7 +329,11 @@ pub struct Node {
 impl Node {
     /// A node that has not joined anything yet. `seed` drives its jitter and
     /// request ids; nothing else about it is random.
-    pub fn new(cfg: Config, me: Peer, seed: u64) -> Node {
+    ///
+    /// `cfg` may be an `Arc` shared by many nodes (the simulator runs
+    /// thousands with one configuration: one copy stays in cache).
+    pub fn new(cfg: impl Into<Arc<Config>>, me: Peer, seed: u64) -> Node {
+        let cfg: Arc<Config> = cfg.into();
         assert!(
             cfg.successors_max >= 1,
             "successor list length must be >= 1"
@@ -346,7 +353,7 @@ impl Node {
             me,
             rng,
             status: Status::Idle,
-            succs: Vec::new(),
+            succs: Arc::default(),
             pred: None,
             fingers: vec![None; ID_BITS],
             far_low: 0,
@@ -665,12 +672,14 @@ impl Node {
                 owner_state: None,
             },
             _ => {
-                let mut succs = self.succs_or_self();
-                if !self.cfg.route_via_successor_lists {
-                    succs.truncate(1);
-                }
+                let succs = self.succs_or_self();
+                let succs = if self.cfg.route_via_successor_lists {
+                    &succs[..]
+                } else {
+                    &succs[..1]
+                };
                 let closer = self.closest_preceding(key);
-                lookup.on_next(self.me, &succs, &closer, true)
+                lookup.on_next(self.me, succs, &closer, true)
             }
         };
         self.lookups.insert(lid, Running { lookup, purpose });
@@ -1083,8 +1092,7 @@ impl Node {
 
     fn drop_first_successor(&mut self, suspect: Peer) {
         if self.succs.len() > 1 && self.succs[0].id == suspect.id {
-            let mut s = self.succs.clone();
-            s.remove(0);
+            let s = self.succs[1..].to_vec();
             self.set_succs(s);
         }
     }
@@ -1138,7 +1146,7 @@ impl Node {
         }
     }
 
-    fn on_stabilize_reply(&mut self, now_ms: u64, s: Peer, x: Option<Peer>, list: Vec<Peer>) {
+    fn on_stabilize_reply(&mut self, now_ms: u64, s: Peer, x: Option<Peer>, list: &[Peer]) {
         if self.succs.first().map(|p| p.id) != Some(s.id) {
             // Our list changed while we asked (a Leaving, say): start afresh next tick.
             self.stabilizing = false;
@@ -1153,8 +1161,7 @@ impl Node {
         let x = x.filter(|x| x.id.in_open(self.me.id, s.id));
         match self.cfg.protocol {
             Protocol::Zave => {
-                let list = self.sanitize(std::iter::once(s).chain(list));
-                self.set_succs(list);
+                self.adopt_succs(std::iter::once(s).chain(list.iter().copied()));
                 match x {
                     Some(x) => self.request(
                         now_ms,
@@ -1176,14 +1183,14 @@ impl Node {
                 match x {
                     // Adopted on s's word alone; the rest of the list is kept as is.
                     Some(x) => {
-                        let mut l = self.succs.clone();
+                        let mut l = self.succs.to_vec();
                         l[0] = x;
                         let l = self.sanitize(l.into_iter());
                         self.set_succs(l);
                         self.send_maintenance(x, Message::Notify);
                     }
                     None => {
-                        let list = self.sanitize(std::iter::once(s).chain(list));
+                        let list = self.sanitize(std::iter::once(s).chain(list.iter().copied()));
                         self.set_succs(list);
                         self.send_maintenance(s, Message::Notify);
                     }
@@ -1289,7 +1296,7 @@ impl Node {
                 let (pred, succs) = if member {
                     (self.pred, self.succs.clone())
                 } else {
-                    (None, Vec::new())
+                    (None, Arc::default())
                 };
                 self.stats.sent_replies += 1;
                 self.push_send(
@@ -1306,7 +1313,7 @@ impl Node {
                 let (succs, closer) = if self.status == Status::Joined {
                     (self.succs_or_self(), self.closest_preceding(key))
                 } else {
-                    (Vec::new(), Vec::new())
+                    (Arc::default(), Vec::new())
                 };
                 self.stats.sent_replies += 1;
                 self.push_send(from, Message::Next { req, succs, closer });
@@ -1347,12 +1354,12 @@ impl Node {
                     return self.not_a_member(now_ms, p);
                 }
                 let pred = pred.filter(|x| x.id != from.id);
-                let succs = Self::sanitize_for(from.id, self.cfg.successors_max, succs);
+                let succs = &succs[..Self::sanitized_len(from.id, self.cfg.successors_max, &succs)];
                 match p.wait {
                     Wait::Stabilize => self.on_stabilize_reply(now_ms, from, pred, succs),
                     Wait::StabilizeCandidate => {
                         self.stabilizing = false;
-                        let l = self.sanitize(std::iter::once(from).chain(succs));
+                        let l = self.sanitize(std::iter::once(from).chain(succs.iter().copied()));
                         self.set_succs(l);
                         if pred.map(|x| x.id) != Some(self.me.id) {
                             self.send_maintenance(from, Message::Notify);
@@ -1414,7 +1421,7 @@ impl Node {
                     Wait::AskState(cmd) => self.reply(cmd, CmdResult::State(Some((true, pred)))),
                     Wait::Lookup(lid) => {
                         if let Some(run) = self.lookups.get_mut(&lid) {
-                            let step = run.lookup.on_state(from, pred, succs);
+                            let step = run.lookup.on_state(from, pred, succs.to_vec());
                             self.drive(now_ms, lid, step);
                         }
                     } // A State where we asked a storage question: a confused peer.
@@ -1469,21 +1476,20 @@ impl Node {
                 };
                 // A responder alone in its ring names itself as its successor.
                 let alone = succs.len() == 1 && succs[0].id == from.id;
-                let succs = if alone {
-                    succs
+                let mut keep = if alone {
+                    1
                 } else {
-                    Self::sanitize_for(from.id, self.cfg.successors_max, succs)
+                    Self::sanitized_len(from.id, self.cfg.successors_max, &succs)
                 };
                 let mut closer = closer;
                 closer.truncate(self.cfg.closer_max);
-                let mut succs = succs;
                 if let Some(run) = self.lookups.get_mut(&lid) {
                     if !self.cfg.route_via_successor_lists
                         && !matches!(run.purpose, Purpose::Join { .. })
                     {
-                        succs.truncate(1);
+                        keep = keep.min(1);
                     }
-                    let step = run.lookup.on_next(from, &succs, &closer, false);
+                    let step = run.lookup.on_next(from, &succs[..keep], &closer, false);
                     self.drive(now_ms, lid, step);
                 }
             }
@@ -1594,9 +1600,9 @@ impl Node {
         (period_ms - j + self.rng.next_u64() % (2 * j + 1)).max(1)
     }
 
-    fn succs_or_self(&self) -> Vec<Peer> {
+    fn succs_or_self(&self) -> Arc<[Peer]> {
         if self.succs.is_empty() {
-            vec![self.me]
+            Arc::new([self.me])
         } else {
             self.succs.clone()
         }
@@ -1643,8 +1649,9 @@ impl Node {
         Self::sanitize_iter(self.me.id, self.cfg.successors_max, list)
     }
 
-    fn sanitize_for(origin: NodeId, max: usize, mut list: Vec<Peer>) -> Vec<Peer> {
-        // In place: the same cut as `sanitize_iter`, without a second vector.
+    /// How much of `list` (a list `origin` sent) `sanitize_iter` would keep:
+    /// the same cut, read in place.
+    fn sanitized_len(origin: NodeId, max: usize, list: &[Peer]) -> usize {
         let mut keep = 0;
         let mut prev = Id::ZERO;
         for p in list.iter().take(max) {
@@ -1655,16 +1662,25 @@ impl Node {
             prev = d;
             keep += 1;
         }
-        list.truncate(keep);
-        list
+        keep
     }
 
     /// Keeps the prefix of `list` that is in strict ring order after `origin`
     /// (no duplicates, never `origin` itself), at most `max` long. A correct
     /// peer's list passes whole; a wrapped or forged one is cut where it breaks.
     fn sanitize_iter(origin: NodeId, max: usize, list: impl Iterator<Item = Peer>) -> Vec<Peer> {
-        let mut out: Vec<Peer> = Vec::with_capacity(max);
-        let mut prev = Id::ZERO;
+        Self::sanitize_onto(origin, max, Vec::with_capacity(max), Id::ZERO, list)
+    }
+
+    /// `sanitize_iter` continued: `out` is an already sanitized prefix whose
+    /// last entry lies `prev` after `origin`.
+    fn sanitize_onto(
+        origin: NodeId,
+        max: usize,
+        mut out: Vec<Peer>,
+        mut prev: Id,
+        list: impl Iterator<Item = Peer>,
+    ) -> Vec<Peer> {
         for p in list {
             if out.len() >= max {
                 break;
@@ -1679,15 +1695,46 @@ impl Node {
         out
     }
 
+    /// `set_succs(self.sanitize(list))`, without building a new list while
+    /// the sanitized one matches ours: in a steady ring that is nearly every
+    /// stabilize reply, and the list is `r` peers long.
+    fn adopt_succs(&mut self, mut list: impl Iterator<Item = Peer>) {
+        let max = self.cfg.successors_max;
+        let origin = self.me.id;
+        let mut prev = Id::ZERO;
+        let mut k = 0;
+        while k < max {
+            let Some(p) = list.next() else { break };
+            let d = origin.distance_to(p.id);
+            if d == Id::ZERO || (k > 0 && d <= prev) {
+                break;
+            }
+            if self.succs.get(k) != Some(&p) {
+                let mut out = Vec::with_capacity(max);
+                out.extend_from_slice(&self.succs[..k]);
+                out.push(p);
+                let out = Self::sanitize_onto(origin, max, out, d, list);
+                self.set_succs(out);
+                return;
+            }
+            prev = d;
+            k += 1;
+        }
+        if k != self.succs.len() {
+            let out = self.succs[..k].to_vec();
+            self.set_succs(out);
+        }
+    }
+
     fn set_succs(&mut self, succs: Vec<Peer>) {
         debug_assert!(succs.len() <= self.cfg.successors_max);
         debug_assert!(succs.iter().all(|p| p.id != self.me.id));
-        if succs != self.succs {
+        if succs[..] != self.succs[..] {
             if self.succs.first().map(|s| s.id) != succs.first().map(|s| s.id) {
                 self.succ_fails = (0, 0);
                 self.succ_silent_since = None;
             }
-            self.succs = succs;
+            self.succs = succs.into();
             self.ring_version += 1;
             self.refresh_fingers_from_succs();
         }
@@ -1779,7 +1826,7 @@ mod tests {
             req,
             member: true,
             pred,
-            succs,
+            succs: succs.into(),
         };
         n.handle(now, Input::Message { from, msg });
     }
@@ -1790,7 +1837,7 @@ mod tests {
             req,
             member: false,
             pred: None,
-            succs: Vec::new(),
+            succs: Arc::default(),
         };
         n.handle(now, Input::Message { from, msg });
     }
@@ -1813,6 +1860,34 @@ mod tests {
         assert_eq!(Node::sanitize_iter(me, 8, l.into_iter()), vec![peer(20)]);
         let l = vec![peer(20), peer(30), peer(40), peer(50)];
         assert_eq!(Node::sanitize_iter(me, 3, l.into_iter()).len(), 3);
+    }
+
+    proptest::proptest! {
+        /// The in-place shortcuts cut and adopt exactly what the plain
+        /// sanitize would: `sanitized_len` its length, `adopt_succs` its
+        /// list, and the ring version moves only when the list changes.
+        #[test]
+        fn adopting_in_place_matches_sanitize(
+            own in proptest::collection::vec(0u128..64, 0..8),
+            incoming in proptest::collection::vec(0u128..64, 0..10),
+            max in 1usize..8,
+        ) {
+            let me = Id::from_u128(10);
+            let incoming: Vec<Peer> = incoming.into_iter().map(peer).collect();
+            let want = Node::sanitize_iter(me, max, incoming.iter().copied());
+            proptest::prop_assert_eq!(Node::sanitized_len(me, max, &incoming), want.len());
+            let mut n = Node::new(
+                Config { successors_max: max, ..Config::default() },
+                peer(10),
+                1,
+            );
+            let own = Node::sanitize_iter(me, max, own.into_iter().map(peer));
+            n.set_succs(own.clone());
+            let v0 = n.ring_version();
+            n.adopt_succs(incoming.iter().copied());
+            proptest::prop_assert_eq!(n.successors(), &want[..]);
+            proptest::prop_assert_eq!(n.ring_version() != v0, own != want);
+        }
     }
 
     #[test]
@@ -2072,11 +2147,11 @@ mod tests {
                     req,
                     member: true,
                     pred: Some(peer(10)),
-                    succs: vec![peer(10); 100],
+                    succs: vec![peer(10); 100].into(),
                 },
                 Message::Next {
                     req,
-                    succs: vec![peer(1); 100],
+                    succs: vec![peer(1); 100].into(),
                     closer: vec![peer(2); 100],
                 },
                 Message::Leaving,

@@ -720,7 +720,7 @@ impl Node {
     /// per machine: see [`distinct_hosts`].
     fn replica_list(&self, owner: Peer, state: Option<PeerState>) -> Vec<Peer> {
         let rest: Vec<Peer> = if owner.id == self.me.id {
-            self.succs.clone()
+            self.succs.to_vec()
         } else {
             match state {
                 Some((_, succs)) => succs,

@@ -152,8 +152,6 @@ struct Slot {
     registers: bool,
     node: Option<Node>,
     incarnation: u32,
-    paused_until: u64,
-    wake_at: u64,
     member: bool,
     /// Churn departures are for good; crashed nodes may restart.
     departed: bool,
@@ -164,6 +162,29 @@ struct Slot {
     joined_at: u64,
     /// What survives a crash (lost with the node when it departs for good).
     disk: Disk,
+}
+
+/// A slot's timer state, kept apart from [`Slot`]: most wakes find nothing
+/// due (a reply cleared the request deadline they were armed for) and are
+/// decided here, in a small dense array, without touching the node's state.
+#[derive(Clone, Copy)]
+struct Hot {
+    /// When the queued wake that counts is due (`u64::MAX`: none).
+    wake_at: u64,
+    paused_until: u64,
+    /// The node's `poll_timeout()` as of its last handling (`u64::MAX`:
+    /// none); valid only when `due_known`.
+    due: u64,
+    due_known: bool,
+}
+
+impl Hot {
+    const IDLE: Hot = Hot {
+        wake_at: u64::MAX,
+        paused_until: 0,
+        due: u64::MAX,
+        due_known: false,
+    };
 }
 
 /// One line of the failure trace, kept compact and formatted only on failure.
@@ -198,7 +219,7 @@ impl std::fmt::Display for TraceRec {
 pub struct World {
     cfg: SimConfig,
     r: usize,
-    node_cfg: peerstore_core::Config,
+    node_cfg: std::sync::Arc<peerstore_core::Config>,
     now: u64,
     events: u64,
     /// Pending events (slab indices) in (time, sequence) order.
@@ -206,6 +227,8 @@ pub struct World {
     slab: Vec<Option<Ev>>,
     slab_free: Vec<u32>,
     slots: Vec<Slot>,
+    /// Timer state of each slot, by slot index.
+    hot: Vec<Hot>,
     /// The oracle: members (live and joined) by id.
     members: BTreeMap<Id, u32>,
     member_list: Vec<u32>,
@@ -373,7 +396,7 @@ impl World {
             cfg.net.duplicate = 0.0;
         }
         let r = cfg.r();
-        let node_cfg = cfg.node_config();
+        let node_cfg = std::sync::Arc::new(cfg.node_config());
         let net = Network::new(cfg.net.clone());
         World {
             r,
@@ -384,6 +407,7 @@ impl World {
             slab: Vec::new(),
             slab_free: Vec::new(),
             slots: Vec::new(),
+            hot: Vec::new(),
             members: BTreeMap::new(),
             member_list: Vec::new(),
             member_pos: Vec::new(),
@@ -500,14 +524,13 @@ impl World {
             registers: false,
             node: None,
             incarnation: 0,
-            paused_until: 0,
-            wake_at: u64::MAX,
             member: false,
             departed: false,
             suspended_until: 0,
             joined_at: 0,
             disk: Disk::default(),
         });
+        self.hot.push(Hot::IDLE);
         self.member_pos.push(usize::MAX);
         k
     }
@@ -533,8 +556,7 @@ impl World {
         slot.incarnation += 1;
         let seed = splitmix(self.cfg.seed ^ splitmix(((k as u64) << 20) | slot.incarnation as u64));
         slot.node = Some(Node::new(self.node_cfg.clone(), slot.peer, seed));
-        slot.wake_at = u64::MAX;
-        slot.paused_until = 0;
+        self.hot[k as usize] = Hot::IDLE;
     }
 
     fn add_member(&mut self, k: u32) {
@@ -599,7 +621,10 @@ impl World {
             self.store.retired_repair_bytes += n.store_stats().repair_bytes_sent;
         }
         s.disk.crash();
-        s.wake_at = u64::MAX;
+        self.hot[k as usize] = Hot {
+            paused_until: self.hot[k as usize].paused_until,
+            ..Hot::IDLE
+        };
         self.dirty = true;
         if self.cfg.secure && self.host_live(k).is_empty() {
             // The machine is down: its sessions die with it.
@@ -701,8 +726,8 @@ impl World {
         if self.host_live(head).is_empty() {
             return;
         }
-        if self.slots[head as usize].paused_until > self.now {
-            let at = self.slots[head as usize].paused_until;
+        if self.hot[head as usize].paused_until > self.now {
+            let at = self.hot[head as usize].paused_until;
             self.push(
                 at,
                 Ev::Packet {
@@ -1117,8 +1142,9 @@ impl World {
                 if s.node.is_none() {
                     return;
                 }
-                if s.paused_until > self.now {
-                    let at = s.paused_until;
+                let paused_until = self.hot[to as usize].paused_until;
+                if paused_until > self.now {
+                    let at = paused_until;
                     self.push(at, Ev::Deliver { to, from, msg });
                     return;
                 }
@@ -1127,24 +1153,31 @@ impl World {
             Ev::Packet { to, from, bytes } => self.on_packet(to, from, bytes),
             Ev::AttackPut => self.attack_put(),
             Ev::Wake { node } => {
-                let s = &mut self.slots[node as usize];
-                if s.wake_at != self.now || s.node.is_none() {
+                // A wake superseded by an earlier one, or of a node that
+                // crashed since, no longer counts (crashes reset `wake_at`).
+                let h = &mut self.hot[node as usize];
+                if h.wake_at != self.now {
                     return;
                 }
-                if s.paused_until > self.now {
-                    s.wake_at = s.paused_until;
-                    let at = s.paused_until;
+                if h.paused_until > self.now {
+                    h.wake_at = h.paused_until;
+                    let at = h.paused_until;
                     self.push(at, Ev::Wake { node });
                     return;
                 }
-                s.wake_at = u64::MAX;
+                h.wake_at = u64::MAX;
                 // A wake armed for a request deadline that a reply has since
                 // cleared finds nothing due: re-arm it for what is, and leave
                 // the node untouched (a timeout with nothing due is a no-op).
-                let due = s.node.as_ref().and_then(|n| n.poll_timeout());
+                let due = if h.due_known {
+                    (h.due != u64::MAX).then_some(h.due)
+                } else {
+                    let s = &self.slots[node as usize];
+                    s.node.as_ref().and_then(|n| n.poll_timeout())
+                };
                 if due.is_none_or(|t| t > self.now) {
                     if let Some(t) = due {
-                        s.wake_at = t;
+                        self.hot[node as usize].wake_at = t;
                         self.push(t, Ev::Wake { node });
                     }
                     return;
@@ -1273,10 +1306,14 @@ impl World {
         while let Some(o) = node.poll_output() {
             out.push(o);
         }
-        if let Some(t) = node.poll_timeout() {
+        let due = node.poll_timeout();
+        let h = &mut self.hot[k as usize];
+        h.due = due.unwrap_or(u64::MAX);
+        h.due_known = true;
+        if let Some(t) = due {
             let t = t.max(self.now);
-            if t < s.wake_at {
-                s.wake_at = t;
+            if t < h.wake_at {
+                h.wake_at = t;
                 self.push(t, Ev::Wake { node: k });
             }
         }
@@ -1769,8 +1806,8 @@ impl World {
                         }
                     }
                     for j in host {
-                        let s = &mut self.slots[j as usize];
-                        s.paused_until = s.paused_until.max(self.now + for_ms);
+                        let h = &mut self.hot[j as usize];
+                        h.paused_until = h.paused_until.max(self.now + for_ms);
                     }
                 }
             }
@@ -1974,6 +2011,7 @@ impl World {
             .map(|(k, i)| (*k, i.clone()))
             .collect();
         let Some(node) = s.node.as_mut() else { return };
+        self.hot[k as usize].due_known = false;
         for bad in node.restore(items) {
             if let Some(old) = s.disk.durable.remove(&bad) {
                 s.disk.bytes -= old.size() as u64;
@@ -1983,8 +2021,8 @@ impl World {
 
     fn heal(&mut self) {
         self.net.heal();
-        for s in self.slots.iter_mut() {
-            s.paused_until = s.paused_until.min(self.now);
+        for h in self.hot.iter_mut() {
+            h.paused_until = h.paused_until.min(self.now);
         }
         if self.frozen {
             self.frozen = false;
@@ -2349,6 +2387,7 @@ impl World {
                 .collect();
             if let Some(n) = s.node.as_mut() {
                 n.restore(items);
+                self.hot[k as usize].due_known = false;
             }
         }
     }
