@@ -118,6 +118,12 @@ impl<T> EventQueue<T> {
         }
     }
 
+    /// The `k`-th item after the last one popped, if it is due at the same
+    /// time (a hint for prefetching; `None` says nothing about later items).
+    pub fn peek_same_time(&self, k: usize) -> Option<&T> {
+        self.wheel[(self.base % WHEEL_MS) as usize].get(k)
+    }
+
     /// Moves far items that the wheel now reaches into their buckets, in
     /// (time, sequence) order: before anything for their time can be pushed
     /// there directly.
@@ -152,6 +158,22 @@ mod tests {
             1 => Just(Op::Push(WHEEL_MS)),
             4 => Just(Op::Pop),
         ]
+    }
+
+    #[test]
+    fn peek_same_time_sees_only_what_is_due_now() {
+        let mut q = EventQueue::new();
+        for (at, x) in [(5, 'a'), (5, 'b'), (6, 'd'), (5, 'c')] {
+            q.push(at, x);
+        }
+        assert_eq!(q.pop(), Some((5, 'a')));
+        assert_eq!(q.peek_same_time(0), Some(&'b'));
+        assert_eq!(q.peek_same_time(1), Some(&'c'));
+        assert_eq!(q.peek_same_time(2), None, "d is due later");
+        assert_eq!(q.pop(), Some((5, 'b')));
+        assert_eq!(q.pop(), Some((5, 'c')));
+        assert_eq!(q.peek_same_time(0), None);
+        assert_eq!(q.pop(), Some((6, 'd')));
     }
 
     proptest! {
