@@ -2445,16 +2445,23 @@ mod tests {
         (req, n.pending[&req].deadline_ms)
     }
 
-    #[test]
-    fn a_dead_verdict_with_no_alive_answer_drops_the_suspect() {
+    /// A dead verdict whose other witness never answers, then a first last
+    /// look at 30 that times out: the node and that look's deadline.
+    fn last_look_missed_once() -> (Node, u64) {
         let (mut n, probes, now) = origin_probing();
         result(&mut n, now + 1, probes[0], false);
         assert_eq!(n.successors()[0], peer(30), "waits for every witness");
-        // The other witness never answers; nor does 30, asked once more
-        // (twice: one lost reply is not a death).
         n.handle(now + 60_000, Input::Timeout);
         let (_, deadline) = last_look_sent(&mut n);
         n.handle(deadline, Input::Timeout);
+        (n, deadline)
+    }
+
+    #[test]
+    fn a_dead_verdict_with_no_alive_answer_drops_the_suspect() {
+        // The other witness never answers; nor does 30, asked once more
+        // (twice: one lost reply is not a death).
+        let (mut n, _) = last_look_missed_once();
         assert_eq!(n.successors()[0], peer(30), "one silent try keeps it");
         assert!(n.stabilizing);
         let (_, deadline) = last_look_sent(&mut n);
@@ -2465,11 +2472,7 @@ mod tests {
 
     #[test]
     fn a_last_look_answered_on_the_second_try_keeps_the_suspect() {
-        let (mut n, probes, now) = origin_probing();
-        result(&mut n, now + 1, probes[0], false);
-        n.handle(now + 60_000, Input::Timeout);
-        let (_, deadline) = last_look_sent(&mut n);
-        n.handle(deadline, Input::Timeout);
+        let (mut n, deadline) = last_look_missed_once();
         let (req, _) = last_look_sent(&mut n);
         deliver_state(&mut n, deadline + 1, peer(30), req, None, vec![peer(40)]);
         assert_eq!(n.successors()[0], peer(30));

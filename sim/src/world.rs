@@ -172,19 +172,24 @@ struct Hot {
     /// When the queued wake that counts is due (`u64::MAX`: none).
     wake_at: u64,
     paused_until: u64,
-    /// The node's `poll_timeout()` as of its last handling (`u64::MAX`:
-    /// none); valid only when `due_known`.
-    due: u64,
-    due_known: bool,
+    /// The node's `poll_timeout()` as of its last handling; `None` when
+    /// something else has changed the node since (ask it).
+    due: Option<Option<u64>>,
 }
 
 impl Hot {
     const IDLE: Hot = Hot {
         wake_at: u64::MAX,
         paused_until: 0,
-        due: u64::MAX,
-        due_known: false,
+        due: None,
     };
+
+    /// This slot's queued wake, due at `now`, will run its node.
+    fn runs_node_at(&self, now: u64) -> bool {
+        self.wake_at == now
+            && self.paused_until <= now
+            && self.due.flatten().is_some_and(|t| t <= now)
+    }
 }
 
 /// One line of the failure trace, kept compact and formatted only on failure.
@@ -1189,11 +1194,12 @@ impl World {
                 // A wake armed for a request deadline that a reply has since
                 // cleared finds nothing due: re-arm it for what is, and leave
                 // the node untouched (a timeout with nothing due is a no-op).
-                let due = if h.due_known {
-                    (h.due != u64::MAX).then_some(h.due)
-                } else {
-                    let s = &self.slots[node as usize];
-                    s.node.as_ref().and_then(|n| n.poll_timeout())
+                let due = match h.due {
+                    Some(due) => due,
+                    None => {
+                        let s = &self.slots[node as usize];
+                        s.node.as_ref().and_then(|n| n.poll_timeout())
+                    }
                 };
                 if due.is_none_or(|t| t > self.now) {
                     if let Some(t) = due {
@@ -1328,8 +1334,7 @@ impl World {
         }
         let due = node.poll_timeout();
         let h = &mut self.hot[k as usize];
-        h.due = due.unwrap_or(u64::MAX);
-        h.due_known = true;
+        h.due = Some(due);
         if let Some(t) = due {
             let t = t.max(self.now);
             if t < h.wake_at {
@@ -2031,7 +2036,7 @@ impl World {
             .map(|(k, i)| (*k, i.clone()))
             .collect();
         let Some(node) = s.node.as_mut() else { return };
-        self.hot[k as usize].due_known = false;
+        self.hot[k as usize].due = None;
         for bad in node.restore(items) {
             if let Some(old) = s.disk.durable.remove(&bad) {
                 s.disk.bytes -= old.size() as u64;
@@ -2326,11 +2331,10 @@ impl World {
                     }
                     Some(*to)
                 }
-                Some(Ev::Wake { node }) => {
-                    let h = &self.hot[*node as usize];
-                    // Only a wake that will run the node needs it.
-                    (h.wake_at == self.now && h.due_known && h.due <= self.now).then_some(*node)
-                }
+                // Only a wake that will run the node needs it.
+                Some(Ev::Wake { node }) => self.hot[*node as usize]
+                    .runs_node_at(self.now)
+                    .then_some(*node),
                 _ => None,
             };
             if let Some(s) = k.and_then(|k| self.slots.get(k as usize)) {
@@ -2450,7 +2454,7 @@ impl World {
                 .collect();
             if let Some(n) = s.node.as_mut() {
                 n.restore(items);
-                self.hot[k as usize].due_known = false;
+                self.hot[k as usize].due = None;
             }
         }
     }
