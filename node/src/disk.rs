@@ -28,6 +28,12 @@
 //! block is not hashed a second time to be written. Every other item's
 //! digest is SHA-256 of the payload, as in format 1, which is still read.
 //!
+//! Files of 4 KiB and more are written around the page cache where the file
+//! system allows it ([`crate::dio`]): a node holds other people's
+//! ciphertext, which it rarely reads back soon, and copying every block into
+//! new cache pages cost more CPU than anything else it did with the block.
+//! Reads go through the page cache as usual.
+//!
 //! # Guarantees
 //!
 //! - **A write is durable when it says `Done`.** The item goes to a temporary
@@ -73,12 +79,13 @@
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
 //! directory at a time: nothing here locks it.
 
+use crate::dio::{self, AlignedBuf, Written};
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::fs::{self, File};
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -177,6 +184,12 @@ pub struct DiskStore {
     /// Makes temporary file names unique within this process.
     next_tmp: u64,
     counters: Counters,
+    /// Where every item file is encoded before it is written: one buffer,
+    /// reused, aligned for direct I/O.
+    wbuf: AlignedBuf,
+    /// Whether to try writing around the page cache ([`crate::dio`]);
+    /// cleared the first time the file system refuses.
+    direct: bool,
 }
 
 /// A write whose bytes sit in a temporary file, to be renamed into place.
@@ -210,6 +223,8 @@ impl DiskStore {
             cfg,
             next_tmp: 0,
             counters: Counters::default(),
+            wbuf: AlignedBuf::new(),
+            direct: true,
         };
         for d in [&store.dir, &store.items_dir, &store.quarantine_dir] {
             fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
@@ -427,8 +442,8 @@ impl DiskStore {
                 item.kind()
             )));
         }
-        let bytes = encode(item)?;
-        let size = bytes.len() as u64;
+        let len = encode_into(item, &mut self.wbuf)?;
+        let size = len as u64;
         let path = self.item_path(key);
         let old = if replaces { self.size_of(&path)? } else { None };
         if let Some(cap) = self.cfg.capacity_bytes {
@@ -447,10 +462,16 @@ impl DiskStore {
         let tmp = self
             .shard_dir(key)
             .join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
-        if let Err(e) = write_file(&tmp, &bytes, sync) {
-            // Best effort: a temporary file that survives is deleted on open.
-            let _ = fs::remove_file(&tmp);
-            return Err(self.failed("writing", &tmp, e));
+        let bytes = self.wbuf.slice_mut(len);
+        match dio::write_file(&tmp, bytes, len, sync, self.direct) {
+            // The file system refused direct I/O: stop asking.
+            Ok(Written::Buffered) if self.direct && len >= dio::ALIGN => self.direct = false,
+            Ok(_) => {}
+            Err(e) => {
+                // Best effort: a temporary file that survives is deleted on open.
+                let _ = fs::remove_file(&tmp);
+                return Err(self.failed("writing", &tmp, e));
+            }
         }
         Ok(Staged {
             key: *key,
@@ -898,42 +919,38 @@ fn block_digest(b: &peerstore_core::Block) -> [u8; 32] {
     h.finalize()
 }
 
-/// An item file's bytes: the header, then the postcard encoding of `item`.
-fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
+/// Encodes an item file at the start of `buf`: the header, then the
+/// postcard encoding of `item`. Returns the file's length.
+fn encode_into(item: &Item, buf: &mut AlignedBuf) -> Result<usize, StoreError> {
     let header = HEADER_LEN as usize;
-    let mut bytes = Vec::with_capacity(header + item.size() + 16);
-    bytes.resize(header, 0);
-    let mut bytes = postcard::to_extend(item, bytes)
-        .map_err(|e| StoreError::Invalid(format!("cannot encode the item: {e}")))?;
-    let len = (bytes.len() - header) as u64;
-    if len > PAYLOAD_MAX {
-        return Err(StoreError::Invalid(format!(
-            "item of {len} bytes is over the {PAYLOAD_MAX} byte store limit"
-        )));
-    }
+    let out = buf.slice_mut(header + PAYLOAD_MAX as usize);
+    let len = match postcard::to_slice(item, &mut out[header..header + PAYLOAD_MAX as usize]) {
+        Ok(payload) => payload.len(),
+        Err(postcard::Error::SerializeBufferFull) => {
+            return Err(StoreError::Invalid(format!(
+                "item of about {} bytes is over the {PAYLOAD_MAX} byte store limit",
+                item.size()
+            )))
+        }
+        Err(e) => return Err(StoreError::Invalid(format!("cannot encode the item: {e}"))),
+    };
     let hash = match item {
         Item::Block(b) => block_digest(b),
-        _ => sha256(&bytes[header..]),
+        _ => sha256(&out[header..header + len]),
     };
-    bytes[0..4].copy_from_slice(&MAGIC);
-    bytes[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes[8..16].copy_from_slice(&len.to_le_bytes());
-    bytes[16..header].copy_from_slice(&hash);
-    Ok(bytes)
+    out[0..4].copy_from_slice(&MAGIC);
+    out[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+    out[16..header].copy_from_slice(&hash);
+    Ok(header + len)
 }
 
-/// Creates (or truncates) `path` with `bytes`, fsyncing it if `sync`.
-fn write_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(bytes)?;
-    if sync {
-        f.sync_all()?;
-    }
-    Ok(())
+/// An item file's bytes, as [`encode_into`] writes them.
+#[cfg(test)]
+fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
+    let mut buf = AlignedBuf::new();
+    let len = encode_into(item, &mut buf)?;
+    Ok(buf.slice_mut(len)[..len].to_vec())
 }
 
 /// Makes a directory's entries (creations, renames, unlinks) durable.

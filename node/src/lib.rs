@@ -4,5 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
+pub mod dio;
 pub mod disk;
 pub mod rejoin;
