@@ -13,6 +13,7 @@ pub mod gate;
 pub mod hash;
 pub mod id;
 pub mod identity;
+pub mod lanes;
 pub mod link;
 pub mod lookup;
 pub mod machine;
