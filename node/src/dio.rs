@@ -67,9 +67,9 @@ fn round_up(len: usize) -> usize {
     len.div_ceil(ALIGN) * ALIGN
 }
 
-/// How a file was written.
+/// How a file was written or read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Written {
+pub enum Io {
     /// The aligned part went around the page cache.
     Direct,
     /// Through the page cache: the file system refused direct I/O.
@@ -86,10 +86,10 @@ pub fn write_file(
     len: usize,
     sync: bool,
     try_direct: bool,
-) -> io::Result<Written> {
+) -> io::Result<Io> {
     let bytes = &bytes[..len];
     let (mut f, mut how) = open(path, try_direct && len >= ALIGN)?;
-    if how == Written::Direct {
+    if how == Io::Direct {
         let aligned = len - len % ALIGN;
         match f.write_all(&bytes[..aligned]) {
             Ok(()) => {
@@ -101,7 +101,7 @@ pub fn write_file(
             // write): start again buffered.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 drop(f);
-                how = Written::Buffered;
+                how = Io::Buffered;
                 f = open(path, false)?.0;
                 f.write_all(bytes)?;
             }
@@ -116,16 +116,69 @@ pub fn write_file(
     Ok(how)
 }
 
+/// Reads `f` from its start into `buf`: the whole file if it is at most
+/// `max` bytes, otherwise more than `max` bytes (so the caller sees it is
+/// too long without reading it all). Direct if `try_direct` and `max` is
+/// at least [`ALIGN`] and the file system takes it; buffered otherwise.
+/// Returns the bytes read, which start `buf.slice_mut(..)`.
+pub fn read_file(
+    f: &mut File,
+    buf: &mut AlignedBuf,
+    max: usize,
+    try_direct: bool,
+) -> io::Result<(usize, Io)> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let want = round_up(max + 1);
+    let direct = try_direct && max >= ALIGN && set_direct(f, true).is_ok();
+    let out = buf.slice_mut(want);
+    let mut filled = 0;
+    if direct {
+        // Whole aligned blocks at a time; a short read means the end.
+        let mut refused = false;
+        while filled < want {
+            match f.read(&mut out[filled..want]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    if n % ALIGN != 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput && filled == 0 => {
+                    refused = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !refused {
+            return Ok((filled, Io::Direct));
+        }
+        set_direct(f, false)?;
+        f.seek(SeekFrom::Start(0))?;
+    }
+    while filled < want {
+        match f.read(&mut out[filled..want]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((filled, Io::Buffered))
+}
+
 /// Opens `path` to be written from its start; with `O_DIRECT` if `direct`
 /// and the file system takes it.
-fn open(path: &Path, direct: bool) -> io::Result<(File, Written)> {
+fn open(path: &Path, direct: bool) -> io::Result<(File, Io)> {
     let mut o = OpenOptions::new();
     o.write(true).create(true).truncate(true);
     let f = o.open(path)?;
     if direct && set_direct(&f, true).is_ok() {
-        return Ok((f, Written::Direct));
+        return Ok((f, Io::Direct));
     }
-    Ok((f, Written::Buffered))
+    Ok((f, Io::Buffered))
 }
 
 /// Turns `O_DIRECT` on or off on an open file (Linux); elsewhere says it
@@ -193,9 +246,9 @@ mod tests {
                 std::fs::write(&path, vec![0xEE; len + 3 * ALIGN]).unwrap();
                 let how = write_file(&path, b.slice_mut(len), len, true, direct).unwrap();
                 if !direct || len < ALIGN {
-                    assert_eq!(how, Written::Buffered, "len {len}");
+                    assert_eq!(how, Io::Buffered, "len {len}");
                 }
-                seen_direct |= how == Written::Direct;
+                seen_direct |= how == Io::Direct;
                 assert_eq!(
                     std::fs::read(&path).unwrap(),
                     want,
@@ -225,8 +278,45 @@ mod tests {
         // Misaligned by one byte: the kernel refuses the direct write with
         // EINVAL and the file is written buffered instead.
         let how = write_file(&path, &s[1..], 2 * ALIGN, false, true).unwrap();
-        assert_eq!(how, Written::Buffered);
+        assert_eq!(how, Io::Buffered);
         assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    #[test]
+    fn reads_give_back_exactly_the_file_and_flag_a_long_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = AlignedBuf::new();
+        let mut seen_direct = false;
+        for len in [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, 5 * ALIGN + 17, 1 << 20] {
+            let want: Vec<u8> = (0..len).map(|j| (j * 13 + len) as u8).collect();
+            let path = dir.path().join(format!("r{len}"));
+            std::fs::write(&path, &want).unwrap();
+            for direct in [true, false] {
+                // Room for the whole file.
+                let mut f = File::open(&path).unwrap();
+                let (n, how) = read_file(&mut f, &mut b, (1 << 20) + 5, direct).unwrap();
+                assert_eq!(&b.slice_mut(n)[..n], &want[..], "len {len} direct {direct}");
+                if !direct {
+                    assert_eq!(how, Io::Buffered);
+                }
+                seen_direct |= how == Io::Direct;
+                // A limit below the file's length: more than the limit comes
+                // back, so the caller can refuse it.
+                if len > 0 {
+                    let mut f = File::open(&path).unwrap();
+                    let (n, _) = read_file(&mut f, &mut b, len - 1, direct).unwrap();
+                    assert!(n > len - 1 && n <= len, "len {len} direct {direct}: {n}");
+                    assert_eq!(&b.slice_mut(n)[..n], &want[..n]);
+                }
+            }
+        }
+        #[cfg(target_os = "linux")]
+        if supports_direct(dir.path()) {
+            assert!(
+                seen_direct,
+                "no read went direct on a file system that takes it"
+            );
+        }
     }
 
     #[cfg(target_os = "linux")]

@@ -28,11 +28,12 @@
 //! block is not hashed a second time to be written. Every other item's
 //! digest is SHA-256 of the payload, as in format 1, which is still read.
 //!
-//! Files of 4 KiB and more are written around the page cache where the file
+//! Files of [`DIRECT_MIN`] and more are written around the page cache where the file
 //! system allows it ([`crate::dio`]): a node holds other people's
 //! ciphertext, which it rarely reads back soon, and copying every block into
 //! new cache pages cost more CPU than anything else it did with the block.
-//! Reads go through the page cache as usual.
+//! They are read the same way, into one reused buffer: a block is read
+//! when a client restores it or a replica needs it, rarely twice in a row.
 //!
 //! # Guarantees
 //!
@@ -79,15 +80,15 @@
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
 //! directory at a time: nothing here locks it.
 
-use crate::dio::{self, AlignedBuf, Written};
+use crate::dio::{self, AlignedBuf, Io};
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read as _};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const MAGIC: [u8; 4] = *b"PSI1";
@@ -103,6 +104,10 @@ pub const PAYLOAD_MAX: u64 = 4 << 20;
 
 const ITEMS_DIR: &str = "items";
 const QUARANTINE_DIR: &str = "quarantine";
+/// Item files at least this long are written with direct I/O
+/// ([`crate::dio`]). A direct write waits for the device, which costs a
+/// small file more than the page-cache copy it saves.
+pub const DIRECT_MIN: usize = 64 << 10;
 /// Names of temporary files start with this; no item name does.
 const TMP_PREFIX: &str = ".tmp-";
 const SHARDS: usize = 256;
@@ -190,6 +195,12 @@ pub struct DiskStore {
     /// Whether to try writing around the page cache ([`crate::dio`]);
     /// cleared the first time the file system refuses.
     direct: bool,
+    /// Where large item files are read, direct when the file system
+    /// allows ([`DiskStore::read`] takes `&self`).
+    rbuf: Mutex<AlignedBuf>,
+    /// Whether to try reading around the page cache; cleared the first
+    /// time the file system refuses.
+    direct_reads: AtomicBool,
 }
 
 /// A write whose bytes sit in a temporary file, to be renamed into place.
@@ -205,7 +216,12 @@ struct Staged {
 /// What loading one item file found.
 enum Loaded {
     Missing,
-    Bytes(Vec<u8>),
+    /// This many bytes, at the start of the read buffer; `direct_refused`
+    /// if a direct read was tried and the file system refused it.
+    Bytes {
+        len: usize,
+        direct_refused: bool,
+    },
     Bad(String),
 }
 
@@ -225,6 +241,8 @@ impl DiskStore {
             counters: Counters::default(),
             wbuf: AlignedBuf::new(),
             direct: true,
+            rbuf: Mutex::new(AlignedBuf::new()),
+            direct_reads: AtomicBool::new(true),
         };
         for d in [&store.dir, &store.items_dir, &store.quarantine_dir] {
             fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
@@ -463,9 +481,10 @@ impl DiskStore {
             .shard_dir(key)
             .join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
         let bytes = self.wbuf.slice_mut(len);
-        match dio::write_file(&tmp, bytes, len, sync, self.direct) {
+        let direct = self.direct && len >= DIRECT_MIN;
+        match dio::write_file(&tmp, bytes, len, sync, direct) {
             // The file system refused direct I/O: stop asking.
-            Ok(Written::Buffered) if self.direct && len >= dio::ALIGN => self.direct = false,
+            Ok(Io::Buffered) if direct => self.direct = false,
             Ok(_) => {}
             Err(e) => {
                 // Best effort: a temporary file that survives is deleted on open.
@@ -568,19 +587,31 @@ impl DiskStore {
     /// `None`; only a failing disk gives an error.
     pub fn read(&self, key: &Id) -> Result<Option<Item>, StoreError> {
         let path = self.item_path(key);
-        match load(&path) {
+        // A panic elsewhere cannot leave the buffer inconsistent: every
+        // read fills it afresh.
+        let mut buf = self.rbuf.lock().unwrap_or_else(|p| p.into_inner());
+        let direct = self.direct_reads.load(Ordering::Relaxed);
+        match load(&path, &mut buf, direct) {
             Ok(Loaded::Missing) => Ok(None),
             Ok(Loaded::Bad(why)) => {
                 self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
                 Ok(None)
             }
-            Ok(Loaded::Bytes(bytes)) => match check(key, &bytes) {
-                Ok(item) => Ok(Some(item)),
-                Err(why) => {
-                    self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
-                    Ok(None)
+            Ok(Loaded::Bytes {
+                len,
+                direct_refused,
+            }) => {
+                if direct_refused {
+                    self.direct_reads.store(false, Ordering::Relaxed);
                 }
-            },
+                match check(key, &buf.slice_mut(len)[..len]) {
+                    Ok(item) => Ok(Some(item)),
+                    Err(why) => {
+                        self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
+                        Ok(None)
+                    }
+                }
+            }
             Err(e) => Err(self.failed("reading", &path, e)),
         }
     }
@@ -836,9 +867,10 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// Reads an item file whole, refusing anything but a regular file of a
-/// plausible size.
-fn load(path: &Path) -> io::Result<Loaded> {
+/// Reads an item file whole into `buf`, refusing anything but a regular
+/// file of a plausible size. Files of [`DIRECT_MIN`] and more are read
+/// around the page cache if `direct`.
+fn load(path: &Path, buf: &mut AlignedBuf, direct: bool) -> io::Result<Loaded> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
@@ -854,15 +886,19 @@ fn load(path: &Path) -> io::Result<Loaded> {
             meta.len()
         )));
     }
-    let file = match File::open(path) {
+    let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
         Err(e) => return Err(e),
     };
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // Bounded even if the file grew since the stat.
-    file.take(limit + 1).read_to_end(&mut bytes)?;
-    Ok(Loaded::Bytes(bytes))
+    let direct = direct && meta.len() >= DIRECT_MIN as u64;
+    // Bounded even if the file grew since the stat: a longer file reads
+    // as more than the limit, which the length check refuses.
+    let (n, how) = dio::read_file(&mut file, buf, limit as usize, direct)?;
+    Ok(Loaded::Bytes {
+        len: n,
+        direct_refused: direct && how == Io::Buffered,
+    })
 }
 
 /// Checks an item file's bytes and decodes the item in them; says what is
