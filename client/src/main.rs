@@ -214,6 +214,7 @@ fn load(args: &Args) -> Result<Identity> {
         pass.as_ref().map(|p| p.as_slice()),
         MIN_KEY_BITS_DEFAULT,
     )
+    .map(Identity::with_os_random_signing)
     .map_err(|e| explain(e, &path))
 }
 

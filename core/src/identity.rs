@@ -275,6 +275,14 @@ impl Identity {
         })
     }
 
+    /// Signs with `ring` from now on, its salt from the operating system
+    /// (see [`Signer::with_os_random`]): for the node and the client,
+    /// which sign with `OsRng` anyway.
+    pub fn with_os_random_signing(mut self) -> Identity {
+        self.signing = self.signing.with_os_random();
+        self
+    }
+
     /// The signing key (RSA-PSS, blinded).
     pub fn signer(&self) -> &Signer {
         &self.signing

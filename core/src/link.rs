@@ -328,13 +328,13 @@ type Queued = (Option<Id>, Vec<u8>);
 enum Outgoing {
     /// Hello sent; `init` is taken when the Challenge arrives.
     Hello {
-        init: Option<Initiator>,
+        init: Option<Box<Initiator>>,
         queue: VecDeque<Queued>,
         since_ms: u64,
     },
     /// Auth sent; waiting for Finish.
     Auth {
-        wait: InitiatorWait,
+        wait: Box<InitiatorWait>,
         queue: VecDeque<Queued>,
         since_ms: u64,
     },
@@ -613,7 +613,7 @@ impl Links {
                 self.out.insert(
                     to,
                     Outgoing::Hello {
-                        init: Some(init),
+                        init: Some(Box::new(init)),
                         queue,
                         since_ms: now_ms,
                     },
@@ -1004,7 +1004,7 @@ impl Links {
                 self.out.insert(
                     from,
                     Outgoing::Auth {
-                        wait,
+                        wait: Box::new(wait),
                         queue,
                         since_ms,
                     },

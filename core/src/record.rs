@@ -56,6 +56,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use rand_core::CryptoRngCore;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -146,6 +147,9 @@ pub fn user_id(signing_key_der: &[u8]) -> UserId {
 #[derive(Clone)]
 pub struct Signer {
     key: BlindedSigningKey<Sha256>,
+    /// The same key for `ring`, whose signing is about four times faster,
+    /// when the host asked for it ([`Signer::with_os_random`]).
+    fast: Option<Arc<ring::signature::RsaKeyPair>>,
     public_der: Vec<u8>,
     id: UserId,
     bits: usize,
@@ -183,6 +187,7 @@ impl Signer {
             .into_vec();
         Ok(Signer {
             key: BlindedSigningKey::new(key),
+            fast: None,
             id: user_id(&public_der),
             public_der,
             bits,
@@ -197,6 +202,31 @@ impl Signer {
     /// come from outside the program.
     pub fn from_private_key(key: RsaPrivateKey) -> Signer {
         Signer::try_from_private_key(key).expect("RSA key size outside 1024..=4096 bits")
+    }
+
+    /// This signer, signing with `ring` from now on where `ring` takes the
+    /// key (2048 to 8192 bits): the same RSA-PSS(SHA-256) signatures with a
+    /// 32-byte salt, made in about a quarter of the time (2.3 ms instead of
+    /// 8.5 for a 3072-bit key on the test machine). `ring`'s private-key
+    /// operation is constant-time. Its salt comes from the operating
+    /// system's generator, so the `rng` passed to [`Signer::sign`] is then
+    /// unused: for hosts that sign with `OsRng` anyway (the node and the
+    /// client), never for runs that must replay from a seed. A key `ring`
+    /// refuses keeps signing as before.
+    pub fn with_os_random(mut self) -> Signer {
+        use rsa::pkcs8::EncodePrivateKey;
+        let private: &RsaPrivateKey = self.key.as_ref();
+        self.fast = private
+            .to_pkcs8_der()
+            .ok()
+            .and_then(|der| ring::signature::RsaKeyPair::from_pkcs8(der.as_bytes()).ok())
+            .map(Arc::new);
+        self
+    }
+
+    /// Whether [`Signer::with_os_random`] took.
+    pub fn signs_with_os_random(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The public key as SPKI DER.
@@ -216,6 +246,16 @@ impl Signer {
 
     /// RSA-PSS(SHA-256) signature over `msg`.
     pub fn sign(&self, rng: &mut (impl CryptoRngCore + ?Sized), msg: &[u8]) -> Vec<u8> {
+        if let Some(kp) = &self.fast {
+            let mut sig = vec![0; kp.public().modulus_len()];
+            let os = ring::rand::SystemRandom::new();
+            if kp
+                .sign(&ring::signature::RSA_PSS_SHA256, &os, msg, &mut sig)
+                .is_ok()
+            {
+                return sig;
+            }
+        }
         self.key
             .try_sign_with_rng(&mut RngRef(rng), msg)
             // Only fails when the modulus is too small for the PSS encoding,
@@ -1313,6 +1353,35 @@ mod tests {
         assert!(s.starts_with("Signer"), "{s}");
         assert!(s.len() < 200, "{s}");
         assert!(!s.contains("BigUint") && !s.contains("primes"), "{s}");
+    }
+
+    /// `ring`'s signatures are the same RSA-PSS(SHA-256) the rsa crate
+    /// verifies, single and batched; a key `ring` refuses (1024 bits, the
+    /// tests' size) keeps signing with the rsa crate.
+    #[test]
+    fn signatures_made_with_ring_verify_like_any_other() {
+        let key = RsaPrivateKey::new(&mut RngRef(&mut rng(40)), 2048).unwrap();
+        let fast = Signer::from_private_key(key).with_os_random();
+        assert!(fast.signs_with_os_random());
+        let sig = fast.sign(&mut rng(41), b"message");
+        assert_eq!(sig.len(), 256);
+        assert_eq!(verify(fast.public_der(), b"message", &sig, 2048), Ok(()));
+        assert_eq!(
+            verify(fast.public_der(), b"messagE", &sig, 2048),
+            Err(RecordError::BadSignature)
+        );
+        let msgs = [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()];
+        for (m, sig) in msgs.iter().zip(fast.sign_batch(&mut rng(42), &msgs)) {
+            assert_eq!(verify(fast.public_der(), m, &sig, 2048), Ok(()));
+        }
+        // The salt is fresh each time: two signatures of one message differ.
+        assert_ne!(fast.sign(&mut rng(41), b"m"), fast.sign(&mut rng(41), b"m"));
+
+        let small = owner().clone().with_os_random();
+        assert!(!small.signs_with_os_random());
+        let sig = small.sign(&mut rng(43), b"message");
+        assert_eq!(sig, owner().sign(&mut rng(43), b"message"), "still seeded");
+        assert_eq!(verify(small.public_der(), b"message", &sig, 1024), Ok(()));
     }
 
     #[test]
