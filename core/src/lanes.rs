@@ -92,7 +92,7 @@ impl LaneCbc {
                 prev[l] = *b;
             }
         }
-        step.zeroize_blocks();
+        wipe(&mut step);
     }
 
     /// Decrypts `ciphertext` (whole blocks) into `out`, which must be as
@@ -124,7 +124,7 @@ impl LaneCbc {
                 xor_into(dst, b, chain);
             }
         }
-        step.zeroize_blocks();
+        wipe(&mut step);
     }
 }
 
@@ -135,15 +135,9 @@ fn xor_into(dst: &mut [u8], a: &[u8], b: &[u8]) {
 }
 
 /// Wipes plaintext-bearing scratch blocks.
-trait ZeroizeBlocks {
-    fn zeroize_blocks(&mut self);
-}
-
-impl ZeroizeBlocks for [Block; LANES] {
-    fn zeroize_blocks(&mut self) {
-        for b in self.iter_mut() {
-            b.as_mut_slice().zeroize();
-        }
+fn wipe(step: &mut [Block; LANES]) {
+    for b in step {
+        b.as_mut_slice().zeroize();
     }
 }
 

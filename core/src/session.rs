@@ -120,6 +120,7 @@ use crate::record::{
 
 use crate::hash::HmacSha256;
 use crate::lanes::LaneCbc;
+use cbc::cipher::block_padding::{Pkcs7, RawPadding};
 
 /// Version byte of handshake messages and frames.
 pub const PROTOCOL_VERSION: u8 = 2;
@@ -1315,9 +1316,9 @@ impl Session {
         rng.fill_bytes(&mut iv);
         frame.extend_from_slice(&iv);
         frame.extend_from_slice(plaintext);
-        // PKCS#7: 1..=16 bytes, each holding the count.
-        let pad = total - MAC_BYTES - frame.len();
-        frame.resize(total - MAC_BYTES, pad as u8);
+        frame.resize(total - MAC_BYTES, 0);
+        let last = total - MAC_BYTES - BLOCK_BYTES;
+        Pkcs7::raw_pad(&mut frame[last..], body_start + plaintext.len() - last);
         LaneCbc::new(&self.send.keys.enc).encrypt(&iv, &mut frame[body_start..]);
         let (header, rest) = frame.split_at(FRAME_HEADER_BYTES);
         let (iv_part, ciphertext) = rest.split_at(IV_BYTES);
@@ -1370,17 +1371,9 @@ impl Session {
         let iv: &[u8; IV_BYTES] = iv.try_into().ok()?;
         let mut plain = vec![0; ciphertext.len()];
         LaneCbc::new(&self.recv.keys.enc).decrypt(iv, ciphertext, &mut plain);
-        // PKCS#7, checked whole (the MAC already vouched for the bytes).
-        let pad = usize::from(*plain.last()?);
-        if pad == 0
-            || pad > BLOCK_BYTES
-            || plain[plain.len() - pad..]
-                .iter()
-                .any(|&b| usize::from(b) != pad)
-        {
-            return None;
-        }
-        plain.truncate(plain.len() - pad);
+        let last = plain.len().checked_sub(BLOCK_BYTES)?;
+        let kept = Pkcs7::raw_unpad(&plain[last..]).ok()?.len();
+        plain.truncate(last + kept);
         if kind == FRAME_CLOSE && !plain.is_empty() {
             return None;
         }

@@ -60,6 +60,13 @@ impl AlignedBuf {
         let off = self.raw.as_ptr().align_offset(ALIGN);
         &mut self.raw[off..off + want]
     }
+
+    /// The first `len` bytes of the aligned slice, as the last
+    /// [`AlignedBuf::slice_mut`] of at least `len` bytes left them.
+    pub fn filled(&self, len: usize) -> &[u8] {
+        let off = self.raw.as_ptr().align_offset(ALIGN);
+        &self.raw[off..off + len]
+    }
 }
 
 /// `len` rounded up to a multiple of [`ALIGN`].
@@ -72,22 +79,16 @@ fn round_up(len: usize) -> usize {
 pub enum Io {
     /// The aligned part went around the page cache.
     Direct,
-    /// Through the page cache: the file system refused direct I/O.
+    /// Through the page cache: not asked for, or the file system refused.
     Buffered,
 }
 
-/// Creates (or truncates) `path` holding `bytes[..len]`, fsyncing it if
-/// `sync`. `bytes` must start on an [`ALIGN`] boundary (as
+/// Creates (or truncates) `path` holding `bytes`, fsyncing it if `sync`.
+/// `bytes` must start on an [`ALIGN`] boundary (as
 /// [`AlignedBuf::slice_mut`] gives) to be written direct; when `try_direct`
 /// is false, or the file system refuses, it is written buffered.
-pub fn write_file(
-    path: &Path,
-    bytes: &[u8],
-    len: usize,
-    sync: bool,
-    try_direct: bool,
-) -> io::Result<Io> {
-    let bytes = &bytes[..len];
+pub fn write_file(path: &Path, bytes: &[u8], sync: bool, try_direct: bool) -> io::Result<Io> {
+    let len = bytes.len();
     let (mut f, mut how) = open(path, try_direct && len >= ALIGN)?;
     if how == Io::Direct {
         let aligned = len - len % ALIGN;
@@ -118,55 +119,48 @@ pub fn write_file(
 
 /// Reads `f` from its start into `buf`: the whole file if it is at most
 /// `max` bytes, otherwise more than `max` bytes (so the caller sees it is
-/// too long without reading it all). Direct if `try_direct` and `max` is
-/// at least [`ALIGN`] and the file system takes it; buffered otherwise.
-/// Returns the bytes read, which start `buf.slice_mut(..)`.
+/// too long without reading it all). Direct if `try_direct` and the file
+/// system takes it; buffered otherwise. Returns how many bytes were read
+/// ([`AlignedBuf::filled`]).
 pub fn read_file(
     f: &mut File,
     buf: &mut AlignedBuf,
     max: usize,
     try_direct: bool,
 ) -> io::Result<(usize, Io)> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
+    use std::io::Read as _;
     let want = round_up(max + 1);
-    let direct = try_direct && max >= ALIGN && set_direct(f, true).is_ok();
+    let mut how = if try_direct && set_direct(f, true).is_ok() {
+        Io::Direct
+    } else {
+        Io::Buffered
+    };
     let out = buf.slice_mut(want);
     let mut filled = 0;
-    if direct {
-        // Whole aligned blocks at a time; a short read means the end.
-        let mut refused = false;
-        while filled < want {
-            match f.read(&mut out[filled..want]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    filled += n;
-                    if n % ALIGN != 0 {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::InvalidInput && filled == 0 => {
-                    refused = true;
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if !refused {
-            return Ok((filled, Io::Direct));
-        }
-        set_direct(f, false)?;
-        f.seek(SeekFrom::Start(0))?;
-    }
     while filled < want {
         match f.read(&mut out[filled..want]) {
             Ok(0) => break,
-            Ok(n) => filled += n,
+            Ok(n) => {
+                filled += n;
+                // Direct reads come in whole aligned blocks; a short one
+                // is the end of the file.
+                if how == Io::Direct && n % ALIGN != 0 {
+                    break;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Refused after all (see write_file): nothing was read, so the
+            // offset is still 0; go on buffered.
+            Err(e)
+                if how == Io::Direct && e.kind() == io::ErrorKind::InvalidInput && filled == 0 =>
+            {
+                set_direct(f, false)?;
+                how = Io::Buffered;
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok((filled, Io::Buffered))
+    Ok((filled, how))
 }
 
 /// Opens `path` to be written from its start; with `O_DIRECT` if `direct`
@@ -244,7 +238,7 @@ mod tests {
                 let path = dir.path().join(format!("f{i}-{direct}"));
                 // A longer file first: the write must truncate it.
                 std::fs::write(&path, vec![0xEE; len + 3 * ALIGN]).unwrap();
-                let how = write_file(&path, b.slice_mut(len), len, true, direct).unwrap();
+                let how = write_file(&path, &b.slice_mut(len)[..len], true, direct).unwrap();
                 if !direct || len < ALIGN {
                     assert_eq!(how, Io::Buffered, "len {len}");
                 }
@@ -277,7 +271,7 @@ mod tests {
         let path = dir.path().join("odd");
         // Misaligned by one byte: the kernel refuses the direct write with
         // EINVAL and the file is written buffered instead.
-        let how = write_file(&path, &s[1..], 2 * ALIGN, false, true).unwrap();
+        let how = write_file(&path, &s[1..1 + 2 * ALIGN], false, true).unwrap();
         assert_eq!(how, Io::Buffered);
         assert_eq!(std::fs::read(&path).unwrap(), want);
     }
@@ -295,7 +289,7 @@ mod tests {
                 // Room for the whole file.
                 let mut f = File::open(&path).unwrap();
                 let (n, how) = read_file(&mut f, &mut b, (1 << 20) + 5, direct).unwrap();
-                assert_eq!(&b.slice_mut(n)[..n], &want[..], "len {len} direct {direct}");
+                assert_eq!(b.filled(n), &want[..], "len {len} direct {direct}");
                 if !direct {
                     assert_eq!(how, Io::Buffered);
                 }
@@ -306,7 +300,7 @@ mod tests {
                     let mut f = File::open(&path).unwrap();
                     let (n, _) = read_file(&mut f, &mut b, len - 1, direct).unwrap();
                     assert!(n > len - 1 && n <= len, "len {len} direct {direct}: {n}");
-                    assert_eq!(&b.slice_mut(n)[..n], &want[..n]);
+                    assert_eq!(b.filled(n), &want[..n]);
                 }
             }
         }

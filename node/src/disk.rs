@@ -192,15 +192,11 @@ pub struct DiskStore {
     /// Where every item file is encoded before it is written: one buffer,
     /// reused, aligned for direct I/O.
     wbuf: AlignedBuf,
-    /// Whether to try writing around the page cache ([`crate::dio`]);
-    /// cleared the first time the file system refuses.
-    direct: bool,
-    /// Where large item files are read, direct when the file system
-    /// allows ([`DiskStore::read`] takes `&self`).
+    /// Where large item files are read ([`DiskStore::read`] takes `&self`).
     rbuf: Mutex<AlignedBuf>,
-    /// Whether to try reading around the page cache; cleared the first
-    /// time the file system refuses.
-    direct_reads: AtomicBool,
+    /// Whether to try reading and writing around the page cache
+    /// ([`crate::dio`]); cleared the first time the file system refuses.
+    direct: AtomicBool,
 }
 
 /// A write whose bytes sit in a temporary file, to be renamed into place.
@@ -240,9 +236,8 @@ impl DiskStore {
             next_tmp: 0,
             counters: Counters::default(),
             wbuf: AlignedBuf::new(),
-            direct: true,
             rbuf: Mutex::new(AlignedBuf::new()),
-            direct_reads: AtomicBool::new(true),
+            direct: AtomicBool::new(true),
         };
         for d in [&store.dir, &store.items_dir, &store.quarantine_dir] {
             fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
@@ -480,11 +475,10 @@ impl DiskStore {
         let tmp = self
             .shard_dir(key)
             .join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
-        let bytes = self.wbuf.slice_mut(len);
-        let direct = self.direct && len >= DIRECT_MIN;
-        match dio::write_file(&tmp, bytes, len, sync, direct) {
+        let direct = len >= DIRECT_MIN && self.direct.load(Ordering::Relaxed);
+        match dio::write_file(&tmp, self.wbuf.filled(len), sync, direct) {
             // The file system refused direct I/O: stop asking.
-            Ok(Io::Buffered) if direct => self.direct = false,
+            Ok(Io::Buffered) if direct => self.direct.store(false, Ordering::Relaxed),
             Ok(_) => {}
             Err(e) => {
                 // Best effort: a temporary file that survives is deleted on open.
@@ -590,7 +584,7 @@ impl DiskStore {
         // A panic elsewhere cannot leave the buffer inconsistent: every
         // read fills it afresh.
         let mut buf = self.rbuf.lock().unwrap_or_else(|p| p.into_inner());
-        let direct = self.direct_reads.load(Ordering::Relaxed);
+        let direct = self.direct.load(Ordering::Relaxed);
         match load(&path, &mut buf, direct) {
             Ok(Loaded::Missing) => Ok(None),
             Ok(Loaded::Bad(why)) => {
@@ -602,9 +596,9 @@ impl DiskStore {
                 direct_refused,
             }) => {
                 if direct_refused {
-                    self.direct_reads.store(false, Ordering::Relaxed);
+                    self.direct.store(false, Ordering::Relaxed);
                 }
-                match check(key, &buf.slice_mut(len)[..len]) {
+                match check(key, buf.filled(len)) {
                     Ok(item) => Ok(Some(item)),
                     Err(why) => {
                         self.quarantine(&path, &shard_name(key.0[0].into()), &why, true);
@@ -986,7 +980,7 @@ fn encode_into(item: &Item, buf: &mut AlignedBuf) -> Result<usize, StoreError> {
 fn encode(item: &Item) -> Result<Vec<u8>, StoreError> {
     let mut buf = AlignedBuf::new();
     let len = encode_into(item, &mut buf)?;
-    Ok(buf.slice_mut(len)[..len].to_vec())
+    Ok(buf.filled(len).to_vec())
 }
 
 /// Makes a directory's entries (creations, renames, unlinks) durable.
