@@ -25,7 +25,7 @@ use peerstore_core::endorse::TrustStore;
 use peerstore_core::gate::{ClientOp, ClientRequest, GateReply, RingStatus};
 use peerstore_core::link::{LinkConfig, Links};
 use peerstore_core::reqauth::BATCH_MAX;
-use peerstore_core::{Addr, Id, Signer};
+use peerstore_core::{Addr, Id, Peer, Signer};
 use peerstore_net::transport::{NetEvent, Transport, TransportConfig};
 use rand::rngs::OsRng;
 use rand::RngCore;
@@ -65,6 +65,9 @@ struct Conn {
     id: Option<Id>,
     /// Dropped after a failure; its calls went to the entry.
     dead: bool,
+    /// The nodes after it on the ring, from its status answer: with it,
+    /// the replicas of the keys it is the successor of.
+    succs: Vec<Peer>,
 }
 
 /// A call on the wire.
@@ -91,6 +94,8 @@ pub struct NodeClient {
     next_id: u64,
     pending: BTreeMap<u64, Sent>,
     answers: BTreeMap<u64, GateReply>,
+    /// Copies the ring keeps of each key, as the entry said.
+    replicas: usize,
 }
 
 fn now_ms() -> u64 {
@@ -127,10 +132,11 @@ impl NodeClient {
             next_id: 0,
             pending: BTreeMap::new(),
             answers: BTreeMap::new(),
+            replicas: 1,
         };
         // The first call opens the session and tells us the node's id.
         let st = c.status().await?;
-        c.conns[ENTRY].id = Some(st.me.id);
+        c.learn(ENTRY, &st);
         Ok(c)
     }
 
@@ -141,6 +147,7 @@ impl NodeClient {
     /// works. Returns how many nodes the client now talks to.
     pub async fn spread(&mut self) -> Result<usize> {
         let st = self.status().await?;
+        self.learn(ENTRY, &st);
         if !st.joined {
             return Ok(self.live());
         }
@@ -170,7 +177,7 @@ impl NodeClient {
         }
         for (id, at) in asked {
             match self.answers.remove(&id) {
-                Some(GateReply::Status(st)) if st.joined => self.conns[at].id = Some(st.me.id),
+                Some(GateReply::Status(st)) if st.joined => self.learn(at, &st),
                 _ => {
                     // No answer in time, or not in the ring: unused. Its
                     // status call is forgotten, wherever it is (a late
@@ -208,22 +215,40 @@ impl NodeClient {
         self.wait(id).await
     }
 
-    /// The node a call goes to: for a put or get, the live node whose id
-    /// is first at or after the key (its primary replica, when the client
-    /// talks to it); anything else, the entry.
+    /// Takes in what node `at` said of itself: its id, the nodes after it
+    /// and (from the entry) how many copies the ring keeps.
+    fn learn(&mut self, at: usize, st: &RingStatus) {
+        self.conns[at].id = Some(st.me.id);
+        self.conns[at].succs = st.successors.clone();
+        if at == ENTRY {
+            self.replicas = usize::from(st.replicas.max(1));
+        }
+    }
+
+    /// The node a call goes to: for a put or get, the least busy of the
+    /// key's replicas the client talks to; anything else, the entry.
+    ///
+    /// The key's primary is taken to be the live node whose id is first at
+    /// or after it, and its replicas that node and the next R - 1 machines
+    /// on its successor list. Any replica serves a get from its own disk
+    /// and takes a put as the primary would, so spreading calls over them
+    /// by the calls each has on the wire keeps every node busy (one
+    /// primary per key left the node with the widest arc serving most of
+    /// a restore while the others idled) and steers around a slow node.
+    /// On a tie the primary wins: it alone needs no lookup hop.
     fn route(&self, op: &ClientOp) -> usize {
         let key = match op {
             ClientOp::Put(item) => item.position(),
             ClientOp::Get(key) => *key,
             ClientOp::Status => return ENTRY,
         };
-        self.conns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| !c.dead)
-            .filter_map(|(i, c)| c.id.map(|id| (key.distance_to(id), i)))
-            .min()
-            .map_or(ENTRY, |(_, i)| i)
+        pick_replica(key, &self.conns, self.replicas, |at| self.load(at)).unwrap_or(ENTRY)
+    }
+
+    /// Calls queued for or on the wire to node `at`.
+    fn load(&self, at: usize) -> usize {
+        self.pending.values().filter(|s| s.conn == at).count()
+            + self.unsigned.iter().filter(|q| q.1 == at).count()
     }
 
     /// Queues `op` (waiting for room in the window first); returns the
@@ -460,12 +485,135 @@ impl NodeClient {
     }
 }
 
+/// Which of `conns` a call for `key` goes to (see [`NodeClient::route`]):
+/// the least loaded live one among the key's primary and the next
+/// `replicas` - 1 machines on the primary's successor list, the primary on
+/// a tie. `None` if no live node's id is known.
+fn pick_replica(
+    key: Id,
+    conns: &[Conn],
+    replicas: usize,
+    load: impl Fn(usize) -> usize,
+) -> Option<usize> {
+    let primary = conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.dead)
+        .filter_map(|(i, c)| c.id.map(|id| (key.distance_to(id), i)))
+        .min()
+        .map(|(_, i)| i)?;
+    let mut hosts: Vec<Addr> = vec![conns[primary].addr];
+    let mut best = (load(primary), primary);
+    for p in &conns[primary].succs {
+        if hosts.len() >= replicas {
+            break;
+        }
+        if hosts.contains(&p.addr) {
+            continue;
+        }
+        hosts.push(p.addr);
+        let at = conns
+            .iter()
+            .position(|c| !c.dead && c.addr == p.addr && c.id == Some(p.id));
+        if let Some(at) = at {
+            best = best.min((load(at), at));
+        }
+    }
+    Some(best.1)
+}
+
 impl Conn {
     fn new(addr: Addr) -> Conn {
         Conn {
             addr,
             id: None,
             dead: false,
+            succs: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(b: u8) -> Id {
+        let mut x = [0u8; 20];
+        x[0] = b;
+        Id(x)
+    }
+
+    fn peer(b: u8) -> Peer {
+        Peer {
+            id: id(b),
+            addr: Addr::Slot(b.into()),
+        }
+    }
+
+    /// A client talking to nodes 10, 20, 30 and 40 of a ring of those
+    /// four plus 50, each knowing the nodes after it.
+    fn conns() -> Vec<Conn> {
+        let ring = [10u8, 20, 30, 40, 50];
+        [10u8, 20, 30, 40]
+            .iter()
+            .map(|&b| {
+                let at = ring.iter().position(|&r| r == b).unwrap();
+                let mut c = Conn::new(peer(b).addr);
+                c.id = Some(id(b));
+                c.succs = (1..ring.len())
+                    .map(|k| peer(ring[(at + k) % ring.len()]))
+                    .collect();
+                c
+            })
+            .collect()
+    }
+
+    #[test]
+    fn calls_go_to_the_least_loaded_replica_and_the_primary_on_a_tie() {
+        let cs = conns();
+        // Key 15: primary 20, replicas 20, 30, 40 (R = 3).
+        let key = id(15);
+        assert_eq!(pick_replica(key, &cs, 3, |_| 0), Some(1));
+        let loads = [0usize, 5, 2, 1];
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(3));
+        // Node 10 is idle but is not a replica of key 15.
+        let loads = [0usize, 5, 5, 5];
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(1));
+        // With R = 1 only the primary will do.
+        let loads = [0usize, 9, 0, 0];
+        assert_eq!(pick_replica(key, &cs, 1, |at| loads[at]), Some(1));
+    }
+
+    #[test]
+    fn replicas_the_client_does_not_talk_to_or_that_failed_are_skipped() {
+        let mut cs = conns();
+        // Key 35: primary 40, replicas 40, 50 (no session), 10.
+        let key = id(35);
+        let loads = [1usize, 0, 0, 3];
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(0));
+        // Node 10 failed: only the primary is left.
+        cs[0].dead = true;
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(3));
+        // The primary failed too: the next live node after the key stands in.
+        cs[3].dead = true;
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(1));
+        for c in &mut cs {
+            c.dead = true;
+        }
+        assert_eq!(pick_replica(key, &cs, 3, |_| 0), None);
+    }
+
+    #[test]
+    fn one_machine_counts_once_among_the_replicas() {
+        let mut cs = conns();
+        // Node 20's machine holds a second ring position, first on 20's
+        // list: with R = 2 the replicas are 20 and 30, not 20 twice.
+        let twin = Peer {
+            id: id(22),
+            addr: peer(20).addr,
+        };
+        cs[1].succs = vec![twin, peer(30), peer(40)];
+        let loads = [0usize, 4, 0, 0];
+        assert_eq!(pick_replica(id(15), &cs, 2, |at| loads[at]), Some(2));
     }
 }

@@ -52,6 +52,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::conn::NodeClient;
+use peerstore_net::dio::{AlignedBuf, DirectWriter, DIRECT_MIN};
 
 /// Requests in flight at most, queued ones included: room for a full
 /// signed batch on the wire while the next one fills (see
@@ -1255,8 +1256,10 @@ fn write_chunks(
     news: tokio::sync::mpsc::UnboundedSender<u64>,
 ) -> Vec<Result<Finished>> {
     let mut results = Vec::with_capacity(files.len());
+    // One buffer for every large file's direct writes, in turn.
+    let mut spare = Some(AlignedBuf::new());
     for (target, (m, key, meta)) in &files {
-        let mut file: Option<(PathBuf, File, Decryptor)> = None;
+        let mut file: Option<(PathBuf, DirectWriter, Decryptor)> = None;
         let mut outcome = None;
         for j in 0..meta.chunks.len() {
             let Some(data) = chunks.blocking_recv() else {
@@ -1268,6 +1271,9 @@ fn write_chunks(
             if j == 0 {
                 match partial_file(target) {
                     Ok((tmp, out)) => {
+                        let direct = meta.size >= DIRECT_MIN as u64;
+                        let buf = spare.take().unwrap_or_default();
+                        let out = DirectWriter::new(out, buf, direct, meta.size);
                         file = Some((tmp, out, Decryptor::for_meta(key, m.file_id, meta)))
                     }
                     Err(e) => {
@@ -1291,7 +1297,18 @@ fn write_chunks(
                 if written.is_ok() {
                     written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
                 }
-                outcome = Some(finish_file(tmp, out, target, meta, written));
+                outcome = Some(match out.finish() {
+                    Ok((out, buf)) => {
+                        spare = Some(buf);
+                        finish_file(tmp, out, target, meta, written)
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        written.and(Err(
+                            anyhow!(e).context(format!("cannot write {}", target.display()))
+                        ))
+                    }
+                });
             }
         }
         if let Some((tmp, out, _)) = file.take() {

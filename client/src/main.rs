@@ -614,6 +614,7 @@ fn print_ring(st: &RingStatus, json: bool) {
             "fingers": st.fingers.iter().map(peer_json).collect::<Vec<_>>(),
             "items": st.items,
             "bytes": st.bytes,
+            "replicas": st.replicas,
         });
         println!("{v}");
         return;
@@ -629,6 +630,7 @@ fn print_ring(st: &RingStatus, json: bool) {
         }
     );
     println!("stores       {} items, {} bytes", st.items, st.bytes);
+    println!("replicas     {} per key", st.replicas);
     match &st.predecessor {
         Some(p) => println!("predecessor  {}", short(p)),
         None => println!("predecessor  (none)"),

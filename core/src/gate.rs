@@ -58,6 +58,10 @@ pub struct RingStatus {
     pub fingers: Vec<crate::wire::Peer>,
     pub items: u64,
     pub bytes: u64,
+    /// Copies the ring keeps of each key (the node's configured R): a
+    /// client may send a key's get or put to any of the key's successor
+    /// and the R - 1 nodes after it.
+    pub replicas: u8,
 }
 
 /// The bytes a client signs: the node it addresses and the operation.

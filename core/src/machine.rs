@@ -213,6 +213,7 @@ impl Machine {
             fingers,
             items: index.len() as u64,
             bytes: index.bytes(),
+            replicas: self.node.config().replicas.clamp(1, u8::MAX.into()) as u8,
         }
     }
 

@@ -980,32 +980,43 @@ impl Node {
         let Some(Op::Get(g)) = self.store.ops.remove(&op) else {
             return;
         };
-        let result = match &g.found {
-            Some(item) => Ok(Some(item.clone())),
-            None if g.answered_any => Ok(None),
-            None => Err(StoreError::Unavailable { acks: 0, needed: 1 }),
+        // Read repair: whoever answered with nothing or an older version.
+        let stale: Vec<Peer> = match &g.found {
+            Some(item) => {
+                let d = Some(Held::of(item).digest());
+                g.answers
+                    .iter()
+                    .filter(|(_, had)| *had != d)
+                    .map(|(p, _)| *p)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        // The item goes into the answer itself unless a repair needs it
+        // too (a 1 MiB copy per get otherwise).
+        let (result, repair) = match g.found {
+            Some(item) if stale.is_empty() => (Ok(Some(item)), None),
+            Some(item) => (Ok(Some(item.clone())), Some(item)),
+            None if g.answered_any => (Ok(None), None),
+            None => (Err(StoreError::Unavailable { acks: 0, needed: 1 }), None),
         };
         self.reply(g.cmd, CmdResult::Get(result));
-        // Read repair: whoever answered with nothing or an older version.
-        if let Some(item) = g.found {
-            let d = Held::of(&item).digest();
-            for (p, had) in g.answers {
-                if had != Some(d) {
-                    self.store.stats.read_repairs += 1;
-                    if p.id == self.me.id {
-                        self.apply_local(now_ms, item.position(), item.clone(), Waiter::Nobody);
-                    } else {
-                        self.store.stats.repair_bytes_sent += item.size() as u64;
-                        let it = item.clone();
-                        let key = g.key;
-                        self.request(
-                            now_ms,
-                            p,
-                            |req| Message::Put { req, key, item: it },
-                            Wait::Repair,
-                            false,
-                        );
-                    }
+        if let Some(item) = repair {
+            for p in stale {
+                self.store.stats.read_repairs += 1;
+                if p.id == self.me.id {
+                    self.apply_local(now_ms, item.position(), item.clone(), Waiter::Nobody);
+                } else {
+                    self.store.stats.repair_bytes_sent += item.size() as u64;
+                    let it = item.clone();
+                    let key = g.key;
+                    self.request(
+                        now_ms,
+                        p,
+                        |req| Message::Put { req, key, item: it },
+                        Wait::Repair,
+                        false,
+                    );
                 }
             }
         }

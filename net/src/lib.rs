@@ -3,10 +3,13 @@
 //! [`transport`] moves the secure-link packets of [`peerstore_core::link`]
 //! between machines over TCP. It never looks inside them: authenticity,
 //! ordering checks and retransmission live in the core. [`keyfile`] reads
-//! and writes the key files nodes and users keep on disk.
+//! and writes the key files nodes and users keep on disk. [`dio`] writes
+//! and reads large files around the page cache: a node's blocks, a
+//! client's restored files.
 
 #![forbid(unsafe_code)]
 
+pub mod dio;
 pub mod keyfile;
 pub mod transport;
 

@@ -587,13 +587,19 @@ fn disk_loop(
             }
         }
         let (ios, group): (Vec<IoId>, Vec<StorageOp>) = group.into_iter().unzip();
-        for (io, result) in ios.into_iter().zip(store.apply_batch(group)) {
+        let mut failed = Vec::new();
+        let mut stopped = false;
+        store.apply_batch_each(group, |i, result| {
             if let StorageResult::Failed(e) = &result {
-                warn!(error = %e, detail = ?store.stats().last_error, "disk operation failed");
+                failed.push(e.clone());
             }
-            if done.send((io, result)).is_err() {
-                return;
-            }
+            stopped |= done.send((ios[i], result)).is_err();
+        });
+        for e in failed {
+            warn!(error = %e, detail = ?store.stats().last_error, "disk operation failed");
+        }
+        if stopped {
+            return;
         }
     }
 }

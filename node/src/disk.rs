@@ -29,7 +29,7 @@
 //! digest is SHA-256 of the payload, as in format 1, which is still read.
 //!
 //! Files of [`DIRECT_MIN`] and more are written around the page cache where the file
-//! system allows it ([`crate::dio`]): a node holds other people's
+//! system allows it ([`peerstore_net::dio`]): a node holds other people's
 //! ciphertext, which it rarely reads back soon, and copying every block into
 //! new cache pages cost more CPU than anything else it did with the block.
 //! They are read the same way, into one reused buffer: a block is read
@@ -80,9 +80,9 @@
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
 //! directory at a time: nothing here locks it.
 
-use crate::dio::{self, AlignedBuf, Io};
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
+use peerstore_net::dio::{self, AlignedBuf, Io};
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -104,10 +104,7 @@ pub const PAYLOAD_MAX: u64 = 4 << 20;
 
 const ITEMS_DIR: &str = "items";
 const QUARANTINE_DIR: &str = "quarantine";
-/// Item files at least this long are written with direct I/O
-/// ([`crate::dio`]). A direct write waits for the device, which costs a
-/// small file more than the page-cache copy it saves.
-pub const DIRECT_MIN: usize = 64 << 10;
+pub use peerstore_net::dio::DIRECT_MIN;
 /// Names of temporary files start with this; no item name does.
 const TMP_PREFIX: &str = ".tmp-";
 const SHARDS: usize = 256;
@@ -195,7 +192,7 @@ pub struct DiskStore {
     /// Where large item files are read ([`DiskStore::read`] takes `&self`).
     rbuf: Mutex<AlignedBuf>,
     /// Whether to try reading and writing around the page cache
-    /// ([`crate::dio`]); cleared the first time the file system refuses.
+    /// ([`peerstore_net::dio`]); cleared the first time the file system refuses.
     direct: AtomicBool,
 }
 
@@ -322,6 +319,49 @@ impl DiskStore {
     /// fails every write or remove waiting on it, and a reader sees each
     /// key as the operations before it in the batch left it.
     pub fn apply_batch(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
+        let mut results: Vec<Option<StorageResult>> = vec![None; ops.len()];
+        self.apply_batch_each(ops, |i, r| results[i] = Some(r));
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(StorageResult::Failed(StoreError::Io)))
+            .collect()
+    }
+
+    /// [`DiskStore::apply_batch`], handing each result to `done` (with the
+    /// operation's place in `ops`) as soon as it is known instead of all at
+    /// the end. A read of a key that no operation before it in the batch
+    /// writes or removes sees the same store whenever it runs, so such
+    /// reads run first and are answered at once: a restore's reads arrive
+    /// in batches of dozens of 1 MiB blocks, and answering them together
+    /// kept the node idle while the disk read them all and then the disk
+    /// idle while the node sent them. The rest go through the group commit.
+    pub fn apply_batch_each(
+        &mut self,
+        ops: Vec<StorageOp>,
+        mut done: impl FnMut(usize, StorageResult),
+    ) {
+        let mut touched: BTreeSet<Id> = BTreeSet::new();
+        let mut rest: Vec<(usize, StorageOp)> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                StorageOp::Read { key } if !touched.contains(&key) => {
+                    done(i, self.apply(StorageOp::Read { key }))
+                }
+                StorageOp::Write { key, .. } | StorageOp::Remove { key } => {
+                    touched.insert(key);
+                    rest.push((i, op));
+                }
+                StorageOp::Read { .. } => rest.push((i, op)),
+            }
+        }
+        let (places, rest): (Vec<usize>, Vec<StorageOp>) = rest.into_iter().unzip();
+        for (i, r) in places.into_iter().zip(self.group_commit(rest)) {
+            done(i, r);
+        }
+    }
+
+    /// The group commit behind [`DiskStore::apply_batch_each`].
+    fn group_commit(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
         if ops.len() <= 1 {
             return ops.into_iter().map(|op| self.apply(op)).collect();
         }

@@ -4,6 +4,5 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
-pub mod dio;
 pub mod disk;
 pub mod rejoin;

@@ -846,3 +846,69 @@ fn a_group_keeps_to_the_capacity_and_counts_what_it_frees() {
     assert_eq!(st.bytes, bytes_on_disk(tmp.path()));
     assert!(temps(tmp.path()).is_empty());
 }
+
+/// A batch's reads of keys nothing before them in the batch touches are
+/// answered first, before any write's result (so a node can send them on
+/// while the writes are synced); a read after a write or remove of its key
+/// still sees that write or remove; every result matches its operation.
+#[test]
+fn untouched_reads_are_answered_first_and_the_rest_in_issue_order() {
+    let tmp = TempDir::new().unwrap();
+    let mut s = open(tmp.path());
+    let (a, b, c, d) = (
+        block(40, 100_000),
+        block(41, 1000),
+        block(42, 1000),
+        block(43, 1000),
+    );
+    put(&mut s, &a);
+    put(&mut s, &b);
+    let w = |x: &(Id, Item)| StorageOp::Write {
+        key: x.0,
+        item: x.1.clone(),
+    };
+    let ops = vec![
+        w(&c),
+        StorageOp::Read { key: a.0 },
+        StorageOp::Remove { key: b.0 },
+        StorageOp::Read { key: b.0 },
+        StorageOp::Read { key: c.0 },
+        StorageOp::Read { key: d.0 },
+        w(&d),
+    ];
+    let mut order = Vec::new();
+    let mut results = vec![None; ops.len()];
+    s.apply_batch_each(ops, |i, r| {
+        order.push(i);
+        results[i] = Some(r);
+    });
+    // Reads 1 (a) and 5 (d, not yet written) touch nothing earlier in the
+    // batch: first. Then everything else in issue order.
+    assert_eq!(order, vec![1, 5, 0, 2, 3, 4, 6]);
+    let results: Vec<StorageResult> = results.into_iter().map(Option::unwrap).collect();
+    assert_eq!(
+        results,
+        vec![
+            StorageResult::Done,
+            StorageResult::Read(Some(a.1.clone())),
+            StorageResult::Done,
+            StorageResult::Read(None),
+            StorageResult::Read(Some(c.1.clone())),
+            StorageResult::Read(None),
+            StorageResult::Done,
+        ]
+    );
+    assert_eq!(
+        scan_all(&s),
+        BTreeMap::from([a.clone(), c.clone(), d.clone()])
+    );
+    // apply_batch gives the same results, in the operations' order.
+    let again = s.apply_batch(vec![
+        StorageOp::Read { key: d.0 },
+        StorageOp::Remove { key: d.0 },
+    ]);
+    assert_eq!(
+        again,
+        vec![StorageResult::Read(Some(d.1.clone())), StorageResult::Done]
+    );
+}
