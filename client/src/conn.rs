@@ -515,8 +515,10 @@ fn pick_replica(
         let at = conns
             .iter()
             .position(|c| !c.dead && c.addr == p.addr && c.id == Some(p.id));
-        if let Some(at) = at {
-            best = best.min((load(at), at));
+        // Strictly less: on a tie the primary (or the replica seen first)
+        // keeps it, whatever the order of the sessions.
+        if let Some(at) = at.filter(|&at| load(at) < best.0) {
+            best = (load(at), at);
         }
     }
     Some(best.1)
@@ -591,6 +593,9 @@ mod tests {
         let key = id(35);
         let loads = [1usize, 0, 0, 3];
         assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(0));
+        // Equally busy: the primary, though node 10's session came first.
+        let loads = [2usize, 0, 0, 2];
+        assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(3));
         // Node 10 failed: only the primary is left.
         cs[0].dead = true;
         assert_eq!(pick_replica(key, &cs, 3, |at| loads[at]), Some(3));

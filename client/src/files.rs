@@ -52,7 +52,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::conn::NodeClient;
-use peerstore_net::dio::{AlignedBuf, DirectWriter, DIRECT_MIN};
+use peerstore_net::dio::{AlignedBuf, DirectWriter};
 
 /// Requests in flight at most, queued ones included: room for a full
 /// signed batch on the wire while the next one fills (see
@@ -1271,9 +1271,8 @@ fn write_chunks(
             if j == 0 {
                 match partial_file(target) {
                     Ok((tmp, out)) => {
-                        let direct = meta.size >= DIRECT_MIN as u64;
                         let buf = spare.take().unwrap_or_default();
-                        let out = DirectWriter::new(out, buf, direct, meta.size);
+                        let out = DirectWriter::new(out, buf, true, meta.size);
                         file = Some((tmp, out, Decryptor::for_meta(key, m.file_id, meta)))
                     }
                     Err(e) => {
@@ -1298,7 +1297,7 @@ fn write_chunks(
                     written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
                 }
                 outcome = Some(match out.finish() {
-                    Ok((out, buf)) => {
+                    Ok((out, buf, _)) => {
                         spare = Some(buf);
                         finish_file(tmp, out, target, meta, written)
                     }

@@ -165,11 +165,12 @@ pub const STREAM_BUF: usize = 1 << 20;
 
 impl DirectWriter {
     /// Writes into `file` (new or empty, at offset 0) with `buf` as its
-    /// first buffer; direct if `try_direct` and the file system takes it.
-    /// `len` is what the file is expected to hold: one of a buffer or
-    /// less is written by the caller's thread (nothing would overlap).
+    /// first buffer. `len` is what the file is expected to hold: direct
+    /// from [`DIRECT_MIN`] if `try_direct` and the file system takes it,
+    /// by a helper thread only beyond one buffer (nothing would overlap).
     pub fn new(file: File, buf: AlignedBuf, try_direct: bool, len: u64) -> DirectWriter {
-        let how = if try_direct && set_direct(&file, true).is_ok() {
+        let direct = try_direct && len >= DIRECT_MIN as u64;
+        let how = if direct && set_direct(&file, true).is_ok() {
             Io::Direct
         } else {
             Io::Buffered
@@ -267,12 +268,7 @@ impl DirectWriter {
 
     /// Lets the thread finish and takes over from it.
     fn join(&mut self) -> io::Result<()> {
-        let Some(Away {
-            full,
-            empty,
-            worker,
-        }) = self.away.take()
-        else {
+        let Some(Away { full, worker, .. }) = self.away.take() else {
             return Ok(());
         };
         drop(full);
@@ -280,29 +276,20 @@ impl DirectWriter {
             .join()
             .map_err(|_| io::Error::other("the writing thread panicked"))??;
         self.how = how;
-        if let Ok(b) = empty.try_recv() {
-            if self.held == 0 {
-                self.buf = b;
-            }
-        }
         Ok(())
     }
 
-    /// How the bytes went out so far.
-    pub fn how(&self) -> Io {
-        self.how
-    }
-
-    /// Writes what is held (the last partial block buffered) and gives the
-    /// file and a buffer back. The file is not synced.
-    pub fn finish(mut self) -> io::Result<(File, AlignedBuf)> {
+    /// Writes what is held (the last partial block buffered) and gives
+    /// back the file (not synced), a buffer for the next file and how the
+    /// bytes went out.
+    pub fn finish(mut self) -> io::Result<(File, AlignedBuf, Io)> {
         self.drain()?;
         self.join()?;
         if self.how == Io::Direct {
             set_direct(&self.file, false)?;
         }
         self.file.write_all(self.buf.filled(self.held))?;
-        Ok((self.file, self.buf))
+        Ok((self.file, self.buf, self.how))
     }
 }
 
@@ -444,15 +431,7 @@ mod tests {
                 );
             }
         }
-        // Where the file system takes O_DIRECT (ext4, XFS: the test machines),
-        // the direct path must have been the one exercised.
-        #[cfg(target_os = "linux")]
-        if supports_direct(dir.path()) {
-            assert!(
-                seen_direct,
-                "no write went direct on a file system that takes it"
-            );
-        }
+        assert_direct_exercised(dir.path(), seen_direct, "write");
     }
 
     #[test]
@@ -498,13 +477,7 @@ mod tests {
                 }
             }
         }
-        #[cfg(target_os = "linux")]
-        if supports_direct(dir.path()) {
-            assert!(
-                seen_direct,
-                "no read went direct on a file system that takes it"
-            );
-        }
+        assert_direct_exercised(dir.path(), seen_direct, "read");
     }
 
     #[test]
@@ -533,11 +506,11 @@ mod tests {
                     for part in want.chunks(piece) {
                         w.write_all(part).unwrap();
                     }
-                    if !direct {
-                        assert_eq!(w.how(), Io::Buffered);
+                    let (f, b, how) = w.finish().unwrap();
+                    if !direct || len < DIRECT_MIN {
+                        assert_eq!(how, Io::Buffered, "len {len}");
                     }
-                    seen_direct |= w.how() == Io::Direct && len >= ALIGN;
-                    let (f, b) = w.finish().unwrap();
+                    seen_direct |= how == Io::Direct;
                     buf = b;
                     drop(f);
                     assert_eq!(
@@ -548,13 +521,20 @@ mod tests {
                 }
             }
         }
+        assert_direct_exercised(dir.path(), seen_direct, "stream");
+    }
+
+    /// Where the file system takes O_DIRECT (ext4, XFS: the test
+    /// machines), the direct path must have been the one exercised.
+    fn assert_direct_exercised(dir: &Path, seen_direct: bool, what: &str) {
         #[cfg(target_os = "linux")]
-        if supports_direct(dir.path()) {
+        if supports_direct(dir) {
             assert!(
                 seen_direct,
-                "no stream went direct on a file system that takes it"
+                "no {what} went direct on a file system that takes it"
             );
         }
+        let _ = (dir, seen_direct, what);
     }
 
     #[cfg(target_os = "linux")]

@@ -82,7 +82,7 @@
 
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
-use peerstore_net::dio::{self, AlignedBuf, Io};
+use peerstore_net::dio::{self, AlignedBuf, Io, DIRECT_MIN};
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -104,7 +104,6 @@ pub const PAYLOAD_MAX: u64 = 4 << 20;
 
 const ITEMS_DIR: &str = "items";
 const QUARANTINE_DIR: &str = "quarantine";
-pub use peerstore_net::dio::DIRECT_MIN;
 /// Names of temporary files start with this; no item name does.
 const TMP_PREFIX: &str = ".tmp-";
 const SHARDS: usize = 256;
