@@ -21,6 +21,7 @@ pub mod merkle;
 pub mod node;
 pub mod record;
 pub mod reqauth;
+mod reqtable;
 pub mod rtt;
 pub mod session;
 pub mod store;

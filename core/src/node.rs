@@ -12,6 +12,7 @@
 use crate::config::{Config, Protocol};
 use crate::id::{Id, NodeId, ID_BITS};
 use crate::lookup::{Lookup, LookupError, LookupId, PeerState, Step};
+use crate::reqtable::ReqTable;
 use crate::rtt::RttTable;
 use crate::store::{Item, StoreError};
 use crate::wire::{Message, Peer, ReqId};
@@ -247,7 +248,6 @@ impl Wait {
 struct Pending {
     to: Peer,
     sent_ms: u64,
-    deadline_ms: u64,
     wait: Wait,
 }
 
@@ -314,8 +314,7 @@ pub struct Node {
     last_other_timeout_ms: u64,
     /// When our predecessor last sent us anything.
     pred_heard_ms: u64,
-    pending: BTreeMap<ReqId, Pending>,
-    deadlines: BTreeSet<(u64, ReqId)>,
+    pending: ReqTable<Pending>,
     lookups: BTreeMap<LookupId, Running>,
     next_req: ReqId,
     next_lookup: LookupId,
@@ -376,8 +375,7 @@ impl Node {
             last_reply_ms: 0,
             last_other_timeout_ms: 0,
             pred_heard_ms: 0,
-            pending: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
+            pending: ReqTable::default(),
             lookups: BTreeMap::new(),
             next_req,
             next_lookup: 0,
@@ -436,7 +434,7 @@ impl Node {
         if self.status == Status::Left {
             return None;
         }
-        let mut t = self.deadlines.first().map(|(d, _)| *d).unwrap_or(u64::MAX);
+        let mut t = self.pending.earliest().map_or(u64::MAX, |(d, _)| d);
         if self.status == Status::Joined && self.maintenance {
             t = t
                 .min(self.next_stabilize_ms)
@@ -593,7 +591,6 @@ impl Node {
         self.pending.clear();
         self.probe_round = None;
         self.probes_serving = 0;
-        self.deadlines.clear();
         self.lookups.clear();
         self.reply(cmd, CmdResult::Done);
     }
@@ -789,14 +786,8 @@ impl Node {
 
     fn on_timeout(&mut self, now_ms: u64) {
         // Expired requests first: their outcome may change what maintenance does.
-        while let Some(&(deadline, req)) = self.deadlines.first() {
-            if deadline > now_ms {
-                break;
-            }
-            self.deadlines.pop_first();
-            if let Some(p) = self.pending.remove(&req) {
-                self.request_timed_out(now_ms, p);
-            }
+        while let Some(p) = self.pending.pop_expired(now_ms) {
+            self.request_timed_out(now_ms, p);
         }
         if let Some((at, purpose)) = self.join_retry {
             if at <= now_ms && self.status == Status::Joining {
@@ -1499,9 +1490,9 @@ impl Node {
     /// Matches a reply to its request: same request id and same peer. Anything
     /// else (late, duplicated, forged) is dropped and counted.
     fn take_pending(&mut self, now_ms: u64, req: ReqId, from: Peer) -> Option<Pending> {
-        match self.pending.get(&req) {
+        match self.pending.get(req) {
             Some(p) if p.to.id == from.id => {
-                let p = self.pending.remove(&req).expect("present");
+                let p = self.pending.remove(req).expect("present");
                 // If nobody at all answered us for a suspicion window while
                 // others timed out too, the silence was ours (we were cut
                 // off), not our successor's.
@@ -1512,7 +1503,6 @@ impl Node {
                     self.succ_silent_since = Some(now_ms);
                 }
                 self.last_reply_ms = now_ms;
-                self.deadlines.remove(&(p.deadline_ms, req));
                 // Storage replies include disk time and transfer time, and a
                 // probe's answer waits for a third node: they would teach the
                 // failure detector the wrong round trip.
@@ -1561,14 +1551,13 @@ impl Node {
         let wait_is_storage = wait.is_storage();
         self.pending.insert(
             req,
+            deadline_ms,
             Pending {
                 to,
                 sent_ms: now_ms,
-                deadline_ms,
                 wait,
             },
         );
-        self.deadlines.insert((deadline_ms, req));
         if wait_is_storage {
             self.stats.sent_storage += 1;
         } else if maintenance {
@@ -2114,7 +2103,7 @@ mod tests {
             n.pending
                 .iter()
                 .find(|(_, p)| p.to.id == f.id && matches!(p.wait, Wait::FingerCheck(159)))
-                .map(|(r, p)| (*r, p.deadline_ms))
+                .map(|(r, _)| (r, n.pending.deadline(r).expect("waiting")))
                 .expect("the finger is asked")
         };
         // A node joined between the target and the finger.
@@ -2442,7 +2431,7 @@ mod tests {
                 _ => None,
             })
             .expect("the suspect is asked once more");
-        (req, n.pending[&req].deadline_ms)
+        (req, n.pending.deadline(req).expect("asked"))
     }
 
     /// A dead verdict whose other witness never answers, then a first last
