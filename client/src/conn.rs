@@ -127,7 +127,7 @@ impl NodeClient {
             events,
             links,
             user,
-            conns: vec![Conn::new(Addr::Tcp(node))],
+            conns: vec![Conn::new(Addr::from(node))],
             unsigned: Vec::new(),
             next_id: 0,
             pending: BTreeMap::new(),

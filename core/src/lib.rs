@@ -37,4 +37,4 @@ pub use node::{
 };
 pub use record::{Record, RecordError, Signer, UserId};
 pub use store::{Block, BlockId, Held, Item, StoreError, Tombstone};
-pub use wire::{Addr, Message, Peer, ReqId, SyncAnswer};
+pub use wire::{Addr, Message, Peer, ReqId, SyncAnswer, TcpAddr};

@@ -4,16 +4,53 @@
 use crate::id::{Id, NodeId};
 use crate::store::{Digest, Item, RangeSummary, StoreError};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 /// Where a node can be reached.
+///
+/// On the wire an `Addr` is the plain enum of a slot number or a
+/// `SocketAddr`; in memory a TCP endpoint is packed into 20 bytes (a
+/// `SocketAddr` takes 32), because peers ride in every successor list,
+/// finger table and message, and a simulation holds millions of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "AddrWire", into = "AddrWire")]
 pub enum Addr {
     /// A slot in an in-process network (the simulator and core tests).
     Slot(u32),
     /// A real TCP endpoint.
+    Tcp(TcpAddr),
+}
+
+/// `Addr` as it is encoded.
+#[derive(Serialize, Deserialize)]
+enum AddrWire {
+    Slot(u32),
     Tcp(SocketAddr),
+}
+
+impl From<AddrWire> for Addr {
+    fn from(a: AddrWire) -> Addr {
+        match a {
+            AddrWire::Slot(n) => Addr::Slot(n),
+            AddrWire::Tcp(s) => Addr::Tcp(s.into()),
+        }
+    }
+}
+
+impl From<Addr> for AddrWire {
+    fn from(a: Addr) -> AddrWire {
+        match a {
+            Addr::Slot(n) => AddrWire::Slot(n),
+            Addr::Tcp(t) => AddrWire::Tcp(t.socket()),
+        }
+    }
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(s: SocketAddr) -> Addr {
+        Addr::Tcp(s.into())
+    }
 }
 
 impl Addr {
@@ -22,8 +59,96 @@ impl Addr {
     pub fn parse(s: &str) -> Option<Addr> {
         match s.strip_prefix("slot:") {
             Some(n) => n.parse().ok().map(Addr::Slot),
-            None => s.parse().ok().map(Addr::Tcp),
+            None => s.parse::<SocketAddr>().ok().map(Addr::from),
         }
+    }
+
+    /// The socket address of a TCP endpoint.
+    pub fn socket(&self) -> Option<SocketAddr> {
+        match self {
+            Addr::Tcp(t) => Some(t.socket()),
+            Addr::Slot(_) => None,
+        }
+    }
+}
+
+/// A TCP endpoint in 20 bytes: the IP (an IPv4 address kept as its 4 bytes
+/// at the front) and the port. IPv6 flow labels and scope ids are not kept:
+/// a ring address must be routable as it stands.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpAddr {
+    ip: [u8; 16],
+    port: u16,
+    v4: bool,
+}
+
+impl TcpAddr {
+    pub fn socket(&self) -> SocketAddr {
+        if self.v4 {
+            let [a, b, c, d, ..] = self.ip;
+            SocketAddr::from((Ipv4Addr::new(a, b, c, d), self.port))
+        } else {
+            SocketAddr::from((Ipv6Addr::from(self.ip), self.port))
+        }
+    }
+}
+
+impl From<SocketAddr> for TcpAddr {
+    fn from(s: SocketAddr) -> TcpAddr {
+        let mut ip = [0u8; 16];
+        let v4 = match s.ip() {
+            IpAddr::V4(a) => {
+                ip[..4].copy_from_slice(&a.octets());
+                true
+            }
+            IpAddr::V6(a) => {
+                ip = a.octets();
+                false
+            }
+        };
+        TcpAddr {
+            ip,
+            port: s.port(),
+            v4,
+        }
+    }
+}
+
+impl From<TcpAddr> for SocketAddr {
+    fn from(t: TcpAddr) -> SocketAddr {
+        t.socket()
+    }
+}
+
+impl PartialEq<SocketAddr> for TcpAddr {
+    fn eq(&self, other: &SocketAddr) -> bool {
+        *self == TcpAddr::from(*other)
+    }
+}
+
+/// The order of the socket addresses (IPv4 before IPv6, then address, then
+/// port).
+impl Ord for TcpAddr {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (!self.v4, self.ip, self.port).cmp(&(!other.v4, other.ip, other.port))
+    }
+}
+
+impl PartialOrd for TcpAddr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for TcpAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.socket().fmt(f)
+    }
+}
+
+impl std::fmt::Debug for TcpAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.socket().fmt(f)
     }
 }
 
@@ -192,5 +317,56 @@ impl Message {
             | Message::ProbeResult { req, .. } => Some(*req),
             Message::Notify | Message::Leaving => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The encoding `Addr` had while it held a `SocketAddr`.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum Plain {
+        Slot(u32),
+        Tcp(SocketAddr),
+    }
+
+    fn socket() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn tcp_addresses_round_trip_encode_and_order_as_socket_addresses(a in socket(), b in socket(), n in any::<u32>()) {
+            let (x, y) = (Addr::from(a), Addr::from(b));
+            prop_assert_eq!(x.socket(), Some(a));
+            prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            prop_assert_eq!(x == y, a == b);
+            let Addr::Tcp(t) = x else { unreachable!() };
+            prop_assert_eq!(t.to_string(), a.to_string());
+            // Same bytes on the wire as before the compact form.
+            let bytes = postcard::to_allocvec(&x).unwrap();
+            prop_assert_eq!(&bytes, &postcard::to_allocvec(&Plain::Tcp(a)).unwrap());
+            prop_assert_eq!(postcard::from_bytes::<Addr>(&bytes).unwrap(), x);
+            let slot = postcard::to_allocvec(&Addr::Slot(n)).unwrap();
+            prop_assert_eq!(&slot, &postcard::to_allocvec(&Plain::Slot(n)).unwrap());
+            prop_assert!(Addr::Slot(n) < x);
+        }
+    }
+
+    #[test]
+    fn peers_stay_small() {
+        // Peers fill every successor list and message; a simulation holds
+        // millions of them.
+        assert!(std::mem::size_of::<Peer>() <= 40);
+        assert_eq!(
+            Addr::parse("[::1]:7000").and_then(|a| a.socket()),
+            Some("[::1]:7000".parse().unwrap())
+        );
+        assert_eq!(Addr::parse("slot:3"), Some(Addr::Slot(3)));
     }
 }

@@ -511,7 +511,7 @@ impl Shared {
         if state.gone_client_set.contains(&to) {
             return Err(SendError::NoRoute);
         }
-        let Addr::Tcp(socket) = to else {
+        let Some(socket) = to.socket() else {
             return Err(SendError::NoRoute);
         };
         let permit = self
@@ -632,7 +632,7 @@ impl Shared {
             }
         };
         let client = declared.is_none();
-        let from = Addr::Tcp(declared.unwrap_or(remote));
+        let from = Addr::from(declared.unwrap_or(remote));
         let (conn, mut queue) = self.new_conn(client, Some(remote.ip()));
         let replaced = {
             let mut state = self.state();
@@ -975,7 +975,7 @@ impl Transport {
             .clone()
             .try_acquire_owned()
             .map_err(|_| io::Error::other("no connection allowed (max_connections)"))?;
-        let peer = Addr::Tcp(node);
+        let peer = Addr::from(node);
         let (conn, queue) = shared.new_conn(false, None);
         shared.state().outgoing.insert(peer, conn);
         tokio::spawn(shared.clone().serve_outgoing(stream, peer, queue, permit));
@@ -997,7 +997,7 @@ impl Transport {
     /// packets as coming from (`None` for a client).
     pub fn advertised(&self) -> Option<Addr> {
         match self.shared.role {
-            Role::Node(addr) => Some(Addr::Tcp(addr)),
+            Role::Node(addr) => Some(Addr::from(addr)),
             Role::Client => None,
         }
     }

@@ -25,13 +25,13 @@ fn localhost() -> SocketAddr {
 async fn node(cfg: TransportConfig) -> (Transport, Receiver<NetEvent>, Addr) {
     let (transport, events) = Transport::bind(localhost(), cfg).await.unwrap();
     let addr = transport.advertised().unwrap();
-    assert_eq!(addr, Addr::Tcp(transport.local_addr().unwrap()));
+    assert_eq!(addr, Addr::from(transport.local_addr().unwrap()));
     (transport, events, addr)
 }
 
 fn tcp(addr: Addr) -> SocketAddr {
     match addr {
-        Addr::Tcp(socket) => socket,
+        Addr::Tcp(socket) => socket.socket(),
         Addr::Slot(_) => unreachable!(),
     }
 }
@@ -296,7 +296,7 @@ async fn connections_over_the_limit_are_refused() {
     assert_eq!(b.stats().connections_open, 3);
     // A node at its limit cannot dial either, and says so.
     assert_eq!(
-        b.send(Addr::Tcp(localhost()), vec![1]),
+        b.send(Addr::from(localhost()), vec![1]),
         Err(SendError::ConnectionLimit)
     );
     // The held connections are still served.
@@ -382,8 +382,8 @@ async fn an_unreachable_peer_is_reported_closed() {
         .unwrap()
         .local_addr()
         .unwrap();
-    a.send(Addr::Tcp(vacant), b"anyone?".to_vec()).unwrap();
-    assert_eq!(next_closed(&mut a_events).await, Addr::Tcp(vacant));
+    a.send(Addr::from(vacant), b"anyone?".to_vec()).unwrap();
+    assert_eq!(next_closed(&mut a_events).await, Addr::from(vacant));
     assert_eq!(a.stats().connect_failed, 1);
     assert_eq!(a.send(Addr::Slot(3), vec![1]), Err(SendError::NoRoute));
     assert!(

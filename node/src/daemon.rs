@@ -235,7 +235,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let me = transport
         .advertised()
         .context("the transport has no address")?;
-    let Addr::Tcp(me_sock) = me else {
+    let Some(me_sock) = me.socket() else {
         bail!("not a TCP address");
     };
     // Tests and scripts read this line to learn an OS-chosen port.
@@ -357,7 +357,7 @@ pub async fn run(opts: Options) -> Result<()> {
     match entry {
         Some(e) => {
             info!(entry = %e, "joining");
-            machine.join(now, Addr::Tcp(e), &me_sock.to_string());
+            machine.join(now, Addr::from(e), &me_sock.to_string());
         }
         None => {
             info!("starting a new ring");
@@ -398,9 +398,10 @@ pub async fn run(opts: Options) -> Result<()> {
             if !machine.join_pending() {
                 continue;
             }
-            if let (Some(m), Addr::Tcp(a)) =
-                (r.heard(peer, state.map(|(member, _)| member)), peer.addr)
-            {
+            if let (Some(m), Some(a)) = (
+                r.heard(peer, state.map(|(member, _)| member)),
+                peer.addr.socket(),
+            ) {
                 // The first member to answer in a round: later answers of
                 // the round would only restart the join again.
                 if !via_member && entries.get(entry_at) != Some(&a) {
@@ -445,8 +446,8 @@ pub async fn run(opts: Options) -> Result<()> {
                     entry_at = (entry_at + 1) % entries.len();
                     let e = entries[entry_at];
                     info!(entry = %e, "no answer yet; asking again");
-                    machine.disconnected(Addr::Tcp(e));
-                    machine.join(now, Addr::Tcp(e), &me_sock.to_string());
+                    machine.disconnected(Addr::from(e));
+                    machine.join(now, Addr::from(e), &me_sock.to_string());
                     join_since = now;
                     via_member = false;
                     if let Some(r) = &rejoin {

@@ -49,7 +49,7 @@ impl Remembered {
                         if addr != me {
                             r.pred = Some(Peer {
                                 id,
-                                addr: Addr::Tcp(addr),
+                                addr: Addr::from(addr),
                             });
                         }
                     }
@@ -73,7 +73,7 @@ impl Remembered {
     /// peers not on TCP left out). `None` if there is nothing to save.
     pub fn render(succs: &[Peer], pred: Option<Peer>, me: SocketAddr) -> Option<String> {
         let tcp = |p: &Peer| match p.addr {
-            Addr::Tcp(a) if a != me => Some((a, p.id)),
+            Addr::Tcp(a) if a != me => Some((a.socket(), p.id)),
             _ => None,
         };
         let mut lines: Vec<String> = Vec::new();
@@ -97,7 +97,7 @@ impl Remembered {
     /// the predecessor.
     pub fn entries(&self) -> Vec<SocketAddr> {
         let mut v: Vec<SocketAddr> = self.succs.iter().map(|(a, _)| *a).collect();
-        if let Some(Addr::Tcp(a)) = self.pred.map(|p| p.addr) {
+        if let Some(a) = self.pred.and_then(|p| p.addr.socket()) {
             if !v.contains(&a) {
                 v.push(a);
             }
@@ -113,7 +113,7 @@ impl Remembered {
             .filter_map(|(a, id)| {
                 id.map(|id| Peer {
                     id,
-                    addr: Addr::Tcp(*a),
+                    addr: Addr::from(*a),
                 })
             })
             .collect();
@@ -214,7 +214,7 @@ mod tests {
     fn peer(id: u128, port: u16) -> Peer {
         Peer {
             id: Id::from_u128(id),
-            addr: Addr::Tcp(sock(port)),
+            addr: Addr::from(sock(port)),
         }
     }
 

@@ -662,7 +662,7 @@ impl Cluster {
     /// The name of the node with this id, for messages.
     fn who(&self, p: &Peer) -> String {
         match self.nodes.iter().find(|n| n.id == p.id) {
-            Some(n) if n.addr.map(Addr::Tcp) == Some(p.addr) => format!("n{}", n.index),
+            Some(n) if n.addr.map(Addr::from) == Some(p.addr) => format!("n{}", n.index),
             Some(n) => format!("n{}@{}", n.index, addr_text(&p.addr)),
             None => format!("?{}@{}", short(&p.id), addr_text(&p.addr)),
         }
@@ -1002,7 +1002,7 @@ impl Cluster {
         let want_len = r.min(n.saturating_sub(1));
         let peer = |c: &Cluster, i: usize| Peer {
             id: c.nodes[i].id,
-            addr: Addr::Tcp(c.nodes[i].addr()),
+            addr: Addr::from(c.nodes[i].addr()),
         };
         let mut views = BTreeMap::new();
         let mut problems = Vec::new();
