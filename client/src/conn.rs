@@ -517,8 +517,11 @@ fn pick_replica(
             .position(|c| !c.dead && c.addr == p.addr && c.id == Some(p.id));
         // Strictly less: on a tie the primary (or the replica seen first)
         // keeps it, whatever the order of the sessions.
-        if let Some(at) = at.filter(|&at| load(at) < best.0) {
-            best = (load(at), at);
+        if let Some(at) = at {
+            let l = load(at);
+            if l < best.0 {
+                best = (l, at);
+            }
         }
     }
     Some(best.1)

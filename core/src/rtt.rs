@@ -97,13 +97,18 @@ impl RttTable {
         }
     }
 
+    /// Which inline slot holds `peer`, if one does.
+    fn hot_index(&self, peer: NodeId) -> Option<usize> {
+        self.hot
+            .iter()
+            .position(|h| h.is_some_and(|(id, _)| id == peer))
+    }
+
     fn entry(&self, peer: NodeId) -> Option<&Entry> {
-        for (id, e) in self.hot.iter().flatten() {
-            if *id == peer {
-                return Some(e);
-            }
+        match self.hot_index(peer) {
+            Some(i) => self.hot[i].as_ref().map(|(_, e)| e),
+            None => self.peers.get(&peer),
         }
-        self.peers.get(&peer)
     }
 
     /// The entry for `peer`, moved inline (made one if there is none), with
@@ -111,11 +116,7 @@ impl RttTable {
     fn touch(&mut self, peer: NodeId) -> &mut Entry {
         self.tick += 1;
         let tick = self.tick;
-        let i = match self
-            .hot
-            .iter()
-            .position(|h| h.is_some_and(|(id, _)| id == peer))
-        {
+        let i = match self.hot_index(peer) {
             Some(i) => i,
             None => {
                 let e = match self.peers.remove(&peer) {

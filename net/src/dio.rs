@@ -170,11 +170,7 @@ impl DirectWriter {
     /// by a helper thread only beyond one buffer (nothing would overlap).
     pub fn new(file: File, buf: AlignedBuf, try_direct: bool, len: u64) -> DirectWriter {
         let direct = try_direct && len >= DIRECT_MIN as u64;
-        let how = if direct && set_direct(&file, true).is_ok() {
-            Io::Direct
-        } else {
-            Io::Buffered
-        };
+        let how = go_direct(&file, direct);
         // The thread writes through a second handle on the same open file
         // (same offset, same flags). Without one, this thread writes.
         let away = (how == Io::Direct && len > STREAM_BUF as u64)
@@ -311,11 +307,7 @@ pub fn read_file(
     // more time zeroing than reading.
     let size = f.metadata()?.len();
     let want = round_up(usize::try_from(size).unwrap_or(usize::MAX).min(max) + 1);
-    let mut how = if try_direct && set_direct(f, true).is_ok() {
-        Io::Direct
-    } else {
-        Io::Buffered
-    };
+    let mut how = go_direct(f, try_direct);
     let out = buf.slice_mut(want);
     let mut filled = 0;
     while filled < want {
@@ -350,10 +342,17 @@ fn open(path: &Path, direct: bool) -> io::Result<(File, Io)> {
     let mut o = OpenOptions::new();
     o.write(true).create(true).truncate(true);
     let f = o.open(path)?;
-    if direct && set_direct(&f, true).is_ok() {
-        return Ok((f, Io::Direct));
+    let how = go_direct(&f, direct);
+    Ok((f, how))
+}
+
+/// Turns `O_DIRECT` on if `want` and the file system takes it; says which.
+fn go_direct(f: &File, want: bool) -> Io {
+    if want && set_direct(f, true).is_ok() {
+        Io::Direct
+    } else {
+        Io::Buffered
     }
-    Ok((f, Io::Buffered))
 }
 
 /// Turns `O_DIRECT` on or off on an open file (Linux); elsewhere says it

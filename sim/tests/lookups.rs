@@ -54,16 +54,23 @@ fn successor_lists_shorten_routes() {
     );
 }
 
-/// ToN'03: kill half of 1,000 nodes at once, then look up before any repair.
-#[test]
-fn half_the_ring_fails_lookups_stay_correct_then_ring_heals() {
-    let mut cfg = common::calm(1000, 11);
+/// 1,000 nodes, r = 20, half of them failing at 20 s, then `lookups`
+/// lookups before any repair, on a calm network.
+fn half_fail(seed: u64, lookups: u64, duration_ms: u64) -> peerstore_sim::SimConfig {
+    let mut cfg = common::calm(1000, seed);
     cfg.successors = 20;
     cfg.lookups_per_node_per_min = 0.0;
     cfg.fail_fraction = 0.5;
     cfg.fail_at_ms = 20_000;
-    cfg.lookups_after_fail = 10_000;
-    cfg.duration_ms = 60_000;
+    cfg.lookups_after_fail = lookups;
+    cfg.duration_ms = duration_ms;
+    cfg
+}
+
+/// ToN'03: kill half of 1,000 nodes at once, then look up before any repair.
+#[test]
+fn half_the_ring_fails_lookups_stay_correct_then_ring_heals() {
+    let cfg = half_fail(11, 10_000, 60_000);
     let rep = peerstore_sim::run(cfg);
     assert_eq!(rep.crashes, 500);
     assert_eq!(rep.lookups.count, 10_000, "{}", rep.summary());
@@ -93,13 +100,7 @@ fn half_the_ring_fails_lookups_stay_correct_then_ring_heals() {
 #[test]
 #[ignore = "wrong answers under loss after a mass failure: ~1.7%, bound 0.1% (see doc comment)"]
 fn half_the_ring_fails_under_loss_and_reordering_answers_stay_right() {
-    let mut cfg = common::calm(1000, 12);
-    cfg.successors = 20;
-    cfg.lookups_per_node_per_min = 0.0;
-    cfg.fail_fraction = 0.5;
-    cfg.fail_at_ms = 20_000;
-    cfg.lookups_after_fail = 5_000;
-    cfg.duration_ms = 40_000;
+    let mut cfg = half_fail(12, 5_000, 40_000);
     cfg.net.loss = 0.01;
     cfg.net.reorder = 0.05;
     let rep = peerstore_sim::run(cfg);
