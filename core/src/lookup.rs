@@ -89,6 +89,11 @@ pub(crate) struct Lookup {
     strikes: BTreeMap<NodeId, u32>,
     /// Verification queue, next target last: (peer, strikes it may have had).
     verify: Vec<(Peer, u32)>,
+    /// Answer candidates passed over after a single timeout. A lost message
+    /// or a late reply looks like a dead node, so before a later candidate
+    /// is settled on, each of these that lies before it is asked once more:
+    /// otherwise one lost reply gives a wrong answer.
+    skipped: Vec<Peer>,
     /// Join: the predecessor being asked for its list.
     join_pred: Option<Peer>,
     /// Answers already confirmed alive, most recent (closest to the key) last.
@@ -121,6 +126,7 @@ impl Lookup {
             verified: BTreeSet::new(),
             strikes: BTreeMap::new(),
             verify: Vec::new(),
+            skipped: Vec::new(),
             confirmed: Vec::new(),
             candidates_max: 48,
             hops_max,
@@ -293,10 +299,24 @@ impl Lookup {
         });
         self.confirmed.push((from, pred, succs));
         self.verify.clear();
+        // Each earlier candidate silent only once, and the predecessor the
+        // live node names, get one more try, the one nearest the key first
+        // (the queue's last entry is asked next).
+        let key = self.key;
+        let before = |p: &Peer| p.id == key || p.id.in_open(key, from.id);
+        let mut retry: Vec<(Id, Peer)> = Vec::new();
+        for p in std::mem::take(&mut self.skipped) {
+            if before(&p) && self.strikes(p.id) == 1 && !self.verified.contains(&p.id) {
+                retry.push((key.distance_to(p.id), p));
+            }
+        }
         if let Some(p) = closer_pred {
             // Named by a live node, a silent candidate earns one retry.
-            self.verify.push((p, 1));
+            retry.push((key.distance_to(p.id), p));
         }
+        retry.sort_by_key(|r| std::cmp::Reverse(r.0));
+        retry.dedup_by(|a, b| a.0 == b.0);
+        self.verify.extend(retry.into_iter().map(|(_, p)| (p, 1)));
     }
 
     /// The peer answered that it is not in a ring: never an answer or a hop.
@@ -365,6 +385,9 @@ impl Lookup {
             }
             if self.strikes(p.id) > allowed {
                 self.verify.pop();
+                if allowed == 0 && self.strikes(p.id) == 1 {
+                    self.skipped.push(p);
+                }
                 continue;
             }
             return Step::Ask {
@@ -436,9 +459,68 @@ mod tests {
                 verify: true
             }
         );
+        // 40 is alive; 30, silent once, is asked once more before 40 counts.
         let step = l.on_state(p(40), Some(p(20)), vec![]);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+        let step = l.on_timeout(p(30));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(40)));
-        assert_eq!(l.timeouts, 1);
+        assert_eq!(l.timeouts, 2);
+    }
+
+    #[test]
+    fn a_lost_reply_is_retried_even_when_the_next_node_names_another_pred() {
+        // 30 is live but its reply is lost; 35 is dead; 40 still names the
+        // dead 35 as its predecessor (no repair has run). Before this rule
+        // the lookup answered 40: one lost reply made a wrong answer.
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
+        l.on_next(p(10), &[p(20), p(30), p(35), p(40)], &[], true);
+        assert_eq!(
+            l.on_timeout(p(30)),
+            Step::Ask {
+                to: p(35),
+                verify: true
+            }
+        );
+        assert_eq!(
+            l.on_timeout(p(35)),
+            Step::Ask {
+                to: p(40),
+                verify: true
+            }
+        );
+        // Both silent candidates before 40 get a retry, nearest the key first.
+        let step = l.on_state(p(40), Some(p(35)), vec![]);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(30),
+                verify: true
+            }
+        );
+        let step = l.on_state(p(30), Some(p(20)), vec![]);
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
+        // Candidates get one retry only: silent twice, they are passed over.
+        let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
+        l.on_next(p(10), &[p(20), p(30), p(35), p(40)], &[], true);
+        l.on_timeout(p(30));
+        l.on_timeout(p(35));
+        l.on_state(p(40), Some(p(35)), vec![]);
+        assert_eq!(
+            l.on_timeout(p(30)),
+            Step::Ask {
+                to: p(35),
+                verify: true
+            }
+        );
+        let step = l.on_timeout(p(35));
+        assert!(matches!(step, Step::Done { owner, .. } if owner == p(40)));
+        assert_eq!(l.timeouts, 4);
     }
 
     #[test]
@@ -677,7 +759,16 @@ mod tests {
                 verify: true
             }
         );
+        // 40 was silent once: it is asked again before 50 counts.
         let step = l.on_state(p(50), Some(p(30)), vec![]);
+        assert_eq!(
+            step,
+            Step::Ask {
+                to: p(40),
+                verify: true
+            }
+        );
+        let step = l.on_timeout(p(40));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(50)));
     }
 }

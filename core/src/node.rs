@@ -24,6 +24,16 @@ use std::sync::Arc;
 /// Longest chain of witnesses asked about one suspect successor (each hop
 /// walks from a witness to its predecessor, towards the suspect).
 const CONFIRM_HOPS_MAX: u8 = 16;
+
+/// A closer node `x` that stabilize finds is adopted with one entry of its
+/// list more than the usual `r`. Its answer may be stale: `x` and the first
+/// entries of its list may have left while it travelled (nobody tells us: we
+/// were not yet `x`'s predecessor), and the entry that `r` would cut off can
+/// be the only live one. The next answer from a live successor makes the list
+/// `r` long again; entries that fail go as usual. Lists are read from others
+/// with their spare: a node rejoining under its old id drops its old self
+/// from the list it copies and needs the entry after it.
+const SPARE: usize = 1;
 /// How many other nodes try a suspect before we drop it (SWIM's k).
 const PROBE_WITNESSES: usize = 3;
 /// Questions in a last look at a suspect before it is dropped.
@@ -822,7 +832,10 @@ impl Node {
 
     fn request_timed_out(&mut self, now_ms: u64, p: Pending) {
         self.stats.timeouts += 1;
-        if self.succs.first().map(|x| x.id) != Some(p.to.id) {
+        // Entries of our list behind a silent successor are no sign that we
+        // are the one cut off: adjacent nodes often fail together, and the
+        // check of a silent successor asks them first.
+        if !self.succs.iter().any(|x| x.id == p.to.id) {
             self.last_other_timeout_ms = now_ms;
         }
         // One late reply is common on a jittery path; two in a row is a pattern.
@@ -1345,12 +1358,20 @@ impl Node {
                     return self.not_a_member(now_ms, p);
                 }
                 let pred = pred.filter(|x| x.id != from.id);
-                let succs = &succs[..Self::sanitized_len(from.id, self.cfg.successors_max, &succs)];
+                // A list may carry one spare entry (see [`SPARE`]): a joiner
+                // whose old self is in it needs the entry after.
+                let succs =
+                    &succs[..Self::sanitized_len(from.id, self.cfg.successors_max + SPARE, &succs)];
                 match p.wait {
                     Wait::Stabilize => self.on_stabilize_reply(now_ms, from, pred, succs),
                     Wait::StabilizeCandidate => {
                         self.stabilizing = false;
-                        let l = self.sanitize(std::iter::once(from).chain(succs.iter().copied()));
+                        // One entry more than usual: see [`SPARE`].
+                        let l = Self::sanitize_iter(
+                            self.me.id,
+                            self.cfg.successors_max + SPARE,
+                            std::iter::once(from).chain(succs.iter().copied()),
+                        );
                         self.set_succs(l);
                         if pred.map(|x| x.id) != Some(self.me.id) {
                             self.send_maintenance(from, Message::Notify);
@@ -1470,7 +1491,7 @@ impl Node {
                 let mut keep = if alone {
                     1
                 } else {
-                    Self::sanitized_len(from.id, self.cfg.successors_max, &succs)
+                    Self::sanitized_len(from.id, self.cfg.successors_max + SPARE, &succs)
                 };
                 let mut closer = closer;
                 closer.truncate(self.cfg.closer_max);
@@ -1716,7 +1737,7 @@ impl Node {
     }
 
     fn set_succs(&mut self, succs: Vec<Peer>) {
-        debug_assert!(succs.len() <= self.cfg.successors_max);
+        debug_assert!(succs.len() <= self.cfg.successors_max + SPARE);
         debug_assert!(succs.iter().all(|p| p.id != self.me.id));
         if succs[..] != self.succs[..] {
             if self.succs.first().map(|s| s.id) != succs.first().map(|s| s.id) {
@@ -1917,6 +1938,118 @@ mod tests {
         assert!(out
             .iter()
             .any(|o| matches!(o, Output::Send { to, msg: Message::Notify } if *to == peer(30))));
+    }
+
+    /// The request id of the `GetState` just sent to `to`.
+    fn state_req(out: &[Output], to: Peer) -> ReqId {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    to: t,
+                    msg: Message::GetState { req },
+                } if *t == to => Some(*req),
+                _ => None,
+            })
+            .expect("a state request to that peer")
+    }
+
+    #[test]
+    fn a_closer_node_is_adopted_with_one_spare_entry_of_its_list() {
+        // Found by the simulator (24 nodes, r = 2): the closer node's answer
+        // was stale, it and the first entry of its list had left by the time
+        // it arrived, and the entry that r cut off was the only live one.
+        let adopted = || {
+            let mut n = Node::new(cfg(), peer(10), 1);
+            n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
+            drain(&mut n);
+            n.handle(0, Input::Command(1, Command::Stabilize));
+            let req = state_req(&drain(&mut n), peer(30));
+            deliver_state(
+                &mut n,
+                5,
+                peer(30),
+                req,
+                Some(peer(20)),
+                vec![peer(40), peer(50)],
+            );
+            let req = state_req(&drain(&mut n), peer(20));
+            deliver_state(
+                &mut n,
+                10,
+                peer(20),
+                req,
+                Some(peer(10)),
+                vec![peer(30), peer(40), peer(45)],
+            );
+            n
+        };
+        // The spare comes from 20's list (45), never from ours (50): a list
+        // may skip only what its source skipped.
+        let mut n = adopted();
+        assert_eq!(n.successors(), &[peer(20), peer(30), peer(40), peer(45)]);
+
+        // 20 answers the next stabilize: the list is r long again.
+        n.handle(1_000, Input::Command(2, Command::Stabilize));
+        let req = state_req(&drain(&mut n), peer(20));
+        deliver_state(
+            &mut n,
+            1_005,
+            peer(20),
+            req,
+            Some(peer(10)),
+            vec![peer(30), peer(40), peer(45)],
+        );
+        assert_eq!(n.successors(), &[peer(20), peer(30), peer(40)]);
+    }
+
+    #[test]
+    fn silence_from_list_entries_does_not_restart_the_successor_clock() {
+        // Found by the simulator (32 nodes, r = 3): a node whose first two
+        // entries had crashed took the witness's silence for its own (cut
+        // off), restarted the clock every round and kept a dead successor
+        // for good. Silence from the list itself is no sign of being cut off.
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
+        drain(&mut n);
+        // Our predecessor, 5, answers at once; 30, 40 and 50 never do.
+        let step = |n: &mut Node, t: u64, input: Input| {
+            n.handle(t, input);
+            let out = drain(n);
+            for o in &out {
+                if let Output::Send {
+                    to,
+                    msg: Message::GetState { req },
+                } = o
+                {
+                    if *to == peer(5) {
+                        deliver_state(n, t + 1, peer(5), *req, None, vec![peer(10)]);
+                    }
+                }
+            }
+            out
+        };
+        let suspect = n.cfg.suspect_ms;
+        let mut t = 0;
+        // 30 silent through two stabilize rounds a suspicion window apart:
+        // its check asks the next entry, 40.
+        let mut out = Vec::new();
+        for round in 1..=2 {
+            step(&mut n, t, Input::Command(round, Command::Stabilize));
+            t += suspect + 1;
+            out = step(&mut n, t, Input::Timeout);
+        }
+        let since = n.succ_silent_since.expect("30 is suspected");
+        state_req(&out, peer(40));
+        // 40 is silent, and our predecessor's next answer comes a
+        // suspicion window after its last.
+        t += suspect + 1;
+        assert!(
+            n.last_reply_ms + suspect <= t + 1,
+            "the test needs a quiet spell"
+        );
+        step(&mut n, t, Input::Timeout);
+        assert_eq!(n.last_reply_ms, t + 1, "5 answered");
+        assert_eq!(n.succ_silent_since, Some(since));
     }
 
     #[test]

@@ -1675,9 +1675,11 @@ impl World {
         for j in holders {
             let s = &self.slots[j as usize];
             let n = s.node.as_ref().expect("members have state");
-            if n.successors().iter().any(|p| p.id == f)
-                && !n.successors().iter().any(|p| live(&p.id))
-            {
+            // Judged on the first r entries: a spare entry past r (see the
+            // core's `SPARE`) is extra safety the model does not count on,
+            // and lists copied from this one carry r entries.
+            let list = &n.successors()[..n.successors().len().min(self.r)];
+            if list.iter().any(|p| p.id == f) && !list.iter().any(|p| live(&p.id)) {
                 return false;
             }
         }

