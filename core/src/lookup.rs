@@ -430,17 +430,19 @@ mod tests {
         }
     }
 
+    /// The lookup's next step: verify candidate `n`.
+    fn ask(n: u128) -> Step {
+        Step::Ask {
+            to: p(n),
+            verify: true,
+        }
+    }
+
     #[test]
     fn local_list_spanning_key_goes_straight_to_verify() {
         let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
         let step = l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(30));
         // 30 answers, its predecessor is 20 (before the key): done.
         let step = l.on_state(p(30), Some(p(20)), vec![p(40)]);
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
@@ -452,22 +454,10 @@ mod tests {
         let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
         l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
         let step = l.on_timeout(p(30));
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(40),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(40));
         // 40 is alive; 30, silent once, is asked once more before 40 counts.
         let step = l.on_state(p(40), Some(p(20)), vec![]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(30));
         let step = l.on_timeout(p(30));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(40)));
         assert_eq!(l.timeouts, 2);
@@ -480,29 +470,11 @@ mod tests {
         // the lookup answered 40: one lost reply made a wrong answer.
         let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
         l.on_next(p(10), &[p(20), p(30), p(35), p(40)], &[], true);
-        assert_eq!(
-            l.on_timeout(p(30)),
-            Step::Ask {
-                to: p(35),
-                verify: true
-            }
-        );
-        assert_eq!(
-            l.on_timeout(p(35)),
-            Step::Ask {
-                to: p(40),
-                verify: true
-            }
-        );
+        assert_eq!(l.on_timeout(p(30)), ask(35));
+        assert_eq!(l.on_timeout(p(35)), ask(40));
         // Both silent candidates before 40 get a retry, nearest the key first.
         let step = l.on_state(p(40), Some(p(35)), vec![]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(30));
         let step = l.on_state(p(30), Some(p(20)), vec![]);
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
         // Candidates get one retry only: silent twice, they are passed over.
@@ -511,13 +483,7 @@ mod tests {
         l.on_timeout(p(30));
         l.on_timeout(p(35));
         l.on_state(p(40), Some(p(35)), vec![]);
-        assert_eq!(
-            l.on_timeout(p(30)),
-            Step::Ask {
-                to: p(35),
-                verify: true
-            }
-        );
+        assert_eq!(l.on_timeout(p(30)), ask(35));
         let step = l.on_timeout(p(35));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(40)));
         assert_eq!(l.timeouts, 4);
@@ -529,22 +495,10 @@ mod tests {
         l.on_next(p(10), &[p(20), p(30)], &[], true);
         // 30 says its predecessor is 27, which lies in [25, 30): ask 27.
         let step = l.on_state(p(30), Some(p(27)), vec![]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(27),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(27));
         // 27 is silent: named by a live node, it gets a second try...
         let step = l.on_timeout(p(27));
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(27),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(27));
         // ...then 30, already confirmed, is the answer.
         let step = l.on_timeout(p(27));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
@@ -555,21 +509,9 @@ mod tests {
         let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(10), false, 0, 32, 32);
         l.on_next(p(10), &[p(20), p(30), p(40)], &[], true);
         // 30's reply is lost; 40 is asked next and names 30 as its predecessor.
-        assert_eq!(
-            l.on_timeout(p(30)),
-            Step::Ask {
-                to: p(40),
-                verify: true
-            }
-        );
+        assert_eq!(l.on_timeout(p(30)), ask(40));
         let step = l.on_state(p(40), Some(p(30)), vec![]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(30));
         let step = l.on_state(p(30), Some(p(20)), vec![]);
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
         // Had 30 timed out twice, 40 would have been the answer.
@@ -641,22 +583,10 @@ mod tests {
         l.next_step();
         // 10's list spans the key, but 20 lies between 10 and the key: ask 20.
         let step = l.on_next(p(10), &[p(20), p(30), p(40)], &[], false);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(20),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(20));
         // 20 knows 22, a newer node still before the key: ask 22 in turn.
         let step = l.on_state(p(20), Some(p(10)), vec![p(22), p(30), p(40)]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(22),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(22));
         // 22 is the predecessor: its list is copied as is.
         let step = l.on_state(p(22), Some(p(20)), vec![p(28), p(30)]);
         assert_eq!(
@@ -675,13 +605,7 @@ mod tests {
         l.next_step();
         l.on_next(p(10), &[p(20), p(30), p(40)], &[], false);
         // 20 is silent: asked once more, then this attempt fails.
-        assert_eq!(
-            l.on_timeout(p(20)),
-            Step::Ask {
-                to: p(20),
-                verify: true
-            }
-        );
+        assert_eq!(l.on_timeout(p(20)), ask(20));
         assert!(matches!(l.on_timeout(p(20)), Step::Failed(_)));
     }
 
@@ -690,20 +614,8 @@ mod tests {
         // The list says 30 then us (40); 30's reply is lost; our predecessor is 30.
         let mut l = Lookup::new(Id::from_u128(25), Id::from_u128(40), false, 0, 32, 32);
         l.set_my_pred(Some(p(30)));
-        assert_eq!(
-            l.on_next(p(20), &[p(30), p(40)], &[], false),
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
-        assert_eq!(
-            l.on_timeout(p(30)),
-            Step::Ask {
-                to: p(30),
-                verify: true
-            }
-        );
+        assert_eq!(l.on_next(p(20), &[p(30), p(40)], &[], false), ask(30));
+        assert_eq!(l.on_timeout(p(30)), ask(30));
         let step = l.on_state(p(30), Some(p(20)), vec![]);
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(30)));
     }
@@ -752,22 +664,10 @@ mod tests {
             }
         );
         let step = l.on_next(p(30), &[p(40), p(50)], &[], false);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(50),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(50));
         // 40 was silent once: it is asked again before 50 counts.
         let step = l.on_state(p(50), Some(p(30)), vec![]);
-        assert_eq!(
-            step,
-            Step::Ask {
-                to: p(40),
-                verify: true
-            }
-        );
+        assert_eq!(step, ask(40));
         let step = l.on_timeout(p(40));
         assert!(matches!(step, Step::Done { owner, .. } if owner == p(50)));
     }

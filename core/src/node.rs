@@ -1906,17 +1906,7 @@ mod tests {
         n.bootstrap(0, vec![peer(30), peer(40)], Some(peer(50)), None);
         drain(&mut n);
         n.handle(0, Input::Command(1, Command::Stabilize));
-        let out = drain(&mut n);
-        let req = out
-            .iter()
-            .find_map(|o| match o {
-                Output::Send {
-                    to,
-                    msg: Message::GetState { req },
-                } if *to == peer(30) => Some(*req),
-                _ => None,
-            })
-            .expect("asks its successor");
+        let req = state_req(&drain(&mut n), peer(30));
         // 30 says its predecessor is 20, between us: we must ask 20 first.
         deliver_state(
             &mut n,
