@@ -1943,39 +1943,42 @@ mod tests {
             .expect("a state request to that peer")
     }
 
+    /// Node 10 (r = 3) with [30, 40, 50] hears from 30 of a closer node,
+    /// 20, and adopts 20 with 20's list [30, 40, 45].
+    fn adopted_closer_node() -> Node {
+        let mut n = Node::new(cfg(), peer(10), 1);
+        n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
+        drain(&mut n);
+        n.handle(0, Input::Command(1, Command::Stabilize));
+        let req = state_req(&drain(&mut n), peer(30));
+        deliver_state(
+            &mut n,
+            5,
+            peer(30),
+            req,
+            Some(peer(20)),
+            vec![peer(40), peer(50)],
+        );
+        let req = state_req(&drain(&mut n), peer(20));
+        deliver_state(
+            &mut n,
+            10,
+            peer(20),
+            req,
+            Some(peer(10)),
+            vec![peer(30), peer(40), peer(45)],
+        );
+        n
+    }
+
     #[test]
     fn a_closer_node_is_adopted_with_one_spare_entry_of_its_list() {
         // Found by the simulator (24 nodes, r = 2): the closer node's answer
         // was stale, it and the first entry of its list had left by the time
         // it arrived, and the entry that r cut off was the only live one.
-        let adopted = || {
-            let mut n = Node::new(cfg(), peer(10), 1);
-            n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
-            drain(&mut n);
-            n.handle(0, Input::Command(1, Command::Stabilize));
-            let req = state_req(&drain(&mut n), peer(30));
-            deliver_state(
-                &mut n,
-                5,
-                peer(30),
-                req,
-                Some(peer(20)),
-                vec![peer(40), peer(50)],
-            );
-            let req = state_req(&drain(&mut n), peer(20));
-            deliver_state(
-                &mut n,
-                10,
-                peer(20),
-                req,
-                Some(peer(10)),
-                vec![peer(30), peer(40), peer(45)],
-            );
-            n
-        };
         // The spare comes from 20's list (45), never from ours (50): a list
         // may skip only what its source skipped.
-        let mut n = adopted();
+        let mut n = adopted_closer_node();
         assert_eq!(n.successors(), &[peer(20), peer(30), peer(40), peer(45)]);
 
         // 20 answers the next stabilize: the list is r long again.
@@ -1990,6 +1993,74 @@ mod tests {
             vec![peer(30), peer(40), peer(45)],
         );
         assert_eq!(n.successors(), &[peer(20), peer(30), peer(40)]);
+    }
+
+    #[test]
+    fn the_spare_entry_carries_a_node_whose_other_entries_all_failed() {
+        // 20, 30 and 40 fail right after 10 adopted [20, 30, 40, 45]: only
+        // the spare, 45, and the predecessor, 5, still answer. Without the
+        // spare, 10 would hold r dead entries and no way round them.
+        let mut n = adopted_closer_node();
+        let (mut t, mut next_round, mut round) = (10, 1_000, 2);
+        for _ in 0..100_000 {
+            if n.successors().first() == Some(&peer(45)) {
+                break;
+            }
+            let next = n.poll_timeout().unwrap_or(u64::MAX).min(next_round);
+            t = t.max(next);
+            if t >= next_round {
+                n.handle(t, Input::Command(round, Command::Stabilize));
+                (round, next_round) = (round + 1, next_round + 1_000);
+            } else {
+                n.handle(t, Input::Timeout);
+            }
+            // 45 and 5 answer at once; the failed nodes never do.
+            loop {
+                let out = drain(&mut n);
+                if out.is_empty() {
+                    break;
+                }
+                for o in out {
+                    let Output::Send { to, msg } = o else {
+                        continue;
+                    };
+                    let (pred, succs) = match to {
+                        p if p == peer(45) => (peer(10), vec![peer(60), peer(5)]),
+                        p if p == peer(5) => (peer(60), vec![peer(10), peer(45)]),
+                        _ => continue,
+                    };
+                    let reply = match msg {
+                        Message::GetState { req } => Message::State {
+                            req,
+                            member: true,
+                            pred: Some(pred),
+                            succs: succs.into(),
+                        },
+                        Message::FindNext { req, .. } => Message::Next {
+                            req,
+                            succs: succs.into(),
+                            closer: Vec::new(),
+                        },
+                        // They cannot reach the failed nodes either.
+                        Message::Probe { req, .. } => Message::ProbeResult { req, alive: false },
+                        _ => continue,
+                    };
+                    n.handle(
+                        t + 1,
+                        Input::Message {
+                            from: to,
+                            msg: reply,
+                        },
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            n.successors().first(),
+            Some(&peer(45)),
+            "still {:?} at {t} ms",
+            n.successors()
+        );
     }
 
     #[test]
