@@ -31,10 +31,16 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use tokio::sync::mpsc;
 
-/// Calls in flight at most: a node answers "busy" to more than 64 calls at
-/// once on one session (`LinkConfig::client_calls_max`). Callers bound the
-/// bytes in flight themselves.
-pub const WINDOW: usize = 64;
+/// Calls in flight at most, queued or on the wire, across all the nodes
+/// the client talks to. Callers bound the bytes in flight themselves.
+pub const WINDOW: usize = 128;
+
+/// Calls on the wire to one node at most: a node answers "busy" to more
+/// than 64 calls at once on one session (`LinkConfig::client_calls_max`).
+/// Calls for a node that has this many wait in the queue. One window for
+/// all nodes kept a 1000-file backup waiting on round trips: each node had
+/// a third of it.
+pub const NODE_WINDOW: usize = 64;
 
 /// Calls signed with one signature at most.
 pub const BATCH: usize = BATCH_MAX;
@@ -89,8 +95,8 @@ pub struct NodeClient {
     links: Links,
     user: Signer,
     conns: Vec<Conn>,
-    /// Calls waiting to be signed together: (call id, node, operation).
-    unsigned: Vec<(u64, usize, ClientOp)>,
+    /// Calls waiting to be signed together.
+    unsigned: Vec<Queued<ClientOp>>,
     next_id: u64,
     pending: BTreeMap<u64, Sent>,
     answers: BTreeMap<u64, GateReply>,
@@ -279,14 +285,20 @@ impl NodeClient {
     }
 
     /// Signs the queued calls with one signature and sends each to its
-    /// node.
+    /// node, in the order queued, leaving in the queue those for a node
+    /// that has [`NODE_WINDOW`] calls on the wire.
     fn send_batch(&mut self) -> Result<()> {
         if self.unsigned.is_empty() {
             return Ok(());
         }
-        let mut queued = std::mem::take(&mut self.unsigned);
-        if queued.len() > BATCH_MAX {
-            self.unsigned = queued.split_off(BATCH_MAX);
+        let mut wire: Vec<usize> = vec![0; self.conns.len()];
+        for s in self.pending.values() {
+            wire[s.conn] += 1;
+        }
+        let (queued, held) = sendable(std::mem::take(&mut self.unsigned), wire);
+        self.unsigned = held;
+        if queued.is_empty() {
+            return Ok(());
         }
         let ops: Vec<(Id, &ClientOp)> = queued
             .iter()
@@ -308,7 +320,8 @@ impl NodeClient {
             );
         }
         self.flush()?;
-        // Anything beyond one signature's reach goes in the next.
+        // Anything beyond one signature's reach goes in the next (each
+        // round sends at least one call, so this ends).
         self.send_batch()
     }
 
@@ -489,6 +502,27 @@ impl NodeClient {
 /// the least loaded live one among the key's primary and the next
 /// `replicas` - 1 machines on the primary's successor list, the primary on
 /// a tie. `None` if no live node's id is known.
+/// A call waiting to be signed: (call id, node, operation).
+type Queued<T> = (u64, usize, T);
+
+/// Splits queued calls into one signed
+/// batch's worth (at most [`BATCH_MAX`], none to a node that would then
+/// have more than [`NODE_WINDOW`] on the wire, given `wire` calls on the
+/// wire to each node now) and the rest, both in the order queued.
+fn sendable<T>(queued: Vec<Queued<T>>, mut wire: Vec<usize>) -> (Vec<Queued<T>>, Vec<Queued<T>>) {
+    let mut batch = Vec::new();
+    let mut held = Vec::new();
+    for q in queued {
+        if batch.len() < BATCH_MAX && wire[q.1] < NODE_WINDOW {
+            wire[q.1] += 1;
+            batch.push(q);
+        } else {
+            held.push(q);
+        }
+    }
+    (batch, held)
+}
+
 fn pick_replica(
     key: Id,
     conns: &[Conn],
@@ -541,6 +575,27 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_never_takes_a_node_past_its_window() {
+        // Node 0 has 60 calls on the wire, node 1 none; 10 calls queued for
+        // node 0 alternate with 10 for node 1.
+        let queued: Vec<(u64, usize, ())> = (0..20).map(|i| (i, (i % 2) as usize, ())).collect();
+        let (batch, held) = sendable(queued, vec![60, 0]);
+        let ids = |v: &[(u64, usize, ())]| v.iter().map(|q| q.0).collect::<Vec<_>>();
+        assert_eq!(ids(&batch), [0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 15, 17, 19]);
+        assert_eq!(ids(&held), [8, 10, 12, 14, 16, 18]);
+        // Nothing on the wire: one batch of at most BATCH_MAX, in order.
+        let queued: Vec<(u64, usize, ())> = (0..200).map(|i| (i, (i % 3) as usize, ())).collect();
+        let (batch, held) = sendable(queued, vec![0, 0, 0]);
+        assert_eq!(batch.len(), BATCH_MAX);
+        assert_eq!(ids(&batch), (0..BATCH_MAX as u64).collect::<Vec<_>>());
+        assert_eq!(held.len(), 200 - BATCH_MAX);
+        // Every node full: nothing goes.
+        let (batch, held) = sendable(vec![(1, 0, ()), (2, 1, ())], vec![NODE_WINDOW; 2]);
+        assert!(batch.is_empty());
+        assert_eq!(held.len(), 2);
+    }
 
     fn id(b: u8) -> Id {
         let mut x = [0u8; 20];

@@ -551,3 +551,39 @@ fn a_whole_ring_stopped_at_once_starts_again_with_its_data() {
     );
     c.assert_no_panics();
 }
+
+/// Many small files through a lone node (R = 1): the client may have 128
+/// calls in flight but keeps at most 64 on the wire to one node, which
+/// answers "busy" beyond that (the split is unit-tested in the client; here
+/// every file must come back, whatever the timing).
+#[test]
+fn many_small_files_back_up_and_restore_through_a_lone_node() {
+    let mut c = Cluster::new("one-node-window", 1);
+    let args: Vec<String> = vec!["--replicas".into(), "1".into()];
+    c.start(0, &args);
+    c.wait_joined(0, Duration::from_secs(10));
+    let data = c.dir().join("many");
+    let mut want = BTreeMap::new();
+    for i in 0..300u64 {
+        let name = PathBuf::from(format!("f{i:03}"));
+        let body = bytes(100 + i as usize, i + 7);
+        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::write(data.join(&name), &body).expect("write a file");
+        want.insert(name, body);
+    }
+    let data = data.canonicalize().expect("canonical");
+    let alice = c.user_key().to_path_buf();
+    let r = ok(cli(&c, &alice, 0, &["backup", &path_str(&data)]), "backup");
+    assert!(r.stdout.contains("stored 300 files"), "{}", r.describe());
+    let out = c.dir().join("many-restored");
+    ok(
+        cli(
+            &c,
+            &alice,
+            0,
+            &["restore", &path_str(&data), "--to", &path_str(&out)],
+        ),
+        "restore",
+    );
+    assert_same(&want, &out.join("many"), "300 small files through one node");
+}
