@@ -356,6 +356,46 @@ fn seal(
     out
 }
 
+/// [`seal`] of each [`CHUNK_BYTES`] of `whole` as the non-final chunks
+/// `first`, `first + 1`, … of the file: the same bytes for the same random
+/// IVs (drawn in chunk order), with the chunks' CBC chains run side by side
+/// ([`crate::lanes::cbc_encrypt_each`]): the AES unit works on a block of
+/// each at once instead of waiting on each block's predecessor.
+fn seal_full_chunks(
+    rng: &mut (impl CryptoRngCore + ?Sized),
+    keys: &Keys,
+    file_id: &FileId,
+    first: u64,
+    whole: &[u8],
+) -> Vec<Vec<u8>> {
+    debug_assert!(whole.len().is_multiple_of(CHUNK_BYTES));
+    let mut ivs: Vec<[u8; IV_BYTES]> = Vec::new();
+    let mut outs: Vec<Vec<u8>> = Vec::new();
+    for plain in whole.chunks_exact(CHUNK_BYTES) {
+        let mut iv = [0u8; IV_BYTES];
+        rng.fill_bytes(&mut iv);
+        let mut out = Vec::with_capacity(BLOCK_MAX);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(plain);
+        // PKCS#7 of whole blocks: one block of 16s.
+        out.resize(BLOCK_MAX - MAC_BYTES, AES_BLOCK as u8);
+        ivs.push(iv);
+        outs.push(out);
+    }
+    let mut msgs: Vec<(&[u8; IV_BYTES], &mut [u8])> = ivs
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(iv, out)| (iv, &mut out[IV_BYTES..]))
+        .collect();
+    crate::lanes::cbc_encrypt_each(&keys.enc, &mut msgs);
+    for (i, out) in outs.iter_mut().enumerate() {
+        let header = chunk_header(file_id, first + i as u64, false);
+        let tag = mac(keys, &header, &out[..IV_BYTES], &out[IV_BYTES..]).finalize();
+        out.extend_from_slice(&tag);
+    }
+    outs
+}
+
 /// Checks the MAC (constant time) and only then decrypts. `None` for any
 /// failure, whatever it was.
 fn open(keys: &Keys, header: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
@@ -488,6 +528,21 @@ impl Encryptor {
         }
         self.size += data.len() as u64;
         let mut out = Vec::new();
+        // Whole chunks straight from `data`, several at once (their CBC
+        // chains interleaved), when nothing is buffered before them.
+        // (A whole chunk is never the final one, which `finish` seals from
+        // what is left, fewer than CHUNK_BYTES bytes and maybe none.)
+        while self.buf.is_empty() && data.len() >= CHUNK_BYTES {
+            let n = (data.len() / CHUNK_BYTES).min(crate::lanes::LANES);
+            let (whole, rest) = data.split_at(n * CHUNK_BYTES);
+            let first = self.chunk_ids.len() as u64;
+            for sealed in seal_full_chunks(rng, &self.keys, &self.file_id, first, whole) {
+                debug_assert_eq!(sealed.len(), BLOCK_MAX);
+                self.chunk_ids.push(chunk_id(&sealed));
+                out.push(sealed);
+            }
+            data = rest;
+        }
         while !data.is_empty() {
             let take = (CHUNK_BYTES - self.buf.len()).min(data.len());
             let need = self.buf.len() + take;
@@ -1273,6 +1328,55 @@ mod tests {
     struct Sealed {
         chunks: Vec<Vec<u8>>,
         ids: Vec<BlockId>,
+    }
+
+    /// Whole chunks pushed together are sealed side by side (more than
+    /// [`crate::lanes::LANES`] of them in two groups); from the same
+    /// random bytes they are exactly the chunks sealed one at a time.
+    #[test]
+    fn chunks_sealed_together_are_the_chunks_sealed_one_by_one() {
+        let k = key(5);
+        let plain = data(10 * C + 5, 3);
+        let sealed = |plain: &[u8], pieces: &[usize]| {
+            let mut r = rng(77);
+            let mut enc = Encryptor::new(&k, FILE);
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for &n in pieces {
+                chunks.extend(enc.push(&mut r, &plain[at..at + n]).unwrap());
+                at += n;
+            }
+            assert_eq!(at, plain.len());
+            let fin = enc.finish(&mut r);
+            chunks.push(fin.last_chunk);
+            assert_eq!(
+                fin.chunk_ids,
+                chunks.iter().map(|c| chunk_id(c)).collect::<Vec<_>>()
+            );
+            chunks
+        };
+        let one_by_one = sealed(
+            &plain,
+            &[C; 10].iter().copied().chain([5]).collect::<Vec<_>>(),
+        );
+        let together = sealed(&plain, &[10 * C + 5]);
+        let exactly_whole = sealed(&plain, &[9 * C, C + 5]);
+        let after_a_partial = sealed(&plain, &[100, 10 * C - 95]);
+        assert_eq!(one_by_one.len(), 11);
+        assert!(one_by_one == together, "all at once");
+        assert!(
+            one_by_one == exactly_whole,
+            "nine whole chunks, then the rest"
+        );
+        assert!(one_by_one == after_a_partial, "a partial chunk first");
+        let dec = Decryptor::new(&k, FILE);
+        assert!(decrypt(dec, &together).unwrap() == plain);
+        // A file of whole chunks ends with an empty final chunk either way.
+        let whole = &plain[..2 * C];
+        let two = sealed(whole, &[2 * C]);
+        assert_eq!(two.len(), 3);
+        assert!(two == sealed(whole, &[C, C]), "two whole chunks");
+        assert!(decrypt(Decryptor::new(&k, FILE), &two).unwrap() == whole);
     }
 
     fn decrypt<'a>(
