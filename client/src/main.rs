@@ -154,7 +154,52 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("peerstore: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Interrupted>() {
+                // The shell's convention: 128 + the signal's number.
+                Some(Interrupted(signal)) => ExitCode::from(128 + signal),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// A command stopped by SIGINT or SIGTERM (the signal's number).
+#[derive(Debug)]
+struct Interrupted(u8);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = if self.0 == 2 { "SIGINT" } else { "SIGTERM" };
+        write!(
+            f,
+            "interrupted by {name}: files finished so far are kept, none is left half-written; run the command again to finish"
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Waits for SIGINT or SIGTERM; forever if they cannot be watched.
+async fn interrupted() -> Interrupted {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => Interrupted(2),
+                _ = term.recv() => Interrupted(15),
+            },
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => Interrupted(2),
+            Err(_) => std::future::pending().await,
         }
     }
 }
@@ -486,10 +531,21 @@ where
         .build()
         .context("cannot start the runtime")?;
     let node = args.node;
-    rt.block_on(async move {
-        let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
-        f(Files::new(c, id)).await
-    })
+    // On SIGINT or SIGTERM the command's future is dropped: a restore's
+    // writer thread then sees its input end and deletes the file it was
+    // writing, and the runtime waits for it before the process exits.
+    let r = rt.block_on(async move {
+        let work = async {
+            let c = NodeClient::connect(node, id.signer().clone(), trust).await?;
+            f(Files::new(c, id)).await
+        };
+        tokio::select! {
+            r = work => r,
+            i = interrupted() => Err(anyhow::Error::new(i)),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    r
 }
 
 /// A progress bar on a terminal, nothing otherwise.

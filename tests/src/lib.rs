@@ -262,6 +262,16 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.name));
     }
 
+    /// SIGINT (what Ctrl-C sends); does not wait.
+    pub fn interrupt(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a child's pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::INT)
+            .unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.name));
+    }
+
     /// Takes the child's piped stdout.
     pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.child.stdout.take()
