@@ -1900,14 +1900,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stabilize_queries_candidate_before_adopting() {
+    /// Node 10 with list `succs` and predecessor `pred` stabilizes; its
+    /// successor 30 answers that its predecessor is 20, between them.
+    fn told_of_20_by_30(succs: Vec<Peer>, pred: Peer) -> Node {
         let mut n = Node::new(cfg(), peer(10), 1);
-        n.bootstrap(0, vec![peer(30), peer(40)], Some(peer(50)), None);
+        n.bootstrap(0, succs, Some(pred), None);
         drain(&mut n);
         n.handle(0, Input::Command(1, Command::Stabilize));
         let req = state_req(&drain(&mut n), peer(30));
-        // 30 says its predecessor is 20, between us: we must ask 20 first.
         deliver_state(
             &mut n,
             5,
@@ -1916,6 +1916,13 @@ mod tests {
             Some(peer(20)),
             vec![peer(40), peer(50)],
         );
+        n
+    }
+
+    #[test]
+    fn stabilize_queries_candidate_before_adopting() {
+        // 30 says its predecessor is 20, between us: we must ask 20 first.
+        let mut n = told_of_20_by_30(vec![peer(30), peer(40)], peer(50));
         assert_eq!(n.successors(), &[peer(30), peer(40), peer(50)]);
         let out = drain(&mut n);
         assert!(out.iter().any(
@@ -1946,19 +1953,7 @@ mod tests {
     /// Node 10 (r = 3) with [30, 40, 50] hears from 30 of a closer node,
     /// 20, and adopts 20 with 20's list [30, 40, 45].
     fn adopted_closer_node() -> Node {
-        let mut n = Node::new(cfg(), peer(10), 1);
-        n.bootstrap(0, vec![peer(30), peer(40), peer(50)], Some(peer(5)), None);
-        drain(&mut n);
-        n.handle(0, Input::Command(1, Command::Stabilize));
-        let req = state_req(&drain(&mut n), peer(30));
-        deliver_state(
-            &mut n,
-            5,
-            peer(30),
-            req,
-            Some(peer(20)),
-            vec![peer(40), peer(50)],
-        );
+        let mut n = told_of_20_by_30(vec![peer(30), peer(40), peer(50)], peer(5));
         let req = state_req(&drain(&mut n), peer(20));
         deliver_state(
             &mut n,

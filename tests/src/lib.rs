@@ -254,21 +254,21 @@ impl Proc {
 
     /// SIGTERM (the node leaves gracefully); does not wait.
     pub fn terminate(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a child's pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-            .unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.name));
+        self.signal(rustix::process::Signal::TERM);
     }
 
     /// SIGINT (what Ctrl-C sends); does not wait.
     pub fn interrupt(&mut self) {
+        self.signal(rustix::process::Signal::INT);
+    }
+
+    /// Sends `sig` unless the process has ended.
+    fn signal(&mut self, sig: rustix::process::Signal) {
         if self.exited().is_some() {
             return;
         }
         let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a child's pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::INT)
+        rustix::process::kill_process(pid, sig)
             .unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.name));
     }
 

@@ -82,8 +82,9 @@ fn cli(c: &Cluster, key: &Path, i: usize, args: &[&str]) -> Ran {
     cli_in(c, key, i, c.dir(), args)
 }
 
-/// [`cli`] run from the directory `cwd`.
-fn cli_in(c: &Cluster, key: &Path, i: usize, cwd: &Path, args: &[&str]) -> Ran {
+/// The command `peerstore ARGS` as `key`'s user, entering by node `i`, run
+/// from the directory `cwd`.
+fn cli_cmd(c: &Cluster, key: &Path, i: usize, cwd: &Path, args: &[&str]) -> Command {
     let mut cmd = c.cli_bare();
     cmd.current_dir(cwd);
     cmd.arg("--key")
@@ -93,6 +94,12 @@ fn cli_in(c: &Cluster, key: &Path, i: usize, cwd: &Path, args: &[&str]) -> Ran {
         .arg("--trust")
         .arg(c.root_key())
         .args(args);
+    cmd
+}
+
+/// [`cli`] run from the directory `cwd`.
+fn cli_in(c: &Cluster, key: &Path, i: usize, cwd: &Path, args: &[&str]) -> Ran {
+    let mut cmd = cli_cmd(c, key, i, cwd, args);
     run_bounded(
         &format!("peerstore {} (n{i})", args.join(" ")),
         &mut cmd,
@@ -552,22 +559,27 @@ fn a_whole_ring_stopped_at_once_starts_again_with_its_data() {
     c.assert_no_panics();
 }
 
+/// A one-node ring keeping one copy of each key, in its ring.
+fn lone_node(name: &str) -> Cluster {
+    let mut c = Cluster::new(name, 1);
+    c.start(0, &["--replicas".to_string(), "1".to_string()]);
+    c.wait_joined(0, Duration::from_secs(10));
+    c
+}
+
 /// Many small files through a lone node (R = 1): the client may have 128
 /// calls in flight but keeps at most 64 on the wire to one node, which
 /// answers "busy" beyond that (without the per-node bound, files 64 and on
 /// failed here with "the gate is busy").
 #[test]
 fn many_small_files_through_a_lone_node_are_never_refused_as_busy() {
-    let mut c = Cluster::new("one-node-window", 1);
-    let args: Vec<String> = vec!["--replicas".into(), "1".into()];
-    c.start(0, &args);
-    c.wait_joined(0, Duration::from_secs(10));
+    let c = lone_node("one-node-window");
     let data = c.dir().join("many");
+    std::fs::create_dir_all(&data).expect("data dir");
     let mut want = BTreeMap::new();
     for i in 0..300u64 {
         let name = PathBuf::from(format!("f{i:03}"));
         let body = bytes(100 + i as usize, i + 7);
-        std::fs::create_dir_all(&data).expect("data dir");
         std::fs::write(data.join(&name), &body).expect("write a file");
         want.insert(name, body);
     }
@@ -592,10 +604,7 @@ fn many_small_files_through_a_lone_node_are_never_refused_as_busy() {
 /// deletes the file it was writing and exits with 130, as shells expect.
 #[test]
 fn an_interrupted_restore_leaves_no_partial_file() {
-    let mut c = Cluster::new("interrupt", 1);
-    let args: Vec<String> = vec!["--replicas".into(), "1".into()];
-    c.start(0, &args);
-    c.wait_joined(0, Duration::from_secs(10));
+    let c = lone_node("interrupt");
     let data = c.dir().join("big");
     std::fs::create_dir_all(&data).expect("data dir");
     std::fs::write(data.join("big.bin"), bytes(160 << 20, 9)).expect("write the file");
@@ -604,15 +613,13 @@ fn an_interrupted_restore_leaves_no_partial_file() {
     ok(cli(&c, &alice, 0, &["backup", &path_str(&data)]), "backup");
 
     let out = c.dir().join("restored");
-    let mut cmd = c.cli_bare();
-    cmd.current_dir(c.dir())
-        .arg("--key")
-        .arg(&alice)
-        .arg("--node")
-        .arg(c.node(0).addr().to_string())
-        .arg("--trust")
-        .arg(c.root_key())
-        .args(["restore", &path_str(&data), "--to", &path_str(&out)]);
+    let mut cmd = cli_cmd(
+        &c,
+        &alice,
+        0,
+        c.dir(),
+        &["restore", &path_str(&data), "--to", &path_str(&out)],
+    );
     let mut p = Proc::spawn("peerstore restore (to interrupt)", &mut cmd);
     let partial = out.join("big").join(".big.bin.peerstore-partial");
     // Bounded wait until the restore is writing the file.
