@@ -314,6 +314,7 @@ struct BatchSig {
     /// Inclusion proof of the message's leaf, from the leaf up.
     path: Vec<merkle::Hash>,
     /// RSA-PSS over [`batch_root_msg`].
+    #[serde(with = "crate::session::wire_bytes")]
     sig: Vec<u8>,
 }
 
@@ -496,10 +497,13 @@ pub fn verify(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PubKeyRecord {
     /// SPKI DER of the user's signing key; its SHA-1 is the user id.
+    #[serde(with = "crate::session::wire_bytes")]
     pub signing_key: Vec<u8>,
     /// SPKI DER of the user's encryption (OAEP) key; may be empty.
+    #[serde(with = "crate::session::wire_bytes")]
     pub enc_key: Vec<u8>,
     /// By `signing_key` over `(domain tag, signing_key, enc_key)`.
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
 }
 
@@ -515,6 +519,7 @@ pub struct Acl {
     /// ascending by user.
     pub readers: Vec<AclEntry>,
     /// By the owner over `(domain tag, manifest position, epoch, writers, readers)`.
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
 }
 
@@ -522,6 +527,7 @@ pub struct Acl {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclEntry {
     pub user: UserId,
+    #[serde(with = "crate::session::wire_bytes")]
     pub wrapped_key: Vec<u8>,
 }
 
@@ -536,6 +542,7 @@ pub struct Version {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// SPKI DER of the owner's signing key.
+    #[serde(with = "crate::session::wire_bytes")]
     pub owner_key: Vec<u8>,
     /// The owner's name for the file (random, so positions reveal nothing).
     pub file_id: [u8; 32],
@@ -543,10 +550,13 @@ pub struct Manifest {
     /// `version.writer` must be the user id of `signer_key`.
     pub version: Version,
     /// SPKI DER of the key that signed this version: the owner's or a writer's.
+    #[serde(with = "crate::session::wire_bytes")]
     pub signer_key: Vec<u8>,
     /// Opaque to the DHT (encrypted by the client).
+    #[serde(with = "crate::session::wire_bytes")]
     pub body: Vec<u8>,
     /// By `signer_key` over `(domain tag, position, acl digest, version, body)`.
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
 }
 
@@ -554,6 +564,7 @@ pub struct Manifest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxLog {
     /// SPKI DER of the owner's signing key.
+    #[serde(with = "crate::session::wire_bytes")]
     pub owner_key: Vec<u8>,
     /// Keyed by `(clock, client)`, which must equal the entry's own fields.
     pub entries: BTreeMap<(u64, u64), TxEntry>,
@@ -565,8 +576,10 @@ pub struct TxEntry {
     pub clock: u64,
     pub client: u64,
     /// Opaque to the DHT (encrypted by the client); at most [`MAX_TX_ENTRY_BODY`].
+    #[serde(with = "crate::session::wire_bytes")]
     pub body: Vec<u8>,
     /// By the owner over `(domain tag, log position, clock, client, body)`.
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
 }
 

@@ -86,6 +86,7 @@ pub const MAX_SIGNED_REQUEST_BYTES: usize = 2 * MAX_KEY_DER_BYTES + 128 + 32 * B
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRequest {
     /// SPKI DER of the user's signing key; its SHA-1 is the user id.
+    #[serde(with = "crate::session::wire_bytes")]
     pub user_key: Vec<u8>,
     /// Random, never reused.
     pub nonce: [u8; 16],
@@ -94,6 +95,7 @@ pub struct SignedRequest {
     /// SHA-256 of the request bytes.
     pub body_digest: [u8; 32],
     /// RSA-PSS(SHA-256) by `user_key` over the message in the module docs.
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
     /// For a batch: every request's digest, in order (empty: signed alone).
     pub batch: Vec<[u8; 32]>,

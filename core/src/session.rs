@@ -1509,6 +1509,32 @@ pub(crate) mod tests {
     use rand_chacha::ChaCha20Rng;
     use std::sync::OnceLock;
 
+    /// Records, tombstones and request signatures carry their byte fields
+    /// through [`wire_bytes`]; before, they were plain `Vec<u8>` sequences.
+    /// postcard writes both as a length and the raw bytes, so what was
+    /// stored or signed before reads the same and encodes to the same bytes.
+    #[test]
+    fn byte_strings_encode_as_plain_byte_vectors_did() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Plain(u8, Vec<u8>, u8);
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Bytes(u8, #[serde(with = "wire_bytes")] Vec<u8>, u8);
+        for len in [0, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let plain = postcard::to_allocvec(&Plain(1, v.clone(), 2)).unwrap();
+            let bytes = postcard::to_allocvec(&Bytes(1, v.clone(), 2)).unwrap();
+            assert_eq!(plain, bytes, "length {len}");
+            assert_eq!(
+                postcard::from_bytes::<Bytes>(&plain).unwrap(),
+                Bytes(1, v.clone(), 2)
+            );
+            assert_eq!(
+                postcard::from_bytes::<Plain>(&bytes).unwrap(),
+                Plain(1, v, 2)
+            );
+        }
+    }
+
     const BITS: usize = 1024;
     const ALICE: usize = 0;
     const BOB: usize = 1;

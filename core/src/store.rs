@@ -113,7 +113,9 @@ impl std::fmt::Debug for Block {
 pub struct Tombstone {
     pub block: BlockId,
     /// SPKI DER of the owner's signing key; its SHA-1 is the owner's id.
+    #[serde(with = "crate::session::wire_bytes")]
     pub owner_key: Vec<u8>,
+    #[serde(with = "crate::session::wire_bytes")]
     pub sig: Vec<u8>,
 }
 
@@ -246,6 +248,16 @@ impl Item {
         }
     }
 
+    /// [`Held::digest`] of this item's index entry, without making one
+    /// (a record's would be a copy of it).
+    pub fn digest(&self) -> Digest {
+        match self {
+            Item::Block(b) => b.id(),
+            Item::Record(r) => r.digest(),
+            Item::Tombstone(t) => tombstone_digest(t),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Item::Block(_) => "block",
@@ -304,6 +316,13 @@ pub enum Held {
     Tombstone(Tombstone),
 }
 
+fn tombstone_digest(t: &Tombstone) -> Digest {
+    let mut h = Sha256::new();
+    h.update(TOMBSTONE_TAG);
+    h.update(t.block);
+    h.finalize()
+}
+
 impl Held {
     /// The index entry for a validated item.
     pub fn of(item: &Item) -> Held {
@@ -324,12 +343,7 @@ impl Held {
         match self {
             Held::Block { id, .. } => *id,
             Held::Record(r) => r.digest(),
-            Held::Tombstone(t) => {
-                let mut h = Sha256::new();
-                h.update(TOMBSTONE_TAG);
-                h.update(t.block);
-                h.finalize()
-            }
+            Held::Tombstone(t) => tombstone_digest(t),
         }
     }
 

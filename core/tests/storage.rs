@@ -477,6 +477,73 @@ fn refused_everywhere(forged: Item) {
     assert!(c.nodes[0].store_stats().invalid_refused >= 2);
 }
 
+/// The owner's own manifest for the file `forged_manifest` forges.
+fn owners_manifest() -> Item {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let owner = &users()[0];
+    let file_id = [5u8; 32];
+    let pos = record::manifest_position(owner.user_id(), &file_id);
+    let acl = record::new_acl(&mut rng, owner, pos, 1, Vec::new(), Vec::new());
+    let rec = record::new_manifest(
+        &mut rng,
+        owner.public_der().to_vec(),
+        file_id,
+        acl,
+        1,
+        owner,
+        b"mine".to_vec(),
+    );
+    Item::Record(Box::new(rec))
+}
+
+/// A node reading a record checks the signature of the first good copy
+/// and takes byte-identical copies from the other replicas on its digest;
+/// a copy that differs in any byte is checked in full. Here the lying
+/// replica answers last, after two good copies, with a newer version that
+/// would win the merge if it were taken.
+#[test]
+fn a_forged_copy_of_a_record_is_refused_even_after_good_copies() {
+    let good = owners_manifest();
+    let forged = forged_manifest();
+    assert!(good.validate(1024).is_ok() && forged.validate(1024).is_err());
+    let key = good.position();
+    assert_eq!(forged.position(), key);
+    let mut c = Cluster::new(5);
+    let put = c.command(0, Command::Put(good.clone()));
+    c.settle();
+    assert!(matches!(c.replies.get(&put), Some(CmdResult::Put(Ok(_)))));
+    let holders = c.holders(key);
+    assert_eq!(holders.len(), 3);
+    let (reader, liar) = (holders[0], holders[2]);
+    c.drop_to = Some(liar);
+    let g = c.command(reader, Command::Get(key));
+    c.settle();
+    let me = c.nodes[reader].me().id;
+    let req = c
+        .intercepted
+        .iter()
+        .find_map(|(from, m)| match m {
+            Message::Get { req, key: k } if from.id == me && *k == key => Some(*req),
+            _ => None,
+        })
+        .expect("the reader asks every replica for a record");
+    assert!(c.replies.get(&g).is_none(), "the reader waits for the liar");
+    let liar_peer = c.nodes[liar].me();
+    c.nodes[reader].handle(
+        c.now,
+        Input::Message {
+            from: liar_peer,
+            msg: Message::Got {
+                req,
+                result: Ok(Some(forged)),
+            },
+        },
+    );
+    c.drain(reader);
+    c.settle();
+    assert_eq!(c.replies.get(&g), Some(&CmdResult::Get(Ok(Some(good)))));
+}
+
 #[test]
 fn anti_entropy_brings_a_lost_copy_back_and_hand_off_removes_a_misplaced_one() {
     let mut c = Cluster::new(6);
