@@ -527,7 +527,7 @@ fn a_forged_copy_of_a_record_is_refused_even_after_good_copies() {
             _ => None,
         })
         .expect("the reader asks every replica for a record");
-    assert!(c.replies.get(&g).is_none(), "the reader waits for the liar");
+    assert!(!c.replies.contains_key(&g), "the reader waits for the liar");
     let liar_peer = c.nodes[liar].me();
     c.nodes[reader].handle(
         c.now,
