@@ -781,90 +781,149 @@ impl Files {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let mut report = RestoreReport::default();
-        // A group of files at a time: their manifests fetched together,
-        // then every one-chunk file's chunk fetched together (small files
-        // would otherwise cost two round trips each, one after another),
-        // then the larger files one by one, each with its chunks in flight.
-        for group in chosen.chunks(RESTORE_GROUP) {
-            let targets: Vec<PathBuf> = group
-                .iter()
-                .map(|(p, _)| {
-                    let rel = Path::new(p).strip_prefix(&base).unwrap_or(Path::new(p));
-                    dest.join(rel.strip_prefix("/").unwrap_or(rel))
-                })
-                .collect();
-            let items = self.open_group(group).await?;
-            let mut opened: Vec<Option<Opened>> = Vec::with_capacity(group.len());
-            let fail = |report: &mut RestoreReport, p: &str, err: anyhow::Error| {
-                progress.note(&format!("failed {p}: {err:#}"));
-                report.failed.push((p.to_string(), format!("{err:#}")));
-            };
-            for ((p, _), item) in group.iter().zip(items) {
+        let fail = |report: &mut RestoreReport, p: &str, err: anyhow::Error| {
+            progress.note(&format!("failed {p}: {err:#}"));
+            report.failed.push((p.to_string(), format!("{err:#}")));
+        };
+        let tally = |report: &mut RestoreReport, i: usize, r: Result<u64>| match r {
+            Ok(n) => {
+                report.files += 1;
+                report.bytes += n;
+            }
+            Err(err) => fail(report, &chosen[i].0, err),
+        };
+        let targets: Vec<PathBuf> = chosen
+            .iter()
+            .map(|(p, _)| {
+                let rel = Path::new(p).strip_prefix(&base).unwrap_or(Path::new(p));
+                dest.join(rel.strip_prefix("/").unwrap_or(rel))
+            })
+            .collect();
+        // Small one-chunk files first, streamed (see restore_small); the
+        // larger ones after, a group at a time: their manifests fetched
+        // together, then their chunks in one window across the files.
+        let (mut small, large) = self.restore_small(&chosen, &targets, progress).await?;
+        small.sort_by_key(|(i, _)| *i);
+        for (i, r) in small {
+            tally(&mut report, i, r);
+        }
+        for group in large.chunks(RESTORE_GROUP) {
+            let files: Vec<(String, Entry)> = group.iter().map(|&i| chosen[i].clone()).collect();
+            let mut at = Vec::with_capacity(group.len());
+            let mut rest = Vec::with_capacity(group.len());
+            for (&i, item) in group.iter().zip(self.open_group(&files).await?) {
                 match item {
-                    Ok(o) => opened.push(Some(o)),
-                    Err(err) => {
-                        fail(&mut report, p, err);
-                        opened.push(None);
+                    Ok(o) => {
+                        at.push(i);
+                        rest.push((targets[i].clone(), o));
                     }
+                    Err(err) => tally(&mut report, i, Err(err)),
                 }
             }
-            // Small one-chunk files, their chunks fetched together.
-            let small: Vec<usize> = (0..group.len())
-                .filter(|&i| {
-                    opened[i]
-                        .as_ref()
-                        .is_some_and(|(_, _, m)| m.chunks.len() == 1 && m.size <= GROUP_FILE_BYTES)
-                })
-                .collect();
-            let chunk_at: Vec<Id> = small
-                .iter()
-                .map(|&i| {
-                    let (_, _, m) = opened[i].as_ref().expect("opened");
-                    filecrypt_block_position(&m.chunks[0])
-                })
-                .collect();
-            let chunks = self.get_many(&chunk_at).await?;
-            let mut finished = Vec::new();
-            for (&i, chunk) in small.iter().zip(chunks) {
-                let (m, key, meta) = opened[i].take().expect("opened");
-                finished.push(chunk.and_then(|c| {
-                    write_file(&targets[i], &meta, |out| {
-                        let mut dec = Decryptor::for_meta(&key, m.file_id, &meta);
-                        let plain = dec.push(&block_data(c)?).map_err(|e| anyhow!("{e}"))?;
-                        out.write_all(&plain)?;
-                        dec.finish().map_err(|e| anyhow!("{e}"))?;
-                        progress.bytes(plain.len() as u64);
-                        Ok(())
-                    })
-                }));
-            }
-            for (&i, r) in small.iter().zip(commit_files(finished)) {
-                match r {
-                    Ok(n) => {
-                        report.files += 1;
-                        report.bytes += n;
-                    }
-                    Err(err) => fail(&mut report, &group[i].0, err),
-                }
-            }
-            // The rest, their chunks in one window across the files.
-            let (at, rest): (Vec<usize>, Vec<(PathBuf, Opened)>) = opened
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(i, o)| o.take().map(|o| (i, (targets[i].clone(), o))))
-                .unzip();
             let results = self.restore_many(rest, progress).await?;
             for (i, r) in at.into_iter().zip(results) {
-                match r {
-                    Ok(n) => {
-                        report.files += 1;
-                        report.bytes += n;
-                    }
-                    Err(err) => fail(&mut report, &group[i].0, err),
-                }
+                tally(&mut report, i, r);
             }
         }
         Ok(report)
+    }
+
+    /// Restores the small one-chunk files among `files` (each to the
+    /// target at the same place in `targets`) with one window of gets
+    /// across them all: a file's chunk is asked for as soon as its
+    /// manifest arrives, while the next files' manifests are in flight,
+    /// and the chunks are decrypted, checked and written on a thread of
+    /// their own ([`write_small`]), which puts them in place
+    /// [`RESTORE_GROUP`] at a time. (A group's manifests, then its chunks,
+    /// then its writes, each waiting for the last, left the nodes idle
+    /// while the client wrote and the other way round.) Returns the small
+    /// files' results, by index into `files`, and the indices of the other
+    /// files, whose manifests say they are larger. An error of the
+    /// connection ends it all, once what was fetched is in place.
+    async fn restore_small(
+        &mut self,
+        files: &[(String, Entry)],
+        targets: &[PathBuf],
+        progress: &dyn Progress,
+    ) -> Result<(Vec<(usize, Result<u64>)>, Vec<usize>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(SMALL_WRITE_QUEUE);
+        let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::task::spawn_blocking(move || write_small(rx, news_tx));
+        let mut done = Vec::new();
+        let mut large = Vec::new();
+        let fed = self
+            .feed_small(files, targets, &tx, &mut done, &mut large, || {
+                while let Ok(n) = news.try_recv() {
+                    progress.bytes(n);
+                }
+            })
+            .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| anyhow!("the restore's writer failed: {e}"))?;
+        while let Ok(n) = news.try_recv() {
+            progress.bytes(n);
+        }
+        fed?;
+        done.extend(written);
+        Ok((done, large))
+    }
+
+    /// The network side of [`Files::restore_small`]: fetches manifests
+    /// and chunks and hands each small file's chunk to the writer on `tx`.
+    /// Files that fail before that go in `done`; larger files in `large`.
+    async fn feed_small(
+        &mut self,
+        files: &[(String, Entry)],
+        targets: &[PathBuf],
+        tx: &tokio::sync::mpsc::Sender<SmallFile>,
+        done: &mut Vec<(usize, Result<u64>)>,
+        large: &mut Vec<usize>,
+        mut news: impl FnMut(),
+    ) -> Result<()> {
+        enum Want {
+            Manifest(usize),
+            Chunk(usize, Box<Opened>),
+        }
+        let mut calls: HashMap<u64, Want> = HashMap::new();
+        let mut next = 0;
+        while next < files.len() || !calls.is_empty() {
+            // Every manifest answered frees the slot its chunk's get takes.
+            while next < files.len() && self.c.in_flight() < WINDOW {
+                let at = self.own_manifest(&files[next].1.file_id);
+                let id = self.c.submit(ClientOp::Get(at)).await?;
+                calls.insert(id, Want::Manifest(next));
+                next += 1;
+            }
+            let (id, r) = self.c.next_answer().await?;
+            match calls.remove(&id) {
+                None => {}
+                Some(Want::Manifest(i)) => match get_result(r).and_then(|m| self.open_item(m)) {
+                    Ok(o) if o.2.chunks.len() == 1 && o.2.size <= GROUP_FILE_BYTES => {
+                        let at = filecrypt_block_position(&o.2.chunks[0]);
+                        let id = self.c.submit(ClientOp::Get(at)).await?;
+                        calls.insert(id, Want::Chunk(i, Box::new(o)));
+                    }
+                    Ok(_) => large.push(i),
+                    Err(err) => done.push((i, Err(err))),
+                },
+                Some(Want::Chunk(i, opened)) => {
+                    let chunk = get_result(r).and_then(block_data);
+                    let file = SmallFile {
+                        at: i,
+                        target: targets[i].clone(),
+                        opened,
+                        chunk,
+                    };
+                    if tx.send(file).await.is_err() {
+                        bail!("the restore's writer stopped");
+                    }
+                }
+            }
+            news();
+        }
+        Ok(())
     }
 
     /// Restores opened files, each to its target, with one window of chunk
@@ -1249,6 +1308,55 @@ const RESTORE_GROUP: usize = 64;
 
 /// Chunks waiting for a restore's writer at most.
 const WRITE_QUEUE: usize = 4;
+
+/// Small files waiting for a restore's writer at most (each at most
+/// [`GROUP_FILE_BYTES`]).
+const SMALL_WRITE_QUEUE: usize = 64;
+
+/// A small file's chunk, fetched, for [`write_small`].
+struct SmallFile {
+    /// Its place among the files restored.
+    at: usize,
+    target: PathBuf,
+    opened: Box<Opened>,
+    chunk: Result<Vec<u8>>,
+}
+
+/// A restore's writer for small one-chunk files: each is decrypted,
+/// checked and written to a temporary file as it arrives, and put in place
+/// with [`commit_files`] [`RESTORE_GROUP`] at a time and when the input
+/// ends. The plaintext bytes written go out on `news`. One result per
+/// file, with its place.
+fn write_small(
+    mut files: tokio::sync::mpsc::Receiver<SmallFile>,
+    news: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Vec<(usize, Result<u64>)> {
+    let mut results = Vec::new();
+    let mut batch: Vec<(usize, Result<Finished>)> = Vec::new();
+    let commit = |batch: &mut Vec<(usize, Result<Finished>)>, results: &mut Vec<_>| {
+        let (at, done): (Vec<usize>, Vec<Result<Finished>>) = batch.drain(..).unzip();
+        results.extend(at.into_iter().zip(commit_files(done)));
+    };
+    while let Some(f) = files.blocking_recv() {
+        let (m, key, meta) = *f.opened;
+        let finished = f.chunk.and_then(|c| {
+            write_file(&f.target, &meta, |out| {
+                let mut dec = Decryptor::for_meta(&key, m.file_id, &meta);
+                let plain = dec.push(&c).map_err(|e| anyhow!("{e}"))?;
+                out.write_all(&plain)?;
+                dec.finish().map_err(|e| anyhow!("{e}"))?;
+                let _ = news.send(plain.len() as u64);
+                Ok(())
+            })
+        });
+        batch.push((f.at, finished));
+        if batch.len() >= RESTORE_GROUP {
+            commit(&mut batch, &mut results);
+        }
+    }
+    commit(&mut batch, &mut results);
+    results
+}
 
 /// A restore's writer: the chunks of `files` arrive on `chunks` in order
 /// (every chunk of the first file, then of the next); each is decrypted,
