@@ -799,27 +799,23 @@ impl Files {
                 dest.join(rel.strip_prefix("/").unwrap_or(rel))
             })
             .collect();
-        // Small one-chunk files first, streamed (see restore_small); the
-        // larger ones after, a group at a time: their manifests fetched
-        // together, then their chunks in one window across the files.
-        let (mut small, large) = self.restore_small(&chosen, &targets, progress).await?;
-        small.sort_by_key(|(i, _)| *i);
-        for (i, r) in small {
-            tally(&mut report, i, r);
-        }
-        for group in large.chunks(RESTORE_GROUP) {
-            let files: Vec<(String, Entry)> = group.iter().map(|&i| chosen[i].clone()).collect();
-            let mut at = Vec::with_capacity(group.len());
-            let mut rest = Vec::with_capacity(group.len());
-            for (&i, item) in group.iter().zip(self.open_group(&files).await?) {
-                match item {
-                    Ok(o) => {
-                        at.push(i);
-                        rest.push((targets[i].clone(), o));
-                    }
-                    Err(err) => tally(&mut report, i, Err(err)),
-                }
+        // Small one-chunk files streamed (see restore_small); the larger
+        // ones a batch at a time as their manifests come in, their chunks
+        // in one window across the files.
+        let mut next = 0;
+        while next < chosen.len() {
+            let (mut small, large, after) = self
+                .restore_small(&chosen, &targets, next, progress)
+                .await?;
+            next = after;
+            small.sort_by_key(|(i, _)| *i);
+            for (i, r) in small {
+                tally(&mut report, i, r);
             }
+            let (at, rest): (Vec<usize>, Vec<(PathBuf, Opened)>) = large
+                .into_iter()
+                .map(|(i, o)| (i, (targets[i].clone(), o)))
+                .unzip();
             let results = self.restore_many(rest, progress).await?;
             for (i, r) in at.into_iter().zip(results) {
                 tally(&mut report, i, r);
@@ -828,31 +824,32 @@ impl Files {
         Ok(report)
     }
 
-    /// Restores the small one-chunk files among `files` (each to the
-    /// target at the same place in `targets`) with one window of gets
-    /// across them all: a file's chunk is asked for as soon as its
-    /// manifest arrives, while the next files' manifests are in flight,
-    /// and the chunks are decrypted, checked and written on a thread of
-    /// their own ([`write_small`]), which puts them in place
+    /// Restores the small one-chunk files among `files` from `first` on
+    /// (each to the target at the same place in `targets`) with one
+    /// window of gets across them all: a file's chunk is asked for as soon
+    /// as its manifest arrives, while the next files' manifests are in
+    /// flight, and the chunks are decrypted, checked and written on a
+    /// thread of their own ([`write_small`]), which puts them in place
     /// [`RESTORE_GROUP`] at a time. (A group's manifests, then its chunks,
     /// then its writes, each waiting for the last, left the nodes idle
-    /// while the client wrote and the other way round.) Returns the small
-    /// files' results, by index into `files`, and the indices of the other
-    /// files, whose manifests say they are larger. An error of the
-    /// connection ends it all, once what was fetched is in place.
+    /// while the client wrote and the other way round.) It stops asking
+    /// for manifests once [`RESTORE_GROUP`] larger files are opened, which
+    /// it hands back for [`Files::restore_many`] with the index to go on
+    /// from. The small files' results come by index into `files`. An error
+    /// of the connection ends it all, once what was fetched is in place.
     async fn restore_small(
         &mut self,
         files: &[(String, Entry)],
         targets: &[PathBuf],
+        first: usize,
         progress: &dyn Progress,
-    ) -> Result<(Vec<(usize, Result<u64>)>, Vec<usize>)> {
+    ) -> Result<(Vec<(usize, Result<u64>)>, Vec<(usize, Opened)>, usize)> {
         let (tx, rx) = tokio::sync::mpsc::channel(SMALL_WRITE_QUEUE);
         let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
         let writer = tokio::task::spawn_blocking(move || write_small(rx, news_tx));
-        let mut done = Vec::new();
-        let mut large = Vec::new();
+        let mut out = Fed::default();
         let fed = self
-            .feed_small(files, targets, &tx, &mut done, &mut large, || {
+            .feed_small(files, targets, first, &tx, &mut out, || {
                 while let Ok(n) = news.try_recv() {
                     progress.bytes(n);
                 }
@@ -865,32 +862,38 @@ impl Files {
         while let Ok(n) = news.try_recv() {
             progress.bytes(n);
         }
-        fed?;
-        done.extend(written);
-        Ok((done, large))
+        let next = fed?;
+        out.done.extend(written);
+        Ok((out.done, out.large, next))
     }
 
     /// The network side of [`Files::restore_small`]: fetches manifests
     /// and chunks and hands each small file's chunk to the writer on `tx`.
-    /// Files that fail before that go in `done`; larger files in `large`.
+    /// Files that fail before that, and larger files, opened, go in `out`.
+    /// Returns the index of the first file not asked for.
     async fn feed_small(
         &mut self,
         files: &[(String, Entry)],
         targets: &[PathBuf],
+        first: usize,
         tx: &tokio::sync::mpsc::Sender<SmallFile>,
-        done: &mut Vec<(usize, Result<u64>)>,
-        large: &mut Vec<usize>,
+        out: &mut Fed,
         mut news: impl FnMut(),
-    ) -> Result<()> {
+    ) -> Result<usize> {
         enum Want {
             Manifest(usize),
             Chunk(usize, Box<Opened>),
         }
         let mut calls: HashMap<u64, Want> = HashMap::new();
-        let mut next = 0;
-        while next < files.len() || !calls.is_empty() {
+        let mut next = first;
+        while next < files.len() && out.large.len() < RESTORE_GROUP || !calls.is_empty() {
             // Every manifest answered frees the slot its chunk's get takes.
-            while next < files.len() && self.c.in_flight() < WINDOW {
+            // Larger files wait, opened, for restore_many: at most a group
+            // and the window's worth.
+            while next < files.len()
+                && out.large.len() < RESTORE_GROUP
+                && self.c.in_flight() < WINDOW
+            {
                 let at = self.own_manifest(&files[next].1.file_id);
                 let id = self.c.submit(ClientOp::Get(at)).await?;
                 calls.insert(id, Want::Manifest(next));
@@ -905,8 +908,8 @@ impl Files {
                         let id = self.c.submit(ClientOp::Get(at)).await?;
                         calls.insert(id, Want::Chunk(i, Box::new(o)));
                     }
-                    Ok(_) => large.push(i),
-                    Err(err) => done.push((i, Err(err))),
+                    Ok(o) => out.large.push((i, o)),
+                    Err(err) => out.done.push((i, Err(err))),
                 },
                 Some(Want::Chunk(i, opened)) => {
                     let chunk = get_result(r).and_then(block_data);
@@ -923,7 +926,7 @@ impl Files {
             }
             news();
         }
-        Ok(())
+        Ok(next)
     }
 
     /// Restores opened files, each to its target, with one window of chunk
@@ -1312,6 +1315,14 @@ const WRITE_QUEUE: usize = 4;
 /// Small files waiting for a restore's writer at most (each at most
 /// [`GROUP_FILE_BYTES`]).
 const SMALL_WRITE_QUEUE: usize = 64;
+
+/// What [`Files::restore_small`] found before the writer: files that
+/// failed, with their places, and larger files, opened.
+#[derive(Default)]
+struct Fed {
+    done: Vec<(usize, Result<u64>)>,
+    large: Vec<(usize, Opened)>,
+}
 
 /// A small file's chunk, fetched, for [`write_small`].
 struct SmallFile {

@@ -352,11 +352,11 @@ fn an_item_sent_for_the_wrong_key_is_refused() {
     assert!(c.nodes[0].store_index().is_empty());
 }
 
-/// A manifest signed by someone who is neither the owner nor on its ACL.
-fn forged_manifest() -> Item {
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
+/// A version of user 0's file [5; 32] (access list by the owner, seeded
+/// by `seed`), signed by user `signer` at Lamport clock `clock`.
+fn manifest_of_file_5(seed: u64, signer: usize, clock: u64, body: &[u8]) -> Item {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let owner = &users()[0];
-    let intruder = &users()[1];
     let file_id = [5u8; 32];
     let pos = record::manifest_position(owner.user_id(), &file_id);
     let acl = record::new_acl(&mut rng, owner, pos, 1, Vec::new(), Vec::new());
@@ -365,11 +365,16 @@ fn forged_manifest() -> Item {
         owner.public_der().to_vec(),
         file_id,
         acl,
-        7,
-        intruder,
-        b"evil".to_vec(),
+        clock,
+        &users()[signer],
+        body.to_vec(),
     );
     Item::Record(Box::new(rec))
+}
+
+/// A manifest signed by someone who is neither the owner nor on its ACL.
+fn forged_manifest() -> Item {
+    manifest_of_file_5(2, 1, 7, b"evil")
 }
 
 /// The owner's transaction log carrying an entry signed by someone else.
@@ -479,21 +484,7 @@ fn refused_everywhere(forged: Item) {
 
 /// The owner's own manifest for the file `forged_manifest` forges.
 fn owners_manifest() -> Item {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let owner = &users()[0];
-    let file_id = [5u8; 32];
-    let pos = record::manifest_position(owner.user_id(), &file_id);
-    let acl = record::new_acl(&mut rng, owner, pos, 1, Vec::new(), Vec::new());
-    let rec = record::new_manifest(
-        &mut rng,
-        owner.public_der().to_vec(),
-        file_id,
-        acl,
-        1,
-        owner,
-        b"mine".to_vec(),
-    );
-    Item::Record(Box::new(rec))
+    manifest_of_file_5(3, 0, 1, b"mine")
 }
 
 /// A node reading a record checks the signature of the first good copy
