@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use peerstore_core::endorse::TrustStore;
-use peerstore_core::gate::{ClientOp, ClientRequest, GateReply, RingStatus};
+use peerstore_core::gate::{ClientOp, ClientRequest, GateReply, RingStatus, KEYS_PAGE};
 use peerstore_core::link::{LinkConfig, Links};
 use peerstore_core::reqauth::BATCH_MAX;
 use peerstore_core::{Addr, Id, Peer, Signer};
@@ -63,6 +63,12 @@ pub const SPREAD_MAX: usize = 4;
 
 /// How long [`NodeClient::spread`] waits for the other nodes to answer.
 pub const SPREAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pages of keys [`NodeClient::keys`] asks for at most: 2^14 full pages
+/// are 33 million keys (about 700 MB of ids), far more than a node of this
+/// store holds. A node still sending pages past that is taken to be
+/// looping, not listing.
+pub const KEYS_PAGES_MAX: usize = 1 << 14;
 
 /// One node the client has (or is opening) a session with.
 struct Conn {
@@ -215,6 +221,38 @@ impl NodeClient {
         }
     }
 
+    /// Every key the entry node holds, in ascending order, asked for a page
+    /// at a time ([`ClientOp::Keys`]) until the node answers an empty page.
+    /// A page that is not strictly ascending from the key the request
+    /// named, is larger than a page may be, or comes after
+    /// [`KEYS_PAGES_MAX`] pages is an error: a misbehaving node cannot keep
+    /// the client listing for ever.
+    pub async fn keys(&mut self) -> Result<Vec<Id>> {
+        let mut keys = Vec::new();
+        let mut after = None;
+        for _ in 0..KEYS_PAGES_MAX {
+            let page = match self.call(ClientOp::Keys { after }).await? {
+                GateReply::Keys(page) => page,
+                other => bail!("unexpected answer to a keys request: {other:?}"),
+            };
+            let Some(&last) = page.last() else {
+                return Ok(keys);
+            };
+            if page.len() > KEYS_PAGE {
+                bail!(
+                    "the node answered a keys request with {} keys, over the page of {KEYS_PAGE}",
+                    page.len()
+                );
+            }
+            if !ascending_after(after, &page) {
+                bail!("the node answered a keys request with keys not in ascending order after the last page");
+            }
+            keys.extend(page);
+            after = Some(last);
+        }
+        bail!("the node listed keys past {KEYS_PAGES_MAX} pages without an end")
+    }
+
     /// Sends `op` and waits for its answer.
     pub async fn call(&mut self, op: ClientOp) -> Result<GateReply> {
         let id = self.submit(op).await?;
@@ -246,7 +284,7 @@ impl NodeClient {
         let key = match op {
             ClientOp::Put(item) => item.position(),
             ClientOp::Get(key) => *key,
-            ClientOp::Status => return ENTRY,
+            ClientOp::Status | ClientOp::Keys { .. } => return ENTRY,
         };
         pick_replica(key, &self.conns, self.replicas, |at| self.load(at)).unwrap_or(ENTRY)
     }
@@ -498,10 +536,6 @@ impl NodeClient {
     }
 }
 
-/// Which of `conns` a call for `key` goes to (see [`NodeClient::route`]):
-/// the least loaded live one among the key's primary and the next
-/// `replicas` - 1 machines on the primary's successor list, the primary on
-/// a tie. `None` if no live node's id is known.
 /// A call waiting to be signed: (call id, node, operation).
 type Queued<T> = (u64, usize, T);
 
@@ -523,6 +557,10 @@ fn sendable<T>(queued: Vec<Queued<T>>, mut wire: Vec<usize>) -> (Vec<Queued<T>>,
     (batch, held)
 }
 
+/// Which of `conns` a call for `key` goes to (see [`NodeClient::route`]):
+/// the least loaded live one among the key's primary and the next
+/// `replicas` - 1 machines on the primary's successor list, the primary on
+/// a tie. `None` if no live node's id is known.
 fn pick_replica(
     key: Id,
     conns: &[Conn],
@@ -561,6 +599,16 @@ fn pick_replica(
     Some(best.1)
 }
 
+/// Whether `page` is strictly ascending and every key in it is after
+/// `after` (the lowest key of the ring on, if `None`).
+fn ascending_after(after: Option<Id>, page: &[Id]) -> bool {
+    let first_ok = match (after, page.first()) {
+        (Some(a), Some(f)) => *f > a,
+        _ => true,
+    };
+    first_ok && page.windows(2).all(|w| w[0] < w[1])
+}
+
 impl Conn {
     fn new(addr: Addr) -> Conn {
         Conn {
@@ -595,6 +643,17 @@ mod tests {
         let (batch, held) = sendable(vec![(1, 0, ()), (2, 1, ())], vec![NODE_WINDOW; 2]);
         assert!(batch.is_empty());
         assert_eq!(held.len(), 2);
+    }
+
+    #[test]
+    fn a_page_of_keys_must_ascend_past_the_last_one() {
+        assert!(ascending_after(None, &[]));
+        assert!(ascending_after(None, &[id(1), id(2), id(9)]));
+        assert!(ascending_after(Some(id(1)), &[id(2), id(3)]));
+        assert!(!ascending_after(Some(id(2)), &[id(2), id(3)]), "not after");
+        assert!(!ascending_after(Some(id(5)), &[id(3)]), "going back");
+        assert!(!ascending_after(None, &[id(1), id(1)]), "a repeat");
+        assert!(!ascending_after(None, &[id(3), id(2)]), "descending");
     }
 
     fn id(b: u8) -> Id {

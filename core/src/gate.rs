@@ -45,7 +45,21 @@ pub enum ClientOp {
     /// The ring as the node sees it. Answered by the machine, not the
     /// gate (see [`crate::machine`]): any client with a session may ask.
     Status,
+    /// The keys the node holds, in ascending order, strictly after
+    /// `after` (from the lowest if `None`), at most [`KEYS_PAGE`] of them;
+    /// an empty page is the end. Answered by the machine, like `Status`,
+    /// from the node's own index, so a test can count a key's copies
+    /// whatever way a node lays its store out on disk. It reveals ring
+    /// positions only (hashes); reading any item is still a `Get` the gate
+    /// checks.
+    Keys { after: Option<Id> },
 }
+
+/// Keys in one answer to [`ClientOp::Keys`] at most: 2048 ids are about
+/// 40 KiB encoded, far below the 2 MiB + 64 KiB frame a connection takes
+/// (`TransportConfig::max_frame_bytes` in peerstore-net), so a page never
+/// comes near the limit and one request costs the node little work.
+pub const KEYS_PAGE: usize = 2048;
 
 /// The ring as one node sees it (the answer to [`ClientOp::Status`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +209,8 @@ pub enum GateReply {
     Put(Result<(), GateError>),
     Get(Result<Option<Item>, GateError>),
     Status(Box<RingStatus>),
+    /// A page of the node's keys (see [`ClientOp::Keys`]).
+    Keys(Vec<Id>),
 }
 
 impl GateReply {
@@ -367,7 +383,7 @@ impl Gate {
         }
         let user = req.auth.user();
         let command = match body.op {
-            ClientOp::Status => {
+            ClientOp::Status | ClientOp::Keys { .. } => {
                 // The machine answers these; one that reaches the gate is
                 // not something it does.
                 return self.reply(client, false, Err(AuthError::Malformed.into()));
@@ -556,6 +572,25 @@ mod tests {
             GateReply::Put(Err(GateError::Auth(_)))
         ));
         assert_eq!(f.puts, 0);
+    }
+
+    #[test]
+    fn status_and_key_listings_are_the_machines_to_answer_not_the_gates() {
+        let mut f = Fixture::new();
+        f.register(0);
+        let puts = f.puts;
+        let ops = [ClientOp::Status, ClientOp::Keys { after: None }];
+        for (i, op) in ops.into_iter().enumerate() {
+            let r = f.ask(
+                i as u64 + 1,
+                ClientRequest::new(user(0), ME, op, NOW, &mut rng()),
+            );
+            assert_eq!(
+                r,
+                GateReply::Put(Err(GateError::Auth(AuthError::Malformed)))
+            );
+        }
+        assert_eq!(f.puts, puts);
     }
 
     #[test]

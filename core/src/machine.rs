@@ -12,8 +12,9 @@
 //! A machine holds one ring position (its id is [`vnode_id`] of its key,
 //! index 0). Everything a peer sends arrives through [`Links`], so only
 //! endorsed machines reach the node and only clients' signed requests
-//! reach the gate. A client's [`ClientOp::Status`] is answered here, from
-//! the node's own view, without the DHT.
+//! reach the gate. A client's [`ClientOp::Status`] and
+//! [`ClientOp::Keys`] are answered here, from the node's own view, without
+//! the DHT.
 //!
 //! Joining: a machine that is not yet endorsed first registers with its
 //! entry (which its operator admitted it on), and joins once the entry
@@ -24,7 +25,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::config::Config;
-use crate::gate::{ClientOp, Gate, GateCmd, GateOutput, GateReply, RingStatus};
+use crate::gate::{ClientBody, ClientOp, Gate, GateCmd, GateOutput, GateReply, RingStatus};
 use crate::id::Id;
 use crate::link::{Call, LinkConfig, LinkEvent, Links, Packet};
 use crate::node::{
@@ -32,7 +33,7 @@ use crate::node::{
 };
 use crate::node::{StorageOp, StorageResult};
 use crate::reqauth::GuardConfig;
-use crate::store::Item;
+use crate::store::{Index, Item};
 use crate::wire::{Addr, Peer};
 
 /// Settings of a machine.
@@ -217,6 +218,13 @@ impl Machine {
         }
     }
 
+    /// A page of the keys this node holds (the answer to
+    /// [`ClientOp::Keys`]): at most [`crate::gate::KEYS_PAGE`], ascending,
+    /// strictly after `after`.
+    pub fn keys(&self, after: Option<Id>) -> Vec<Id> {
+        keys_page(self.node.store_index(), after, crate::gate::KEYS_PAGE)
+    }
+
     /// When the machine next wants [`Machine::tick`].
     pub fn poll_timeout(&self) -> Option<u64> {
         self.node.poll_timeout()
@@ -329,15 +337,20 @@ impl Machine {
     }
 
     fn on_call(&mut self, call: Call) {
-        let status = matches!(
-            postcard::from_bytes::<crate::gate::ClientBody>(&call.req.body),
-            Ok(crate::gate::ClientBody {
+        // Questions about this node alone are answered from its own state;
+        // everything else goes through the gate.
+        let own = match postcard::from_bytes::<ClientBody>(&call.req.body) {
+            Ok(ClientBody {
                 op: ClientOp::Status,
                 ..
-            })
-        );
-        if status {
-            let reply = GateReply::Status(Box::new(self.status()));
+            }) => Some(GateReply::Status(Box::new(self.status()))),
+            Ok(ClientBody {
+                op: ClientOp::Keys { after },
+                ..
+            }) => Some(GateReply::Keys(self.keys(after))),
+            _ => None,
+        };
+        if let Some(reply) = own {
             self.links.answer(call.from, call.id, &reply);
             return;
         }
@@ -456,6 +469,12 @@ impl Machine {
         };
         self.join(now_ms, j.entry, &j.my_addr);
     }
+}
+
+/// At most `max` keys of `index`, ascending, strictly after `after` (a
+/// parameter so that tests can page with small pages).
+fn keys_page(index: &Index, after: Option<Id>, max: usize) -> Vec<Id> {
+    index.keys_after(after).take(max).copied().collect()
 }
 
 #[cfg(test)]
@@ -764,6 +783,58 @@ mod tests {
         );
         let copies = net.storage.iter().filter(|s| s.contains_key(&at)).count();
         assert_eq!(copies, 3, "R = 3 replicas");
+    }
+
+    /// The page of keys machine 2 answers a client's call `id` with.
+    fn keys(net: &mut Net, id: u64, after: Option<Id>) -> Vec<Id> {
+        match net.call(2, id, ClientOp::Keys { after }) {
+            GateReply::Keys(page) => page,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_client_lists_a_nodes_keys_page_by_page() {
+        let mut net = formed_ring(3, 20_000);
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let rec = crate::record::new_pubkey_record(&mut rng, key(5), Vec::new());
+        let reg = net.call(0, 1, ClientOp::Put(Item::Record(Box::new(rec))));
+        assert_eq!(reg, GateReply::Put(Ok(())));
+        for i in 0..6u8 {
+            let block = Item::Block(Block::new(key(5).user_id(), vec![i; 50]));
+            let put = net.call(1, 10 + u64::from(i), ClientOp::Put(block));
+            assert_eq!(put, GateReply::Put(Ok(())));
+        }
+        let held: Vec<Id> = net.ms[2]
+            .node()
+            .store_index()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(held.len(), 7, "three copies on three machines: all here");
+        // One page holds them all, in order; the page after the last key
+        // is empty, the end.
+        assert_eq!(keys(&mut net, 20, None), held);
+        let last = held.last().copied();
+        assert_eq!(keys(&mut net, 21, last), Vec::<Id>::new());
+        // Strictly after the key given, which need not be one held.
+        assert_eq!(keys(&mut net, 22, Some(held[2])), held[3..]);
+        assert_eq!(keys(&mut net, 23, Some(Id::ZERO)), held);
+        assert_eq!(keys(&mut net, 24, Some(Id::MAX)), Vec::<Id>::new());
+        // Pages of three: three, three, one, then the empty page.
+        let index = net.ms[2].node().store_index();
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = keys_page(index, after, 3);
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            pages.push(page);
+        }
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
+        assert_eq!(pages.concat(), held);
     }
 
     /// What machine `i` heard from `peer` through [`Machine::ask_state`].

@@ -483,6 +483,16 @@ impl Index {
         self.map.iter()
     }
 
+    /// Positions strictly after `after` (all of them if `None`) in
+    /// ascending order, not wrapping past zero: a listing in pages
+    /// ([`crate::gate::ClientOp::Keys`]) resumes after the last key it was
+    /// given and ends at the top of the ring, without walking what it
+    /// already listed.
+    pub fn keys_after(&self, after: Option<Id>) -> impl Iterator<Item = &Id> {
+        let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.map.range((lo, Bound::Unbounded)).map(|(k, _)| k)
+    }
+
     /// Entries with positions in the ring interval (lo, hi], in ring order
     /// from lo. lo == hi means the whole ring.
     pub fn range(&self, lo: Id, hi: Id) -> impl Iterator<Item = (&Id, &Held)> {

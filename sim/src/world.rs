@@ -2596,8 +2596,9 @@ impl World {
                 self.sec.gate_requests += 1;
                 self.on_get_reply(client, r.map_err(gate_error));
             }
-            // The simulated workload never asks for the ring's status.
-            GateReply::Status(_) => {}
+            // The simulated workload never asks for the ring's status or
+            // a node's keys.
+            GateReply::Status(_) | GateReply::Keys(_) => {}
         }
     }
 

@@ -46,9 +46,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::thread;
@@ -69,6 +71,9 @@ pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one status call may take (the client library's own limit is a
 /// minute, too long for a poll).
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long listing a node's keys may take ([`Cluster::keys`]): a few
+/// round trips, one per page of keys, on a session reopened if need be.
+pub const KEYS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between polling rounds. Polling is how the harness observes a
 /// condition; it never stands in for one.
 pub const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -938,7 +943,8 @@ impl Cluster {
             let cached = self.nodes[i].client.take();
             let (user, trust) = (self.user.clone(), trust.clone());
             tasks.spawn(async move {
-                let (client, result) = status_of(addr, cached, user, trust).await;
+                let (client, result) =
+                    ask_on(addr, cached, user, trust, STATUS_TIMEOUT, ask_status).await;
                 (i, client, result)
             });
         }
@@ -948,6 +954,28 @@ impl Cluster {
             out.insert(i, result);
         }
         out
+    }
+
+    /// The keys node `i` holds, in ascending order, as it lists them from
+    /// its own index ([`NodeClient::keys`]), over the session
+    /// [`Cluster::status`] keeps open (reopened once if it broke), within
+    /// [`KEYS_TIMEOUT`]. How a test counts a key's copies without knowing
+    /// how a node lays its store out on disk.
+    pub fn keys(&mut self, i: usize) -> Result<Vec<Id>> {
+        let trust = self.trust()?;
+        if !self.nodes[i].is_running() {
+            bail!("not running");
+        }
+        let Some(addr) = self.nodes[i].addr else {
+            bail!("not listening yet");
+        };
+        let cached = self.nodes[i].client.take();
+        let user = self.user.clone();
+        let (client, result) =
+            self.rt
+                .block_on(ask_on(addr, cached, user, trust, KEYS_TIMEOUT, ask_keys));
+        self.nodes[i].client = client;
+        result
     }
 
     /// Waits until node `i` says it is in the ring; returns how long that
@@ -1318,29 +1346,45 @@ impl Cluster {
     }
 }
 
-/// One status call: on the cached session if it still works, else on a
-/// new one; gives back the session worth keeping.
-async fn status_of(
+/// A question [`ask_on`] puts to a node over a client session: boxed and
+/// `Send` so that [`Cluster::statuses`] can ask several nodes at once on
+/// tasks.
+type Asked<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+fn ask_status(c: &mut NodeClient) -> Asked<'_, RingStatus> {
+    Box::pin(c.status())
+}
+
+fn ask_keys(c: &mut NodeClient) -> Asked<'_, Vec<Id>> {
+    Box::pin(c.keys())
+}
+
+/// One question to the node at `addr`, each try within `limit`: on the
+/// cached session if it still works, else on a new one; gives back the
+/// session worth keeping.
+async fn ask_on<T>(
     addr: SocketAddr,
     cached: Option<NodeClient>,
     user: Signer,
     trust: TrustStore,
-) -> (Option<NodeClient>, Result<RingStatus>) {
+    limit: Duration,
+    ask: for<'c> fn(&'c mut NodeClient) -> Asked<'c, T>,
+) -> (Option<NodeClient>, Result<T>) {
     if let Some(mut c) = cached {
-        if let Ok(Ok(st)) = tokio::time::timeout(STATUS_TIMEOUT, c.status()).await {
-            return (Some(c), Ok(st));
+        if let Ok(Ok(v)) = tokio::time::timeout(limit, ask(&mut c)).await {
+            return (Some(c), Ok(v));
         }
     }
-    let fresh = tokio::time::timeout(STATUS_TIMEOUT, async move {
+    let fresh = tokio::time::timeout(limit, async move {
         let mut c = NodeClient::connect(addr, user, trust).await?;
-        let st = c.status().await?;
-        anyhow::Ok((c, st))
+        let v = ask(&mut c).await?;
+        anyhow::Ok((c, v))
     })
     .await;
     match fresh {
-        Ok(Ok((c, st))) => (Some(c), Ok(st)),
+        Ok(Ok((c, v))) => (Some(c), Ok(v)),
         Ok(Err(e)) => (None, Err(e)),
-        Err(_) => (None, Err(anyhow!("no answer within {STATUS_TIMEOUT:?}"))),
+        Err(_) => (None, Err(anyhow!("no answer within {limit:?}"))),
     }
 }
 

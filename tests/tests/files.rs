@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use peerstore_core::Id;
 use peerstore_tests::{log, run_bounded, Cluster, Proc, Ran, COMMAND_TIMEOUT, POLL_EVERY};
 
 /// Deterministic file contents (xorshift64 from `seed`).
@@ -314,27 +315,19 @@ fn backup_restore_ls_rm_and_sharing_work_whatever_node_the_client_enters_by() {
     c.assert_no_panics();
 }
 
-/// Item files (by name) on the given nodes' disks.
-fn holders(c: &Cluster, live: &[usize]) -> BTreeMap<String, usize> {
+/// How many of the given nodes hold each key, as each node lists the keys
+/// in its store; an error names a node that could not be asked.
+fn holders(c: &mut Cluster, live: &[usize]) -> Result<BTreeMap<Id, usize>, String> {
     let mut count = BTreeMap::new();
     for &i in live {
-        let items = c.node(i).store_items_dir();
-        let Ok(shards) = std::fs::read_dir(&items) else {
-            continue;
-        };
-        for shard in shards.flatten() {
-            let Ok(files) = std::fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                if name.len() == 40 {
-                    *count.entry(name).or_insert(0) += 1;
-                }
-            }
+        let keys = c
+            .keys(i)
+            .map_err(|e| format!("n{i} did not list its keys: {e:#}"))?;
+        for k in keys {
+            *count.entry(k).or_insert(0) += 1;
         }
     }
-    count
+    Ok(count)
 }
 
 #[test]
@@ -367,13 +360,14 @@ fn kill_9_during_and_after_a_backup_loses_nothing_that_reported_success() {
         .arg("backup")
         .arg(&during);
     let victim = 2;
-    let items = c.node(victim).store_items_dir();
     let backup = std::thread::spawn(move || {
         run_bounded("backup during kill", &mut cmd, COMMAND_TIMEOUT * 3)
     });
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     loop {
-        let n = holders_in(&items);
+        // A node that does not answer this round counts as holding nothing
+        // yet: the next round asks again.
+        let n = c.keys(victim).map_or(0, |k| k.len());
         if n >= 3 || backup.is_finished() || Instant::now() > deadline {
             break;
         }
@@ -458,38 +452,31 @@ fn kill_9_during_and_after_a_backup_loses_nothing_that_reported_success() {
     // Every item is back on three of the four live machines.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let h = holders(&c, &live);
-        let under: Vec<(&String, &usize)> = h.iter().filter(|(_, n)| **n < 3).collect();
-        if under.is_empty() {
-            log(format!(
-                "{} items, each on at least 3 live machines",
-                h.len()
-            ));
-            break;
-        }
+        let problem = match holders(&mut c, &live) {
+            Ok(h) => {
+                let under: Vec<(&Id, &usize)> = h.iter().filter(|(_, n)| **n < 3).collect();
+                if under.is_empty() {
+                    log(format!(
+                        "{} items, each on at least 3 live machines",
+                        h.len()
+                    ));
+                    break;
+                }
+                format!(
+                    "{} of {} items under 3 copies, e.g. {:?}",
+                    under.len(),
+                    h.len(),
+                    under.first()
+                )
+            }
+            Err(e) => e,
+        };
         if Instant::now() > deadline {
-            let msg = format!(
-                "{} of {} items under 3 copies, e.g. {:?}",
-                under.len(),
-                h.len(),
-                under.first()
-            );
-            c.fail(&msg);
+            c.fail(&problem);
         }
         std::thread::sleep(POLL_EVERY * 4);
     }
     c.assert_no_panics();
-}
-
-fn holders_in(items: &Path) -> usize {
-    let Ok(shards) = std::fs::read_dir(items) else {
-        return 0;
-    };
-    shards
-        .flatten()
-        .filter_map(|s| std::fs::read_dir(s.path()).ok())
-        .map(|f| f.count())
-        .sum()
 }
 
 /// A whole ring stops at once (kill -9 of every node: a power cut) and
