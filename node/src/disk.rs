@@ -4,19 +4,33 @@
 //! # Layout
 //!
 //! ```text
-//! DATA_DIR/items/xx/<40 hex digits>   one file per item; xx = the key's first byte
-//! DATA_DIR/quarantine/                files found corrupt, kept for an operator
+//! DATA_DIR/packed.redb                items under 64 KiB, in one redb database
+//! DATA_DIR/items/xx/<40 hex digits>   one file per larger item; xx = the key's first byte
+//! DATA_DIR/quarantine/                files and values found corrupt, kept for an operator
 //! ```
 //!
-//! One file per item keeps memory flat (an item is read, checked and dropped
-//! on its own, whatever the store's size) and makes a write a single atomic
-//! rename. The 256 shard directories keep directories small. (An embedded
-//! database such as redb would add a second copy-on-write layer and hold
-//! whole values in memory on the way in and out, for no gain here: items are
-//! written whole, never updated in place, and only looked up by key.)
+//! An item whose encoding (below) is under [`DIRECT_MIN`] (64 KiB: manifests,
+//! key records, tombstones, most transaction logs, blocks of small files)
+//! is packed into one embedded database with the others (see
+//! [`crate::packed`]): a batch of them is one transaction, where a file each
+//! cost the kernel an inode, a directory entry and a rename apiece, which
+//! was most of what a node spent on a backup of many small files. Larger
+//! items (the blocks of larger files) get a file each: memory stays flat
+//! (an item is read, checked and dropped on its own, whatever the store's
+//! size), a write is a single atomic rename, and the bytes go around the
+//! page cache. The 256 shard directories keep directories small.
 //!
-//! Each file is a 48-byte header followed by the postcard encoding of the
-//! [`Item`]:
+//! A key is in one place at a time. An item moving between them (a block
+//! file replaced by its small tombstone, say) is written to its new place,
+//! made durable, and only then removed from the old one. Should a crash or
+//! a failed unlink leave a key in both, the packed copy wins and the file
+//! is deleted when found: moving into the database, the packed copy is the
+//! newer; moving out, the write to the file was never acknowledged (the
+//! database delete is its last step), so keeping the old packed copy is
+//! as if it never happened.
+//!
+//! Each file (and each packed value) is a 48-byte header followed by the
+//! postcard encoding of the [`Item`]:
 //!
 //! ```text
 //! magic "PSI1" | format version u32 LE | payload length u64 LE | digest
@@ -37,49 +51,55 @@
 //!
 //! # Guarantees
 //!
-//! - **A write is durable when it says `Done`.** The item goes to a temporary
-//!   file in the key's shard directory, that file is fsynced, renamed over the
-//!   final name, and then the shard directory itself is fsynced. The rename
-//!   only changes the directory; until the directory is fsynced the new name
-//!   may not be on disk, and a crash could bring back the old version or no
-//!   file at all after the write was acknowledged. A remove likewise unlinks
-//!   and fsyncs the directory before it says `Done`.
+//! - **A write is durable when it says `Done`.** A large item goes to a
+//!   temporary file in the key's shard directory, that file is synced,
+//!   renamed over the final name, and then the directory is synced (the
+//!   rename only changes the directory; until that is synced a crash could
+//!   bring back the old version or no file at all). A small item is
+//!   inserted in a database transaction whose commit is durable when it
+//!   returns. A remove likewise unlinks and syncs, or commits its delete,
+//!   before it says `Done`.
 //! - **Writes that queue up are committed together.** The daemon hands the
 //!   store every operation waiting for the disk at once
-//!   ([`DiskStore::apply_batch`]): all the temporary files are written,
-//!   made durable with one sync, renamed into place in issue order, and the
-//!   renames and unlinks made durable with a second sync (on Linux `syncfs`
-//!   of the store's file system; elsewhere an fsync of each file and
-//!   directory). The order is the same as above, so the guarantees are;
-//!   only the number of syncs changes: two per batch instead of two per
-//!   write. Nothing in the batch is answered before the second sync.
+//!   ([`DiskStore::apply_batch`]): all the temporary files are written and
+//!   made durable with one sync, the small items go into the database in
+//!   one transaction, then the renames and unlinks are made durable with
+//!   a second sync (on Linux `syncfs` of the store's file system;
+//!   elsewhere an fsync of each file and directory), then keys that left
+//!   the database are deleted in a second transaction. Nothing in the
+//!   batch is answered before its last step is durable.
 //! - **Nothing torn is ever seen.** Readers see the old file or the new one,
-//!   never a mix: rename replaces a name atomically. A crash mid-write leaves
-//!   only a temporary file, which [`DiskStore::open`] deletes (that write was
-//!   never acknowledged).
+//!   never a mix: rename replaces a name atomically, and a database commit
+//!   is all or nothing. A crash mid-write leaves only a temporary file,
+//!   which [`DiskStore::open`] deletes (that write was never acknowledged),
+//!   or a commit that redb rolls back when it opens.
 //! - **Nothing corrupt is ever returned.** Every read checks the magic, the
-//!   version, the length against the file's size, that the payload decodes,
-//!   its digest, and that the item's own ring position is the
-//!   key in the file name (a file moved to another key is corrupt too). A file
-//!   failing any check is counted, moved to `quarantine/` and reported as
-//!   absent, so the core drops it from its index and anti-entropy fetches a
-//!   good copy from another replica. Signatures are not checked here: the core
-//!   validates every item it restores or receives.
+//!   version, the length, that the payload decodes, its digest, and that
+//!   the item's own ring position is the key it is stored under (a file
+//!   moved to another key is corrupt too). A file or value failing any
+//!   check is counted, moved to (or copied into) `quarantine/` and reported
+//!   as absent, so the core drops it from its index and anti-entropy
+//!   fetches a good copy from another replica. The database's own pages
+//!   are checked when the store opens ([`crate::packed`]); a damaged
+//!   database is set aside whole in the same way. Signatures are not
+//!   checked here: the core validates every item it restores or receives.
 //! - **Writes and removes of one key complete in issue order**: operations are
 //!   synchronous and need `&mut self`.
-//! - **The capacity is a budget**: a write that would take the sum of item file
-//!   sizes past [`DiskConfig::capacity_bytes`], or that meets a full disk or
-//!   quota, fails with [`StoreError::Full`] and leaves no temporary file (one
-//!   whose unlink failed too is deleted by the next open). Other
-//!   I/O failures answer [`StoreError::Io`] and are counted, with the last one
-//!   kept for the logs ([`DiskStats::last_error`]).
+//! - **The capacity is a budget**: a write that would take the sum of item
+//!   sizes (headers included) past [`DiskConfig::capacity_bytes`], or that
+//!   meets a full disk or quota, fails with [`StoreError::Full`] and leaves
+//!   no temporary file (one whose unlink failed too is deleted by the next
+//!   open). Other I/O failures answer [`StoreError::Io`] and are counted,
+//!   with the last one kept for the logs ([`DiskStats::last_error`]).
 //! - No panics on any disk content, no unsafe code, and nothing here ever
 //!   records an item's contents: messages name paths, keys and reasons only.
 //!
 //! It relies on the file system honouring fsync and atomic rename within a
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
-//! directory at a time: nothing here locks it.
+//! directory at a time (the database is locked; a second store opened on
+//! it fails).
 
+use crate::packed::{self, Packed};
 use peerstore_core::hash::{sha256, Sha256};
 use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError};
 use peerstore_net::dio::{self, AlignedBuf, Io, DIRECT_MIN};
@@ -103,6 +123,8 @@ pub const HEADER_LEN: u64 = 4 + 4 + 8 + 32;
 pub const PAYLOAD_MAX: u64 = 4 << 20;
 
 const ITEMS_DIR: &str = "items";
+/// The database of small items.
+const PACKED_FILE: &str = "packed.redb";
 const QUARANTINE_DIR: &str = "quarantine";
 /// Names of temporary files start with this; no item name does.
 const TMP_PREFIX: &str = ".tmp-";
@@ -119,16 +141,17 @@ pub struct DiskConfig {
 }
 
 /// A snapshot of the store's counters. `items` and `bytes` are summed from
-/// the files at open and then follow what the store itself does; a file
-/// changed behind its back is corrected for when it is found bad, exactly so
-/// after the next open.
+/// the database and the files at open and then follow what the store itself
+/// does; a file changed behind its back is corrected for when it is found
+/// bad, exactly so after the next open.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskStats {
-    /// Item files held (files not yet found corrupt included).
+    /// Items held, packed and in files (files not yet found corrupt included).
     pub items: u64,
     /// Their total size in bytes, headers included: what the capacity limits.
     pub bytes: u64,
-    /// Files found corrupt (and quarantined) since the store was opened.
+    /// Files, packed values and databases found corrupt (and quarantined)
+    /// since the store was opened.
     pub corrupt_found: u64,
     /// I/O failures other than a full disk since the store was opened.
     pub io_errors: u64,
@@ -193,6 +216,8 @@ pub struct DiskStore {
     /// Whether to try reading and writing around the page cache
     /// ([`peerstore_net::dio`]); cleared the first time the file system refuses.
     direct: AtomicBool,
+    /// The small items.
+    packed: Packed,
 }
 
 /// A write whose bytes sit in a temporary file, to be renamed into place.
@@ -201,8 +226,43 @@ struct Staged {
     key: Id,
     tmp: PathBuf,
     size: u64,
-    /// How much it grows the store (its size less the file it replaces).
-    growth: u64,
+}
+
+/// Where an item is kept, and its size there.
+#[derive(Clone, Copy, Debug)]
+enum At {
+    Nowhere,
+    Packed(u64),
+    File(u64),
+}
+
+impl At {
+    fn size(&self) -> u64 {
+        match self {
+            At::Nowhere => 0,
+            At::Packed(n) | At::File(n) => *n,
+        }
+    }
+}
+
+/// What one write or remove of a run will do ([`DiskStore::commit_run`]).
+#[derive(Debug)]
+enum Plan {
+    /// Into the database; `old` is what it replaces.
+    Pack {
+        key: Id,
+        bytes: Vec<u8>,
+        old: At,
+    },
+    /// Into a file, from the temporary file it is staged in.
+    File {
+        staged: Staged,
+        old: At,
+    },
+    Remove {
+        key: Id,
+        at: At,
+    },
 }
 
 /// What loading one item file found.
@@ -224,20 +284,31 @@ impl DiskStore {
     /// [`DiskStore::scan`] and by every read.
     pub fn open(dir: impl AsRef<Path>, cfg: DiskConfig) -> io::Result<DiskStore> {
         let dir = dir.as_ref().to_path_buf();
+        let items_dir = dir.join(ITEMS_DIR);
+        let quarantine_dir = dir.join(QUARANTINE_DIR);
+        for d in [&dir, &items_dir, &quarantine_dir] {
+            fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
+        }
+        let counters = Counters::default();
+        let packed = open_packed(&dir.join(PACKED_FILE), &quarantine_dir, &counters)?;
         let store = DiskStore {
-            items_dir: dir.join(ITEMS_DIR),
-            quarantine_dir: dir.join(QUARANTINE_DIR),
+            items_dir,
+            quarantine_dir,
             dir,
             cfg,
             next_tmp: 0,
-            counters: Counters::default(),
+            counters,
             wbuf: AlignedBuf::new(),
             rbuf: Mutex::new(AlignedBuf::new()),
             direct: AtomicBool::new(true),
+            packed,
         };
-        for d in [&store.dir, &store.items_dir, &store.quarantine_dir] {
-            fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
-        }
+        let (n, bytes) = store
+            .packed
+            .tally()
+            .map_err(|e| context("reading", &store.dir.join(PACKED_FILE), packed::io_error(e)))?;
+        add(&store.counters.items, n);
+        add(&store.counters.bytes, bytes);
         for shard in 0..SHARDS {
             let name = shard_name(shard);
             let path = store.items_dir.join(&name);
@@ -277,7 +348,13 @@ impl DiskStore {
             let Some(name) = name.to_str() else { continue };
             if name.starts_with(TMP_PREFIX) {
                 self.remove_temp(&entry.path());
-            } else if parse_key(name).is_some_and(|k| usize::from(k.0[0]) == shard) {
+            } else if let Some(key) = parse_key(name).filter(|k| usize::from(k.0[0]) == shard) {
+                if self.packed.len_of(&key).is_ok_and(|n| n.is_some()) {
+                    // Left by a crash while the item moved into the
+                    // database: the packed copy is the newer.
+                    self.remove_stale(&entry.path());
+                    continue;
+                }
                 // Vanished or unreadable entries are left to scan and reads.
                 if let Ok(m) = fs::symlink_metadata(entry.path()) {
                     if m.is_file() {
@@ -293,18 +370,14 @@ impl DiskStore {
     /// Carries out one storage effect of the core.
     pub fn apply(&mut self, op: StorageOp) -> StorageResult {
         match op {
-            StorageOp::Write { key, item } => match self.write(&key, &item) {
-                Ok(()) => StorageResult::Done,
-                Err(e) => StorageResult::Failed(e),
-            },
-            StorageOp::Remove { key } => match self.remove(&key) {
-                Ok(()) => StorageResult::Done,
-                Err(e) => StorageResult::Failed(e),
-            },
             StorageOp::Read { key } => match self.read(&key) {
                 Ok(found) => StorageResult::Read(found),
                 Err(e) => StorageResult::Failed(e),
             },
+            op => self
+                .commit_run(vec![op])
+                .pop()
+                .unwrap_or(StorageResult::Failed(StoreError::Io)),
         }
     }
 
@@ -359,79 +432,54 @@ impl DiskStore {
         }
     }
 
-    /// The group commit behind [`DiskStore::apply_batch_each`].
+    /// The group commit behind [`DiskStore::apply_batch_each`]: the
+    /// operations are cut into runs in which no key is written or removed
+    /// twice (nor read after it is), and each run is committed as one.
     fn group_commit(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
-        if ops.len() <= 1 {
-            return ops.into_iter().map(|op| self.apply(op)).collect();
-        }
-        let mut results: Vec<Option<StorageResult>> = vec![None; ops.len()];
-        let mut staged: Vec<Option<Staged>> = (0..ops.len()).map(|_| None).collect();
-        // 1. Every write's temporary file, not yet synced. The capacity is
-        // checked against what the operations before it will have added
-        // and removed; for a key already written or removed earlier in the
-        // batch, conservatively (its file on disk is not counted as freed).
-        let (mut grown, mut freed) = (0u64, 0u64);
+        let mut results = Vec::with_capacity(ops.len());
+        let mut run: Vec<StorageOp> = Vec::new();
         let mut touched: BTreeSet<Id> = BTreeSet::new();
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                StorageOp::Write { key, item } => {
-                    let first = touched.insert(*key);
-                    match self.stage(key, item, false, first, grown, freed) {
-                        Ok(st) => {
-                            grown = grown.saturating_add(st.growth);
-                            staged[i] = Some(st);
-                        }
-                        Err(e) => results[i] = Some(StorageResult::Failed(e)),
-                    }
-                }
-                StorageOp::Remove { key } => {
-                    if touched.insert(*key) {
-                        let path = self.item_path(key);
-                        if let Ok(Some(size)) = self.size_of(&path) {
-                            freed = freed.saturating_add(size);
-                        }
-                    }
-                }
-                StorageOp::Read { .. } => {}
+        for op in ops {
+            let (key, changes) = match &op {
+                StorageOp::Write { key, .. } | StorageOp::Remove { key } => (*key, true),
+                StorageOp::Read { key } => (*key, false),
+            };
+            if touched.contains(&key) {
+                results.extend(self.commit_run(std::mem::take(&mut run)));
+                touched.clear();
             }
-        }
-        // 2. Their contents made durable before any name points at them.
-        let temps: Vec<PathBuf> = staged.iter().flatten().map(|st| st.tmp.clone()).collect();
-        if !temps.is_empty() {
-            if let Err(e) = self.sync_all(&temps) {
-                for (i, st) in staged.iter_mut().enumerate() {
-                    if let Some(st) = st.take() {
-                        let _ = fs::remove_file(&st.tmp);
-                        results[i] = Some(StorageResult::Failed(e.clone()));
-                    }
-                }
+            if changes {
+                touched.insert(key);
             }
+            run.push(op);
         }
-        // 3. In issue order: renames, removes, reads.
-        let mut changed: Vec<usize> = Vec::new();
-        let mut dirs: Vec<PathBuf> = Vec::new();
+        results.extend(self.commit_run(run));
+        results
+    }
+
+    /// Commits operations on distinct keys together:
+    ///
+    /// 1. reads are answered (no other operation of the run touches their
+    ///    keys, so when does not matter);
+    /// 2. every write is encoded and checked against the capacity; large
+    ///    ones are written to temporary files, then all of those synced;
+    /// 3. the small ones go into the database in one transaction;
+    /// 4. the temporary files are renamed into place and the files of
+    ///    removed keys, and of keys now packed, unlinked; then synced;
+    /// 5. removed keys, and keys now in files, leave the database in a
+    ///    second transaction.
+    ///
+    /// Each step only starts once the one before is durable, so a crash
+    /// anywhere leaves every key as it was or as the run left it, or (for
+    /// a key moving between the database and a file) in both places, where
+    /// the packed copy wins and is the newer one (see the module
+    /// documentation). Nothing is answered before its last step is durable.
+    fn commit_run(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
+        let mut results: Vec<Option<StorageResult>> = vec![None; ops.len()];
+        let mut plans: Vec<Option<Plan>> = (0..ops.len()).map(|_| None).collect();
+        let (mut grown, mut freed) = (0u64, 0u64);
         for (i, op) in ops.into_iter().enumerate() {
-            if results[i].is_some() {
-                continue;
-            }
-            let key = match op {
-                StorageOp::Write { key, .. } => {
-                    let Some(st) = staged[i].take() else {
-                        continue;
-                    };
-                    if let Err(e) = self.commit(st) {
-                        results[i] = Some(StorageResult::Failed(e));
-                        continue;
-                    }
-                    key
-                }
-                StorageOp::Remove { key } => {
-                    if let Err(e) = self.unlink(&key) {
-                        results[i] = Some(StorageResult::Failed(e));
-                        continue;
-                    }
-                    key
-                }
+            let planned = match op {
                 StorageOp::Read { key } => {
                     results[i] = Some(match self.read(&key) {
                         Ok(found) => StorageResult::Read(found),
@@ -439,21 +487,170 @@ impl DiskStore {
                     });
                     continue;
                 }
+                StorageOp::Write { key, item } => self.prepare(&key, &item, grown, freed),
+                StorageOp::Remove { key } => self.where_is(&key).map(|at| Plan::Remove { key, at }),
             };
-            changed.push(i);
-            let shard = self.shard_dir(&key);
-            if !dirs.contains(&shard) {
-                dirs.push(shard);
+            match planned {
+                Ok(plan) => {
+                    match &plan {
+                        Plan::Pack { bytes, old, .. } => {
+                            grown = grown.saturating_add(bytes.len() as u64);
+                            freed = freed.saturating_add(old.size());
+                        }
+                        Plan::File { staged, old } => {
+                            grown = grown.saturating_add(staged.size);
+                            freed = freed.saturating_add(old.size());
+                        }
+                        Plan::Remove { at, .. } => freed = freed.saturating_add(at.size()),
+                    }
+                    plans[i] = Some(plan);
+                }
+                Err(e) => results[i] = Some(StorageResult::Failed(e)),
             }
         }
-        // 4. The new names (and the removed ones) made durable.
+        let fail = |results: &mut Vec<Option<StorageResult>>, i: usize, e: &StoreError| {
+            results[i] = Some(StorageResult::Failed(e.clone()));
+        };
+        // 2. The large writes' bytes durable before any name points at them.
+        let temps: Vec<PathBuf> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Some(Plan::File { staged, .. }) => Some(staged.tmp.clone()),
+                _ => None,
+            })
+            .collect();
+        if !temps.is_empty() {
+            if let Err(e) = self.sync_all(&temps) {
+                for (i, p) in plans.iter_mut().enumerate() {
+                    if let Some(Plan::File { staged, .. }) = p {
+                        let _ = fs::remove_file(&staged.tmp);
+                        *p = None;
+                        fail(&mut results, i, &e);
+                    }
+                }
+            }
+        }
+        // 3. The small writes, in one transaction.
+        let puts: Vec<(usize, Id, Vec<u8>)> = plans
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, p)| match p {
+                Some(Plan::Pack { key, bytes, .. }) => Some((i, *key, std::mem::take(bytes))),
+                _ => None,
+            })
+            .collect();
+        if !puts.is_empty() {
+            let (places, puts): (Vec<usize>, Vec<(Id, Vec<u8>)>) =
+                puts.into_iter().map(|(i, k, b)| (i, (k, b))).unzip();
+            match self.packed.put_all(&puts) {
+                Ok(old) => {
+                    for ((_, bytes), old) in puts.iter().zip(old) {
+                        match old {
+                            Some(old) => sub(&self.counters.bytes, old),
+                            None => add(&self.counters.items, 1),
+                        }
+                        add(&self.counters.bytes, bytes.len() as u64);
+                    }
+                }
+                Err(e) => {
+                    let e = self.db_failed("writing to", e);
+                    for i in places {
+                        plans[i] = None;
+                        fail(&mut results, i, &e);
+                    }
+                }
+            }
+        }
+        // 4. Renames and unlinks, then synced.
+        let mut changed: Vec<usize> = Vec::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (i, p) in plans.iter_mut().enumerate() {
+            let Some(plan) = p.as_mut() else { continue };
+            let step = match plan {
+                Plan::File { staged, .. } => {
+                    let key = staged.key;
+                    let st = Staged {
+                        key,
+                        tmp: std::mem::take(&mut staged.tmp),
+                        size: staged.size,
+                    };
+                    self.commit(st).map(|()| Some(key))
+                }
+                // A file this write replaces: stale now that the packed
+                // copy is durable.
+                Plan::Pack {
+                    key,
+                    old: At::File(_),
+                    ..
+                } => self.unlink(key).map(|()| Some(*key)),
+                // Every remove unlinks and syncs, whatever it found: an
+                // earlier remove may have unlinked the file and then failed
+                // to sync, and a packed key may have a stale file beside it
+                // (a move into the database whose unlink failed) that must
+                // not come back once the packed copy is gone.
+                Plan::Remove { key, .. } => self.unlink(key).map(|()| Some(*key)),
+                _ => Ok(None),
+            };
+            match step {
+                Ok(Some(key)) => {
+                    changed.push(i);
+                    let shard = self.shard_dir(&key);
+                    if !dirs.contains(&shard) {
+                        dirs.push(shard);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    *p = None;
+                    fail(&mut results, i, &e);
+                }
+            }
+        }
         if !changed.is_empty() {
-            let synced = self.sync_all(&dirs);
-            for i in changed {
-                results[i] = Some(match &synced {
-                    Ok(()) => StorageResult::Done,
-                    Err(e) => StorageResult::Failed(e.clone()),
-                });
+            if let Err(e) = self.sync_all(&dirs) {
+                for i in changed {
+                    plans[i] = None;
+                    fail(&mut results, i, &e);
+                }
+            }
+        }
+        // 5. Keys leaving the database.
+        let dels: Vec<(usize, Id)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| match p {
+                Some(Plan::File {
+                    staged,
+                    old: At::Packed(_),
+                }) => Some((i, staged.key)),
+                Some(Plan::Remove {
+                    key,
+                    at: At::Packed(_),
+                }) => Some((i, *key)),
+                _ => None,
+            })
+            .collect();
+        if !dels.is_empty() {
+            let (places, keys): (Vec<usize>, Vec<Id>) = dels.into_iter().unzip();
+            match self.packed.delete_all(&keys) {
+                Ok(old) => {
+                    for size in old.into_iter().flatten() {
+                        sub(&self.counters.items, 1);
+                        sub(&self.counters.bytes, size);
+                    }
+                }
+                Err(e) => {
+                    let e = self.db_failed("deleting from", e);
+                    for i in places {
+                        plans[i] = None;
+                        fail(&mut results, i, &e);
+                    }
+                }
+            }
+        }
+        for (i, p) in plans.into_iter().enumerate() {
+            if p.is_some() {
+                results[i] = Some(StorageResult::Done);
             }
         }
         results
@@ -465,28 +662,42 @@ impl DiskStore {
     /// Makes `item` durable at `key`, replacing what is there. Refuses an item
     /// whose ring position is not `key` (it could never be read back).
     pub fn write(&mut self, key: &Id, item: &Item) -> Result<(), StoreError> {
-        let st = self.stage(key, item, true, true, 0, 0)?;
-        self.commit(st)?;
-        // The rename is in place; it is durable once the directory is synced.
-        let shard = self.shard_dir(key);
-        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+        let op = StorageOp::Write {
+            key: *key,
+            item: item.clone(),
+        };
+        match self.apply(op) {
+            StorageResult::Done => Ok(()),
+            StorageResult::Failed(e) => Err(e),
+            StorageResult::Read(_) => Err(StoreError::Io),
+        }
     }
 
-    /// Checks a write and puts its bytes in a temporary file beside its
-    /// final name (fsynced if `sync`). `grown` and `freed` are what the
-    /// operations before it in a batch, not yet carried out, will add to
-    /// and take from the store's size; `replaces` says whether the file
-    /// now at `key` is what this write will replace (no earlier operation
-    /// of the batch touches `key`).
-    fn stage(
+    /// Where the item at `key` is now, if anywhere.
+    fn where_is(&self, key: &Id) -> Result<At, StoreError> {
+        match self.packed.len_of(key) {
+            Ok(Some(size)) => return Ok(At::Packed(size)),
+            Ok(None) => {}
+            Err(e) => return Err(self.db_failed("reading", e)),
+        }
+        Ok(match self.size_of(&self.item_path(key))? {
+            Some(size) => At::File(size),
+            None => At::Nowhere,
+        })
+    }
+
+    /// Checks a write, encodes it and decides where it goes: the bytes of
+    /// a small item, kept for the database; a large one's written to a
+    /// temporary file beside its final name (not yet synced). `grown` and
+    /// `freed` are what the operations before it in the run, not yet
+    /// carried out, will add to and take from the store's size.
+    fn prepare(
         &mut self,
         key: &Id,
         item: &Item,
-        sync: bool,
-        replaces: bool,
         grown: u64,
         freed: u64,
-    ) -> Result<Staged, StoreError> {
+    ) -> Result<Plan, StoreError> {
         let position = item.position();
         if position != *key {
             return Err(StoreError::Invalid(format!(
@@ -496,26 +707,32 @@ impl DiskStore {
         }
         let len = encode_into(item, &mut self.wbuf)?;
         let size = len as u64;
-        let path = self.item_path(key);
-        let old = if replaces { self.size_of(&path)? } else { None };
+        let old = self.where_is(key)?;
         if let Some(cap) = self.cfg.capacity_bytes {
             let used = self.counters.bytes.load(Ordering::Relaxed);
             let after = used
                 .saturating_add(grown)
                 .saturating_sub(freed)
-                .saturating_sub(old.unwrap_or(0))
+                .saturating_sub(old.size())
                 .saturating_add(size);
             if after > cap {
                 add(&self.counters.full_refused, 1);
                 return Err(StoreError::Full);
             }
         }
+        if len < DIRECT_MIN {
+            return Ok(Plan::Pack {
+                key: *key,
+                bytes: self.wbuf.filled(len).to_vec(),
+                old,
+            });
+        }
         self.next_tmp += 1;
         let tmp = self
             .shard_dir(key)
             .join(format!("{TMP_PREFIX}{key}-{}", self.next_tmp));
-        let direct = len >= DIRECT_MIN && self.direct.load(Ordering::Relaxed);
-        match dio::write_file(&tmp, self.wbuf.filled(len), sync, direct) {
+        let direct = self.direct.load(Ordering::Relaxed);
+        match dio::write_file(&tmp, self.wbuf.filled(len), false, direct) {
             // The file system refused direct I/O: stop asking.
             Ok(Io::Buffered) if direct => self.direct.store(false, Ordering::Relaxed),
             Ok(_) => {}
@@ -525,11 +742,13 @@ impl DiskStore {
                 return Err(self.failed("writing", &tmp, e));
             }
         }
-        Ok(Staged {
-            key: *key,
-            tmp,
-            size,
-            growth: size.saturating_sub(old.unwrap_or(0)),
+        Ok(Plan::File {
+            staged: Staged {
+                key: *key,
+                tmp,
+                size,
+            },
+            old,
         })
     }
 
@@ -592,9 +811,11 @@ impl DiskStore {
 
     /// Forgets the item at `key` (done if there is none).
     pub fn remove(&mut self, key: &Id) -> Result<(), StoreError> {
-        self.unlink(key)?;
-        let shard = self.shard_dir(key);
-        sync_dir(&shard).map_err(|e| self.failed("syncing", &shard, e))
+        match self.apply(StorageOp::Remove { key: *key }) {
+            StorageResult::Done => Ok(()),
+            StorageResult::Failed(e) => Err(e),
+            StorageResult::Read(_) => Err(StoreError::Io),
+        }
     }
 
     /// Unlinks the item file at `key` (not yet synced).
@@ -616,9 +837,22 @@ impl DiskStore {
         Ok(())
     }
 
-    /// Reads the item at `key`. A corrupt file is quarantined and reads as
-    /// `None`; only a failing disk gives an error.
+    /// Reads the item at `key`. A corrupt file or packed value is
+    /// quarantined and reads as `None`; only a failing disk gives an error.
     pub fn read(&self, key: &Id) -> Result<Option<Item>, StoreError> {
+        match self.packed.get(key) {
+            Ok(Some(bytes)) => {
+                return match check(key, &bytes) {
+                    Ok(item) => Ok(Some(item)),
+                    Err(why) => {
+                        self.quarantine_packed(key, &bytes, &why);
+                        Ok(None)
+                    }
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Err(self.db_failed("reading", e)),
+        }
         let path = self.item_path(key);
         // A panic elsewhere cannot leave the buffer inconsistent: every
         // read fills it afresh.
@@ -659,7 +893,7 @@ impl DiskStore {
             store: self,
             next_shard: 0,
             shard: 0,
-            names: Vec::new().into_iter(),
+            entries: Vec::new().into_iter(),
         }
     }
 
@@ -692,6 +926,66 @@ impl DiskStore {
         &self.quarantine_dir
     }
 
+    /// The database file that holds the small items.
+    pub fn packed_path(&self) -> PathBuf {
+        self.dir.join(PACKED_FILE)
+    }
+
+    /// Where the item at `key` is kept: `Some(true)` in the database of
+    /// small items, `Some(false)` in its own file, `None` nowhere.
+    pub fn is_packed(&self, key: &Id) -> Result<Option<bool>, StoreError> {
+        Ok(match self.where_is(key)? {
+            At::Nowhere => None,
+            At::Packed(_) => Some(true),
+            At::File(_) => Some(false),
+        })
+    }
+
+    /// Counts the items and bytes afresh from the database and the item
+    /// files (what [`DiskStore::stats`] keeps track of as it goes), for
+    /// checking the running counts. Temporary and stray files are not
+    /// counted; files the database has a newer copy of are.
+    pub fn recount(&self) -> io::Result<(u64, u64)> {
+        let (mut items, mut bytes) = self
+            .packed
+            .tally()
+            .map_err(|e| context("reading", &self.packed_path(), packed::io_error(e)))?;
+        for shard in 0..SHARDS {
+            let path = self.items_dir.join(shard_name(shard));
+            let entries = match fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(context("listing", &path, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| context("listing", &path, e))?;
+                let name = entry.file_name();
+                let is_item = name
+                    .to_str()
+                    .and_then(parse_key)
+                    .is_some_and(|k| usize::from(k.0[0]) == shard);
+                if let Ok(m) = fs::symlink_metadata(entry.path()) {
+                    if is_item && m.is_file() {
+                        items += 1;
+                        bytes += m.len();
+                    }
+                }
+            }
+        }
+        Ok((items, bytes))
+    }
+
+    /// For tests of damage: stores `bytes` as they are under `key` in the
+    /// database of small items, as if the disk had changed them there
+    /// (redb checksums its pages, so nothing outside it can).
+    #[doc(hidden)]
+    pub fn damage_packed(&mut self, key: &Id, bytes: &[u8]) -> Result<(), StoreError> {
+        self.packed
+            .put_all(&[(*key, bytes.to_vec())])
+            .map(|_| ())
+            .map_err(|e| self.db_failed("writing to", e))
+    }
+
     /// The file that holds (or would hold) the item at `key`.
     pub fn item_path(&self, key: &Id) -> PathBuf {
         self.shard_dir(key).join(key.to_string())
@@ -721,6 +1015,11 @@ impl DiskStore {
         };
         if usize::from(key.0[0]) != shard {
             self.quarantine(&path, &shard_name, "item file in the wrong shard", false);
+            return None;
+        }
+        if self.packed.len_of(&key).is_ok_and(|n| n.is_some()) {
+            // The packed copy is the newer (and the scan yields it).
+            self.remove_stale(&path);
             return None;
         }
         match self.read(&key) {
@@ -808,6 +1107,86 @@ impl DiskStore {
         let _ = sync_dir(&self.quarantine_dir);
     }
 
+    /// Deletes an item file the database holds a newer copy of.
+    fn remove_stale(&self, path: &Path) {
+        match fs::remove_file(path) {
+            Ok(()) => {
+                if let Some(parent) = path.parent() {
+                    let _ = sync_dir(parent);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = self.failed("removing", path, e);
+            }
+        }
+    }
+
+    /// Moves a corrupt packed value out of the database into a file in the
+    /// quarantine directory, keeping it for an operator. A file the key
+    /// may also have is older still, so it goes too.
+    fn quarantine_packed(&self, key: &Id, bytes: &[u8], why: &str) {
+        add(&self.counters.corrupt_found, 1);
+        let shown = format!("{PACKED_FILE} item {key}");
+        let mut kept = None;
+        for n in 0..QUARANTINE_NAME_TRIES {
+            let candidate = self.quarantine_dir.join(format!("packed-{key}.{n}"));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&candidate)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    kept = Some(match f.write_all(bytes).and_then(|()| f.sync_all()) {
+                        Ok(()) => candidate,
+                        Err(e) => {
+                            let _ = self.failed("quarantining", &candidate, e);
+                            candidate
+                        }
+                    });
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    let _ = self.failed("quarantining", &candidate, e);
+                    break;
+                }
+            }
+        }
+        let _ = sync_dir(&self.quarantine_dir);
+        match self.packed.delete_all(&[*key]) {
+            Ok(old) => {
+                for size in old.into_iter().flatten() {
+                    sub(&self.counters.items, 1);
+                    sub(&self.counters.bytes, size);
+                }
+                self.remove_stale(&self.item_path(key));
+                let whither = match kept {
+                    Some(p) => format!("copied to {}", p.display()),
+                    None => "not copied (no quarantine file)".into(),
+                };
+                set(
+                    &self.counters.last_corrupt,
+                    format!("{shown}: {why}; {whither} and deleted"),
+                );
+            }
+            Err(e) => {
+                let _ = self.db_failed("deleting from", e);
+                set(
+                    &self.counters.last_corrupt,
+                    format!("{shown}: {why}; left in place (could not be deleted)"),
+                );
+            }
+        }
+    }
+
+    /// Counts a failure of the database and says how to answer it.
+    fn db_failed(&self, what: &str, e: redb::Error) -> StoreError {
+        let path = self.dir.join(PACKED_FILE);
+        self.failed(what, &path, packed::io_error(e))
+    }
+
     /// Counts a failure and says how to answer it.
     fn failed(&self, what: &str, path: &Path, e: io::Error) -> StoreError {
         set(
@@ -830,7 +1209,14 @@ pub struct Scan<'a> {
     store: &'a DiskStore,
     next_shard: usize,
     shard: usize,
-    names: std::vec::IntoIter<OsString>,
+    entries: std::vec::IntoIter<Entry>,
+}
+
+/// One thing in a shard: a packed key, or a name in its directory.
+#[derive(Debug)]
+enum Entry {
+    Packed(Id),
+    File(OsString),
 }
 
 impl Iterator for Scan<'_> {
@@ -838,9 +1224,16 @@ impl Iterator for Scan<'_> {
 
     fn next(&mut self) -> Option<(Id, Item)> {
         loop {
-            if let Some(name) = self.names.next() {
-                if let Some(found) = self.store.scan_entry(self.shard, name) {
-                    return Some(found);
+            if let Some(entry) = self.entries.next() {
+                let found = match entry {
+                    Entry::Packed(key) => match self.store.read(&key) {
+                        Ok(found) => found.map(|item| (key, item)),
+                        Err(_) => None,
+                    },
+                    Entry::File(name) => self.store.scan_entry(self.shard, name),
+                };
+                if found.is_some() {
+                    return found;
                 }
                 continue;
             }
@@ -869,14 +1262,79 @@ impl Iterator for Scan<'_> {
                     let _ = self.store.failed("listing", &path, e);
                 }
             }
-            names.sort();
-            self.names = names.into_iter();
+            let mut entries: Vec<(String, Entry)> = names
+                .into_iter()
+                .map(|n| (n.to_string_lossy().into_owned(), Entry::File(n)))
+                .collect();
+            match self.store.packed.keys_starting(self.shard as u8) {
+                Ok(keys) => {
+                    entries.extend(keys.into_iter().map(|k| (k.to_string(), Entry::Packed(k))))
+                }
+                Err(e) => {
+                    let _ = self.store.db_failed("listing", e);
+                }
+            }
+            // Key order; for a key in both places the packed copy comes
+            // first, and the file is then found stale.
+            entries.sort_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| matches!(a.1, Entry::File(_)).cmp(&matches!(b.1, Entry::File(_))))
+            });
+            self.entries = entries
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+                .into_iter();
         }
     }
 }
 
 fn shard_name(shard: usize) -> String {
     format!("{shard:02x}")
+}
+
+/// Opens the database of small items at `path`. One that is damaged (or
+/// not a database at all) is moved into `quarantine` and an empty one
+/// started in its place: what it held comes back from the other replicas.
+fn open_packed(path: &Path, quarantine: &Path, counters: &Counters) -> io::Result<Packed> {
+    let why = match Packed::open(path) {
+        Ok(p) => return Ok(p),
+        Err(packed::OpenError::Other(e)) => return Err(e),
+        Err(packed::OpenError::Damaged(why)) => why,
+    };
+    add(&counters.corrupt_found, 1);
+    let mut dest = None;
+    for n in 0..QUARANTINE_NAME_TRIES {
+        let candidate = quarantine.join(format!("{PACKED_FILE}.{n}"));
+        if matches!(fs::symlink_metadata(&candidate), Err(e) if e.kind() == io::ErrorKind::NotFound)
+        {
+            dest = Some(candidate);
+            break;
+        }
+    }
+    let dest = dest.ok_or_else(|| {
+        io::Error::other(format!(
+            "{} is damaged ({why}) and there is no free name in {} to move it to",
+            path.display(),
+            quarantine.display()
+        ))
+    })?;
+    fs::rename(path, &dest).map_err(|e| context("quarantining", path, e))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent).map_err(|e| context("syncing", parent, e))?;
+    }
+    set(
+        &counters.last_corrupt,
+        format!("{}: {why}; moved to {}", path.display(), dest.display()),
+    );
+    match Packed::open(path) {
+        Ok(p) => Ok(p),
+        Err(packed::OpenError::Other(e)) => Err(e),
+        Err(packed::OpenError::Damaged(why)) => Err(io::Error::other(format!(
+            "a new database at {} is damaged at once: {why}",
+            path.display()
+        ))),
+    }
 }
 
 /// The key an item file name stands for: exactly 40 lowercase hex digits.

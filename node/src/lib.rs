@@ -5,4 +5,5 @@
 
 pub mod daemon;
 pub mod disk;
+mod packed;
 pub mod rejoin;

@@ -151,11 +151,27 @@ fn garbage_on_the_wire_and_on_disk_leaves_the_node_serving() {
             bytes.len()
         ));
     }
+    // And the database of small items cut in half, as a torn copy or a
+    // full disk might leave it.
+    let db = items.parent().expect("store dir").join("packed.redb");
+    let db_len = std::fs::metadata(&db)
+        .expect("the node's packed.redb")
+        .len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .and_then(|f| f.set_len(db_len / 2))
+        .expect("truncate packed.redb");
+    log(format!(
+        "truncated {} from {db_len} to {} bytes",
+        db.display(),
+        db_len / 2
+    ));
     let restarted = Instant::now();
     c.restart(target);
     let back = c.wait_ideal(&all, restarted, Duration::from_secs(20));
     report(format!(
-        "n{target} restarted over {} damaged store files: ring ideal {:.2} s after the restart",
+        "n{target} restarted over {} damaged store files and a truncated database: ring ideal {:.2} s after the restart",
         planted.len(),
         back.as_secs_f64()
     ));
@@ -173,8 +189,12 @@ fn garbage_on_the_wire_and_on_disk_leaves_the_node_serving() {
     log(format!("quarantine holds {quarantined:?}"));
     assert_eq!(
         quarantined.len(),
-        planted.len(),
-        "every damaged file is quarantined: {quarantined:?}"
+        planted.len() + 1,
+        "every damaged file and the database are quarantined: {quarantined:?}"
+    );
+    assert!(
+        quarantined.iter().any(|n| n.starts_with("packed.redb.")),
+        "the truncated database is set aside: {quarantined:?}"
     );
     still_serving(
         &mut c,
