@@ -26,7 +26,7 @@ use std::path::Path;
 const TABLE: TableDefinition<[u8; 20], &[u8]> = TableDefinition::new("items");
 
 /// Page cache redb may keep (its default is 1 GiB; a node must stay small).
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 4 << 20;
 
 /// The open database.
 pub(crate) struct Packed {
