@@ -22,8 +22,14 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::io;
 use std::path::Path;
 
-/// Key: the item's ring position; value: its item file bytes.
-const TABLE: TableDefinition<[u8; 20], &[u8]> = TableDefinition::new("items");
+/// The item file bytes, under a sequence number: each write takes the
+/// next number, so a batch's values go to the end of this table, into
+/// fresh pages, instead of each rewriting a page somewhere in a tree keyed
+/// by ring position (random keys made redb write about 3.5 bytes per byte
+/// stored, nearly all of it rewriting the neighbours of each new value).
+const VALUES: TableDefinition<u64, &[u8]> = TableDefinition::new("values");
+/// Ring position → the sequence number its bytes are under.
+const INDEX: TableDefinition<[u8; 20], u64> = TableDefinition::new("index");
 
 /// Page cache redb may keep (its default is 1 GiB; a node must stay small).
 const CACHE_BYTES: usize = 4 << 20;
@@ -74,7 +80,8 @@ impl Packed {
         // The table exists from the first open on, so reads never meet a
         // missing table.
         let txn = packed.db.begin_write().map_err(|e| other(path, e))?;
-        txn.open_table(TABLE).map_err(|e| other(path, e))?;
+        txn.open_table(VALUES).map_err(|e| other(path, e))?;
+        txn.open_table(INDEX).map_err(|e| other(path, e))?;
         txn.commit().map_err(|e| other(path, e))?;
         Ok(packed)
     }
@@ -82,15 +89,21 @@ impl Packed {
     /// The bytes stored under `key`.
     pub(crate) fn get(&self, key: &Id) -> Result<Option<Vec<u8>>, redb::Error> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TABLE)?;
-        Ok(table.get(&key.0)?.map(|v| v.value().to_vec()))
+        let Some(seq) = txn.open_table(INDEX)?.get(&key.0)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let values = txn.open_table(VALUES)?;
+        Ok(values.get(&seq)?.map(|v| v.value().to_vec()))
     }
 
     /// How many bytes are stored under `key`.
     pub(crate) fn len_of(&self, key: &Id) -> Result<Option<u64>, redb::Error> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TABLE)?;
-        Ok(table.get(&key.0)?.map(|v| v.value().len() as u64))
+        let Some(seq) = txn.open_table(INDEX)?.get(&key.0)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let values = txn.open_table(VALUES)?;
+        Ok(values.get(&seq)?.map(|v| v.value().len() as u64))
     }
 
     /// Stores every `(key, bytes)` pair in one transaction, durable when
@@ -99,10 +112,21 @@ impl Packed {
         let txn = self.db.begin_write()?;
         let mut old = Vec::with_capacity(puts.len());
         {
-            let mut table = txn.open_table(TABLE)?;
+            let mut values = txn.open_table(VALUES)?;
+            let mut index = txn.open_table(INDEX)?;
+            let mut next = match values.last()? {
+                Some((k, _)) => k.value().saturating_add(1),
+                None => 0,
+            };
             for (key, bytes) in puts {
-                let was = table.insert(&key.0, bytes.as_slice())?;
-                old.push(was.map(|v| v.value().len() as u64));
+                values.insert(&next, bytes.as_slice())?;
+                let was = index.insert(&key.0, &next)?.map(|v| v.value());
+                next = next.saturating_add(1);
+                let was = match was {
+                    Some(seq) => values.remove(&seq)?.map(|v| v.value().len() as u64),
+                    None => None,
+                };
+                old.push(was);
             }
         }
         txn.commit()?;
@@ -115,10 +139,15 @@ impl Packed {
         let txn = self.db.begin_write()?;
         let mut old = Vec::with_capacity(keys.len());
         {
-            let mut table = txn.open_table(TABLE)?;
+            let mut values = txn.open_table(VALUES)?;
+            let mut index = txn.open_table(INDEX)?;
             for key in keys {
-                let was = table.remove(&key.0)?;
-                old.push(was.map(|v| v.value().len() as u64));
+                let was = index.remove(&key.0)?.map(|v| v.value());
+                let was = match was {
+                    Some(seq) => values.remove(&seq)?.map(|v| v.value().len() as u64),
+                    None => None,
+                };
+                old.push(was);
             }
         }
         txn.commit()?;
@@ -128,7 +157,7 @@ impl Packed {
     /// The keys whose first byte is `first`, in order.
     pub(crate) fn keys_starting(&self, first: u8) -> Result<Vec<Id>, redb::Error> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TABLE)?;
+        let table = txn.open_table(INDEX)?;
         let mut lo = [0u8; 20];
         lo[0] = first;
         let mut keys = Vec::new();
@@ -146,8 +175,8 @@ impl Packed {
     /// How many items there are and their total size.
     pub(crate) fn tally(&self) -> Result<(u64, u64), redb::Error> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TABLE)?;
-        let items = table.len()?;
+        let items = txn.open_table(INDEX)?.len()?;
+        let table = txn.open_table(VALUES)?;
         let mut bytes = 0u64;
         for entry in table.iter()? {
             let (_, v) = entry?;
