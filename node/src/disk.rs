@@ -93,6 +93,9 @@
 //!   with the last one kept for the logs ([`DiskStats::last_error`]).
 //! - No panics on any disk content, no unsafe code, and nothing here ever
 //!   records an item's contents: messages name paths, keys and reasons only.
+//!   (For the database this rests on redb: its pages are all checked at
+//!   open, so what it parses afterwards is what it wrote, unless the file
+//!   is changed behind the running node's back.)
 //!
 //! It relies on the file system honouring fsync and atomic rename within a
 //! directory (ext4, XFS, btrfs, APFS do), and on one process using a data
@@ -135,8 +138,10 @@ const QUARANTINE_NAME_TRIES: u32 = 10_000;
 /// How the store is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Most bytes the item files may take together (headers included); `None`
-    /// for no limit besides the disk's.
+    /// Most bytes the items may take together (headers included), packed
+    /// and in files; `None` for no limit besides the disk's. The database
+    /// file takes more than its items (page rounding, free pages it keeps
+    /// for reuse), so leave the disk some room beyond this.
     pub capacity_bytes: Option<u64>,
 }
 
@@ -218,6 +223,9 @@ pub struct DiskStore {
     direct: AtomicBool,
     /// The small items.
     packed: Packed,
+    /// The database was repaired or replaced when the store opened: stale
+    /// files are quarantined rather than deleted ([`DiskStore::remove_stale`]).
+    cautious: bool,
 }
 
 /// A write whose bytes sit in a temporary file, to be renamed into place.
@@ -279,9 +287,11 @@ enum Loaded {
 
 impl DiskStore {
     /// Opens (creating if needed) the store under `dir`: makes the
-    /// directories, deletes temporary files left by a crash and sums the
-    /// sizes of the item files. Item contents are checked later, by
-    /// [`DiskStore::scan`] and by every read.
+    /// directories, opens and checks the database of small items (setting
+    /// aside a damaged one, refusing one of another file format), deletes
+    /// temporary files left by a crash and item files the database has a
+    /// newer copy of, and sums the sizes of what is held. Item contents
+    /// are checked later, by [`DiskStore::scan`] and by every read.
     pub fn open(dir: impl AsRef<Path>, cfg: DiskConfig) -> io::Result<DiskStore> {
         let dir = dir.as_ref().to_path_buf();
         let items_dir = dir.join(ITEMS_DIR);
@@ -290,7 +300,18 @@ impl DiskStore {
             fs::create_dir_all(d).map_err(|e| context("creating", d, e))?;
         }
         let counters = Counters::default();
-        let packed = open_packed(&dir.join(PACKED_FILE), &quarantine_dir, &counters)?;
+        let (packed, replaced) = open_packed(&dir.join(PACKED_FILE), &quarantine_dir, &counters)?;
+        let cautious = replaced || packed.was_repaired();
+        if packed.was_repaired() {
+            add(&counters.corrupt_found, 1);
+            set(
+                &counters.last_corrupt,
+                format!(
+                    "{}: damaged pages found and repaired at start-up",
+                    dir.join(PACKED_FILE).display()
+                ),
+            );
+        }
         let store = DiskStore {
             items_dir,
             quarantine_dir,
@@ -302,6 +323,7 @@ impl DiskStore {
             rbuf: Mutex::new(AlignedBuf::new()),
             direct: AtomicBool::new(true),
             packed,
+            cautious,
         };
         let (n, bytes) = store
             .packed
@@ -351,8 +373,14 @@ impl DiskStore {
             } else if let Some(key) = parse_key(name).filter(|k| usize::from(k.0[0]) == shard) {
                 if self.packed.len_of(&key).is_ok_and(|n| n.is_some()) {
                     // Left by a crash while the item moved into the
-                    // database: the packed copy is the newer.
-                    self.remove_stale(&entry.path());
+                    // database: the packed copy is the newer. Counted
+                    // (as a file) only if it cannot be removed.
+                    if !self.remove_stale(&entry.path(), false) {
+                        if let Ok(m) = fs::symlink_metadata(entry.path()) {
+                            add(&self.counters.items, 1);
+                            add(&self.counters.bytes, m.len());
+                        }
+                    }
                     continue;
                 }
                 // Vanished or unreadable entries are left to scan and reads.
@@ -382,14 +410,13 @@ impl DiskStore {
     }
 
     /// Carries out storage effects in order and makes them durable together
-    /// (group commit): every write's temporary file is written, then all of
-    /// them are synced at once, then renamed into place in issue order
-    /// (removes and reads taking their turn among them), then the renames
-    /// and removes are synced at once. Two syncs for the batch instead of
-    /// two per write; the guarantees are those of [`DiskStore::apply`] one
-    /// by one: nothing is answered before it is durable, a failed sync
-    /// fails every write or remove waiting on it, and a reader sees each
-    /// key as the operations before it in the batch left it.
+    /// (group commit): the operations are cut into runs that touch each key
+    /// at most once, and each run costs two syncs and up to two database
+    /// commits whatever its length (see `commit_run`) instead of as many
+    /// per write. The guarantees are those of [`DiskStore::apply`] one by
+    /// one: nothing is answered before it is durable, a failed sync or
+    /// commit fails every write or remove waiting on it, and a reader sees
+    /// each key as the operations before it in the batch left it.
     pub fn apply_batch(&mut self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
         let mut results: Vec<Option<StorageResult>> = vec![None; ops.len()];
         self.apply_batch_each(ops, |i, r| results[i] = Some(r));
@@ -1017,10 +1044,19 @@ impl DiskStore {
             self.quarantine(&path, &shard_name, "item file in the wrong shard", false);
             return None;
         }
-        if self.packed.len_of(&key).is_ok_and(|n| n.is_some()) {
-            // The packed copy is the newer (and the scan yields it).
-            self.remove_stale(&path);
-            return None;
+        match self.packed.len_of(&key) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                // The packed copy is the newer (and the scan yields it).
+                self.remove_stale(&path, true);
+                return None;
+            }
+            // Not knowing whether the database has it, yield nothing: the
+            // scan would yield the packed copy too if it is there.
+            Err(e) => {
+                let _ = self.db_failed("reading", e);
+                return None;
+            }
         }
         match self.read(&key) {
             Ok(found) => found.map(|item| (key, item)),
@@ -1107,17 +1143,46 @@ impl DiskStore {
         let _ = sync_dir(&self.quarantine_dir);
     }
 
-    /// Deletes an item file the database holds a newer copy of.
-    fn remove_stale(&self, path: &Path) {
+    /// Deletes an item file the database holds a newer copy of; `counted`
+    /// if its size is in the counters. After a start-up that repaired or
+    /// replaced the database (which may have gone back to an earlier
+    /// commit, whose copy is then the older) it is moved to quarantine
+    /// instead, so nothing is destroyed on a guess. Says whether the file
+    /// is gone from the items tree.
+    fn remove_stale(&self, path: &Path, counted: bool) -> bool {
+        let size = fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        if self.cautious {
+            let shard = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            self.quarantine(
+                path,
+                &shard,
+                "a packed copy of this item exists, and the database was repaired or replaced at start-up",
+                counted,
+            );
+            return !path.exists();
+        }
         match fs::remove_file(path) {
             Ok(()) => {
+                if let (true, Some(size)) = (counted, size) {
+                    sub(&self.counters.items, 1);
+                    sub(&self.counters.bytes, size);
+                }
                 if let Some(parent) = path.parent() {
                     let _ = sync_dir(parent);
                 }
+                true
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => {
                 let _ = self.failed("removing", path, e);
+                false
             }
         }
     }
@@ -1161,7 +1226,7 @@ impl DiskStore {
                     sub(&self.counters.items, 1);
                     sub(&self.counters.bytes, size);
                 }
-                self.remove_stale(&self.item_path(key));
+                self.remove_stale(&self.item_path(key), true);
                 let whither = match kept {
                     Some(p) => format!("copied to {}", p.display()),
                     None => "not copied (no quarantine file)".into(),
@@ -1296,9 +1361,9 @@ fn shard_name(shard: usize) -> String {
 /// Opens the database of small items at `path`. One that is damaged (or
 /// not a database at all) is moved into `quarantine` and an empty one
 /// started in its place: what it held comes back from the other replicas.
-fn open_packed(path: &Path, quarantine: &Path, counters: &Counters) -> io::Result<Packed> {
+fn open_packed(path: &Path, quarantine: &Path, counters: &Counters) -> io::Result<(Packed, bool)> {
     let why = match Packed::open(path) {
-        Ok(p) => return Ok(p),
+        Ok(p) => return Ok((p, false)),
         Err(packed::OpenError::Other(e)) => return Err(e),
         Err(packed::OpenError::Damaged(why)) => why,
     };
@@ -1328,7 +1393,7 @@ fn open_packed(path: &Path, quarantine: &Path, counters: &Counters) -> io::Resul
         format!("{}: {why}; moved to {}", path.display(), dest.display()),
     );
     match Packed::open(path) {
-        Ok(p) => Ok(p),
+        Ok(p) => Ok((p, true)),
         Err(packed::OpenError::Other(e)) => Err(e),
         Err(packed::OpenError::Damaged(why)) => Err(io::Error::other(format!(
             "a new database at {} is damaged at once: {why}",
