@@ -25,7 +25,7 @@
 //! which rolls back to the last commit that made it to disk.
 
 use peerstore_core::Id;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -36,8 +36,9 @@ use std::sync::RwLock;
 /// by ring position (random keys made redb write about 3.5 bytes per byte
 /// stored, nearly all of it rewriting the neighbours of each new value).
 const VALUES: TableDefinition<u64, &[u8]> = TableDefinition::new("values");
-/// Ring position → the sequence number its bytes are under.
-const INDEX: TableDefinition<[u8; 20], u64> = TableDefinition::new("index");
+/// Ring position → the sequence number its bytes are under, and their
+/// length (so sizes are known without reading the values).
+const INDEX: TableDefinition<[u8; 20], (u64, u64)> = TableDefinition::new("index");
 
 /// Page cache redb may keep (its default is 1 GiB; a node must stay small).
 const CACHE_BYTES: usize = 4 << 20;
@@ -129,7 +130,7 @@ impl Packed {
     pub(crate) fn get(&self, key: &Id) -> Result<Option<Vec<u8>>, redb::Error> {
         self.run(|db| {
             let txn = db.begin_read()?;
-            let Some(seq) = txn.open_table(INDEX)?.get(&key.0)?.map(|v| v.value()) else {
+            let Some((seq, _)) = txn.open_table(INDEX)?.get(&key.0)?.map(|v| v.value()) else {
                 return Ok(None);
             };
             let values = txn.open_table(VALUES)?;
@@ -144,14 +145,8 @@ impl Packed {
     pub(crate) fn len_of(&self, key: &Id) -> Result<Option<u64>, redb::Error> {
         self.run(|db| {
             let txn = db.begin_read()?;
-            let Some(seq) = txn.open_table(INDEX)?.get(&key.0)?.map(|v| v.value()) else {
-                return Ok(None);
-            };
-            let values = txn.open_table(VALUES)?;
-            match values.get(&seq)? {
-                Some(v) => Ok(Some(v.value().len() as u64)),
-                None => Err(dangling(key)),
-            }
+            let index = txn.open_table(INDEX)?;
+            Ok(index.get(&key.0)?.map(|v| v.value().1))
         })
     }
 
@@ -180,12 +175,13 @@ impl Packed {
                         )));
                     }
                     next = seq.checked_add(1);
-                    let was = index.insert(&key.0, &seq)?.map(|v| v.value());
-                    let was = match was {
-                        Some(seq) => values.remove(&seq)?.map(|v| v.value().len() as u64),
-                        None => None,
-                    };
-                    old.push(was);
+                    let was = index
+                        .insert(&key.0, &(seq, bytes.len() as u64))?
+                        .map(|v| v.value());
+                    if let Some((seq, _)) = was {
+                        values.remove(&seq)?;
+                    }
+                    old.push(was.map(|(_, len)| len));
                 }
             }
             txn.commit()?;
@@ -204,11 +200,10 @@ impl Packed {
                 let mut index = txn.open_table(INDEX)?;
                 for key in keys {
                     let was = index.remove(&key.0)?.map(|v| v.value());
-                    let was = match was {
-                        Some(seq) => values.remove(&seq)?.map(|v| v.value().len() as u64),
-                        None => None,
-                    };
-                    old.push(was);
+                    if let Some((seq, _)) = was {
+                        values.remove(&seq)?;
+                    }
+                    old.push(was.map(|(_, len)| len));
                 }
             }
             txn.commit()?;
@@ -236,16 +231,18 @@ impl Packed {
         })
     }
 
-    /// How many items there are and their total size.
+    /// How many items there are and their total size (from the index
+    /// alone: start-up does not read every value a second time after the
+    /// integrity check).
     pub(crate) fn tally(&self) -> Result<(u64, u64), redb::Error> {
         self.run(|db| {
             let txn = db.begin_read()?;
-            let items = txn.open_table(INDEX)?.len()?;
-            let table = txn.open_table(VALUES)?;
-            let mut bytes = 0u64;
-            for entry in table.iter()? {
+            let index = txn.open_table(INDEX)?;
+            let (mut items, mut bytes) = (0u64, 0u64);
+            for entry in index.iter()? {
                 let (_, v) = entry?;
-                bytes = bytes.saturating_add(v.value().len() as u64);
+                items += 1;
+                bytes = bytes.saturating_add(v.value().1);
             }
             Ok((items, bytes))
         })
