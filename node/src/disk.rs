@@ -364,6 +364,9 @@ impl DiskStore {
     fn tally_shard(&self, shard: usize) -> io::Result<()> {
         let path = self.items_dir.join(shard_name(shard));
         let entries = fs::read_dir(&path).map_err(|e| context("listing", &path, e))?;
+        // The shard's packed keys, listed once (in order). Not knowing them,
+        // no file is taken for stale.
+        let packed = self.packed.keys_starting(shard as u8).unwrap_or_default();
         for entry in entries {
             let entry = entry.map_err(|e| context("listing", &path, e))?;
             let name = entry.file_name();
@@ -371,16 +374,10 @@ impl DiskStore {
             if name.starts_with(TMP_PREFIX) {
                 self.remove_temp(&entry.path());
             } else if let Some(key) = parse_key(name).filter(|k| usize::from(k.0[0]) == shard) {
-                if self.packed.len_of(&key).is_ok_and(|n| n.is_some()) {
-                    // Left by a crash while the item moved into the
-                    // database: the packed copy is the newer. Counted
-                    // (as a file) only if it cannot be removed.
-                    if !self.remove_stale(&entry.path(), false) {
-                        if let Ok(m) = fs::symlink_metadata(entry.path()) {
-                            add(&self.counters.items, 1);
-                            add(&self.counters.bytes, m.len());
-                        }
-                    }
+                // Left by a crash while the item moved into the database:
+                // the packed copy is the newer. Counted (as a file) only if
+                // it cannot be removed.
+                if packed.binary_search(&key).is_ok() && self.remove_stale(&entry.path(), false) {
                     continue;
                 }
                 // Vanished or unreadable entries are left to scan and reads.
@@ -558,17 +555,15 @@ impl DiskStore {
             }
         }
         // 3. The small writes, in one transaction.
-        let puts: Vec<(usize, Id, Vec<u8>)> = plans
+        let (places, puts): (Vec<usize>, Vec<(Id, Vec<u8>)>) = plans
             .iter_mut()
             .enumerate()
             .filter_map(|(i, p)| match p {
-                Some(Plan::Pack { key, bytes, .. }) => Some((i, *key, std::mem::take(bytes))),
+                Some(Plan::Pack { key, bytes, .. }) => Some((i, (*key, std::mem::take(bytes)))),
                 _ => None,
             })
-            .collect();
+            .unzip();
         if !puts.is_empty() {
-            let (places, puts): (Vec<usize>, Vec<(Id, Vec<u8>)>) =
-                puts.into_iter().map(|(i, k, b)| (i, (k, b))).unzip();
             match self.packed.put_all(&puts) {
                 Ok(old) => {
                     for ((_, bytes), old) in puts.iter().zip(old) {
@@ -684,20 +679,6 @@ impl DiskStore {
             .into_iter()
             .map(|r| r.unwrap_or(StorageResult::Failed(StoreError::Io)))
             .collect()
-    }
-
-    /// Makes `item` durable at `key`, replacing what is there. Refuses an item
-    /// whose ring position is not `key` (it could never be read back).
-    pub fn write(&mut self, key: &Id, item: &Item) -> Result<(), StoreError> {
-        let op = StorageOp::Write {
-            key: *key,
-            item: item.clone(),
-        };
-        match self.apply(op) {
-            StorageResult::Done => Ok(()),
-            StorageResult::Failed(e) => Err(e),
-            StorageResult::Read(_) => Err(StoreError::Io),
-        }
     }
 
     /// Where the item at `key` is now, if anywhere.
@@ -836,15 +817,6 @@ impl DiskStore {
         }
     }
 
-    /// Forgets the item at `key` (done if there is none).
-    pub fn remove(&mut self, key: &Id) -> Result<(), StoreError> {
-        match self.apply(StorageOp::Remove { key: *key }) {
-            StorageResult::Done => Ok(()),
-            StorageResult::Failed(e) => Err(e),
-            StorageResult::Read(_) => Err(StoreError::Io),
-        }
-    }
-
     /// Unlinks the item file at `key` (not yet synced).
     fn unlink(&mut self, key: &Id) -> Result<(), StoreError> {
         let path = self.item_path(key);
@@ -880,6 +852,12 @@ impl DiskStore {
             Ok(None) => {}
             Err(e) => return Err(self.db_failed("reading", e)),
         }
+        self.read_file(key)
+    }
+
+    /// Reads the item file at `key` (what [`DiskStore::read`] falls back
+    /// to when the database has no copy).
+    fn read_file(&self, key: &Id) -> Result<Option<Item>, StoreError> {
         let path = self.item_path(key);
         // A panic elsewhere cannot leave the buffer inconsistent: every
         // read fills it afresh.
@@ -921,6 +899,7 @@ impl DiskStore {
             next_shard: 0,
             shard: 0,
             entries: Vec::new().into_iter(),
+            packed: Some(Vec::new()),
         }
     }
 
@@ -1023,7 +1002,14 @@ impl DiskStore {
     }
 
     /// Checks one directory entry of shard `shard` for the scan.
-    fn scan_entry(&self, shard: usize, name: OsString) -> Option<(Id, Item)> {
+    /// `packed` is the shard's packed keys in order, `None` if they could
+    /// not be listed.
+    fn scan_entry(
+        &self,
+        shard: usize,
+        name: OsString,
+        packed: Option<&[Id]>,
+    ) -> Option<(Id, Item)> {
         let shard_name = shard_name(shard);
         let path = self.items_dir.join(&shard_name).join(&name);
         let Some(name) = name.to_str() else {
@@ -1044,21 +1030,18 @@ impl DiskStore {
             self.quarantine(&path, &shard_name, "item file in the wrong shard", false);
             return None;
         }
-        match self.packed.len_of(&key) {
-            Ok(None) => {}
-            Ok(Some(_)) => {
+        match packed {
+            Some(keys) if keys.binary_search(&key).is_err() => {}
+            Some(_) => {
                 // The packed copy is the newer (and the scan yields it).
                 self.remove_stale(&path, true);
                 return None;
             }
             // Not knowing whether the database has it, yield nothing: the
-            // scan would yield the packed copy too if it is there.
-            Err(e) => {
-                let _ = self.db_failed("reading", e);
-                return None;
-            }
+            // packed copy would be the newer.
+            None => return None,
         }
-        match self.read(&key) {
+        match self.read_file(&key) {
             Ok(found) => found.map(|item| (key, item)),
             Err(_) => None,
         }
@@ -1099,18 +1082,7 @@ impl DiskStore {
             .ok()
             .filter(|m| m.is_file())
             .map(|m| m.len());
-        let mut dest = None;
-        for n in 0..QUARANTINE_NAME_TRIES {
-            let candidate = self.quarantine_dir.join(format!("{base}.{n}"));
-            match fs::symlink_metadata(&candidate) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    dest = Some(candidate);
-                    break;
-                }
-                _ => continue,
-            }
-        }
-        let Some(dest) = dest else {
+        let Some(dest) = free_quarantine_name(&self.quarantine_dir, &base) else {
             set(
                 &self.counters.last_corrupt,
                 format!("{shown}: {why}; left in place (no free quarantine name)"),
@@ -1193,32 +1165,24 @@ impl DiskStore {
     fn quarantine_packed(&self, key: &Id, bytes: &[u8], why: &str) {
         add(&self.counters.corrupt_found, 1);
         let shown = format!("{PACKED_FILE} item {key}");
-        let mut kept = None;
-        for n in 0..QUARANTINE_NAME_TRIES {
-            let candidate = self.quarantine_dir.join(format!("packed-{key}.{n}"));
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&candidate)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    kept = Some(match f.write_all(bytes).and_then(|()| f.sync_all()) {
-                        Ok(()) => candidate,
-                        Err(e) => {
-                            let _ = self.failed("quarantining", &candidate, e);
-                            candidate
-                        }
+        let kept =
+            free_quarantine_name(&self.quarantine_dir, &format!("packed-{key}")).and_then(|dest| {
+                let copied = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dest)
+                    .and_then(|mut f| {
+                        use std::io::Write;
+                        f.write_all(bytes).and_then(|()| f.sync_all())
                     });
-                    break;
+                match copied {
+                    Ok(()) => Some(dest),
+                    Err(e) => {
+                        let _ = self.failed("quarantining", &dest, e);
+                        None
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    let _ = self.failed("quarantining", &candidate, e);
-                    break;
-                }
-            }
-        }
+            });
         let _ = sync_dir(&self.quarantine_dir);
         match self.packed.delete_all(&[*key]) {
             Ok(old) => {
@@ -1229,7 +1193,7 @@ impl DiskStore {
                 self.remove_stale(&self.item_path(key), true);
                 let whither = match kept {
                     Some(p) => format!("copied to {}", p.display()),
-                    None => "not copied (no quarantine file)".into(),
+                    None => "not copied (no quarantine file could be written)".into(),
                 };
                 set(
                     &self.counters.last_corrupt,
@@ -1275,6 +1239,8 @@ pub struct Scan<'a> {
     next_shard: usize,
     shard: usize,
     entries: std::vec::IntoIter<Entry>,
+    /// The current shard's packed keys, in order (`None`: not listed).
+    packed: Option<Vec<Id>>,
 }
 
 /// One thing in a shard: a packed key, or a name in its directory.
@@ -1295,7 +1261,10 @@ impl Iterator for Scan<'_> {
                         Ok(found) => found.map(|item| (key, item)),
                         Err(_) => None,
                     },
-                    Entry::File(name) => self.store.scan_entry(self.shard, name),
+                    Entry::File(name) => {
+                        self.store
+                            .scan_entry(self.shard, name, self.packed.as_deref())
+                    }
                 };
                 if found.is_some() {
                     return found;
@@ -1331,20 +1300,17 @@ impl Iterator for Scan<'_> {
                 .into_iter()
                 .map(|n| (n.to_string_lossy().into_owned(), Entry::File(n)))
                 .collect();
-            match self.store.packed.keys_starting(self.shard as u8) {
-                Ok(keys) => {
-                    entries.extend(keys.into_iter().map(|k| (k.to_string(), Entry::Packed(k))))
-                }
+            self.packed = match self.store.packed.keys_starting(self.shard as u8) {
+                Ok(keys) => Some(keys),
                 Err(e) => {
                     let _ = self.store.db_failed("listing", e);
+                    None
                 }
-            }
-            // Key order; for a key in both places the packed copy comes
-            // first, and the file is then found stale.
-            entries.sort_by(|a, b| {
-                a.0.cmp(&b.0)
-                    .then_with(|| matches!(a.1, Entry::File(_)).cmp(&matches!(b.1, Entry::File(_))))
-            });
+            };
+            let packed = self.packed.iter().flatten();
+            entries.extend(packed.map(|k| (k.to_string(), Entry::Packed(*k))));
+            // Key order (a file whose key is packed too yields nothing).
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
             self.entries = entries
                 .into_iter()
                 .map(|(_, e)| e)
@@ -1358,6 +1324,13 @@ fn shard_name(shard: usize) -> String {
     format!("{shard:02x}")
 }
 
+/// The first `BASE.N` in `dir` that names nothing yet.
+fn free_quarantine_name(dir: &Path, base: &str) -> Option<PathBuf> {
+    (0..QUARANTINE_NAME_TRIES)
+        .map(|n| dir.join(format!("{base}.{n}")))
+        .find(|p| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound))
+}
+
 /// Opens the database of small items at `path`. One that is damaged (or
 /// not a database at all) is moved into `quarantine` and an empty one
 /// started in its place: what it held comes back from the other replicas.
@@ -1368,16 +1341,7 @@ fn open_packed(path: &Path, quarantine: &Path, counters: &Counters) -> io::Resul
         Err(packed::OpenError::Damaged(why)) => why,
     };
     add(&counters.corrupt_found, 1);
-    let mut dest = None;
-    for n in 0..QUARANTINE_NAME_TRIES {
-        let candidate = quarantine.join(format!("{PACKED_FILE}.{n}"));
-        if matches!(fs::symlink_metadata(&candidate), Err(e) if e.kind() == io::ErrorKind::NotFound)
-        {
-            dest = Some(candidate);
-            break;
-        }
-    }
-    let dest = dest.ok_or_else(|| {
+    let dest = free_quarantine_name(quarantine, PACKED_FILE).ok_or_else(|| {
         io::Error::other(format!(
             "{} is damaged ({why}) and there is no free name in {} to move it to",
             path.display(),

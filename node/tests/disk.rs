@@ -3,6 +3,9 @@
 //! one database (`packed.redb`), large ones in a file each. Everything is
 //! deterministic: fixed data, fixed seeds.
 
+mod common;
+
+use common::{tombstone, write_op};
 use peerstore_core::store::sha256;
 use peerstore_core::{Block, Id, Item, StorageOp, StorageResult, StoreError, Tombstone};
 use peerstore_net::dio::DIRECT_MIN;
@@ -33,16 +36,6 @@ fn block(seed: u64, len: usize) -> (Id, Item) {
         })
         .collect();
     let item = Item::Block(Block::new(Id::from_u128(u128::from(seed)), data));
-    (item.position(), item)
-}
-
-/// A tombstone (the disk does not check signatures; the core does).
-fn tombstone(seed: u64) -> (Id, Item) {
-    let item = Item::Tombstone(Tombstone {
-        block: sha256(&seed.to_le_bytes()),
-        owner_key: vec![seed as u8; 40],
-        sig: vec![7; 64],
-    });
     (item.position(), item)
 }
 
@@ -107,11 +100,8 @@ fn open_with_capacity(dir: &Path, cap: u64) -> DiskStore {
     .expect("open the store")
 }
 
-fn put(s: &mut DiskStore, (key, item): &(Id, Item)) {
-    let r = s.apply(StorageOp::Write {
-        key: *key,
-        item: item.clone(),
-    });
+fn put(s: &mut DiskStore, it: &(Id, Item)) {
+    let r = s.apply(write_op(it));
     assert_eq!(r, StorageResult::Done);
 }
 
@@ -512,13 +502,7 @@ fn a_reopened_store_finds_many_small_items() {
             })
             .collect();
         for chunk in items.chunks(250) {
-            let ops = chunk
-                .iter()
-                .map(|(key, item)| StorageOp::Write {
-                    key: *key,
-                    item: item.clone(),
-                })
-                .collect();
+            let ops = chunk.iter().map(write_op).collect();
             let results = s.apply_batch(ops);
             assert!(results.iter().all(|r| *r == StorageResult::Done));
             want.extend(chunk.iter().cloned());
@@ -1139,13 +1123,7 @@ fn a_damaged_database_file_never_serves_anything_wrong() {
             })
             .collect();
         for chunk in small.chunks(40) {
-            let ops = chunk
-                .iter()
-                .map(|(key, item)| StorageOp::Write {
-                    key: *key,
-                    item: item.clone(),
-                })
-                .collect();
+            let ops = chunk.iter().map(write_op).collect();
             assert!(s.apply_batch(ops).iter().all(|r| *r == StorageResult::Done));
         }
         for it in small.iter().take(10) {
@@ -1154,13 +1132,7 @@ fn a_damaged_database_file_never_serves_anything_wrong() {
         // The last transaction adds keys: a damage that rolls it back
         // shows as items missing.
         let last: Vec<(Id, Item)> = (0..10).map(|seed| tombstone(seed + 600)).collect();
-        let ops = last
-            .iter()
-            .map(|(key, item)| StorageOp::Write {
-                key: *key,
-                item: item.clone(),
-            })
-            .collect();
+        let ops = last.iter().map(write_op).collect();
         assert!(s.apply_batch(ops).iter().all(|r| *r == StorageResult::Done));
         want.extend(last);
         for it in &large {
@@ -1323,10 +1295,7 @@ fn past_the_capacity_writes_fail_full_and_the_store_stays_usable() {
         put(&mut s, &a);
         put(&mut s, &b);
         assert_eq!(place(&s, &a.0), Some(len < LARGE));
-        let full = s.apply(StorageOp::Write {
-            key: c.0,
-            item: c.1.clone(),
-        });
+        let full = s.apply(write_op(&c));
         assert_eq!(full, StorageResult::Failed(StoreError::Full));
         assert_eq!(get(&s, &c.0), StorageResult::Read(None));
         assert_eq!(place(&s, &c.0), None);
@@ -1379,10 +1348,7 @@ fn past_the_capacity_writes_fail_full_and_the_store_stays_usable() {
         (place(&s, &small.0), place(&s, &large.0)),
         (Some(true), Some(false))
     );
-    let w = |x: &(Id, Item)| StorageOp::Write {
-        key: x.0,
-        item: x.1.clone(),
-    };
+    let w = write_op;
     assert_eq!(s.apply(w(&small2)), StorageResult::Failed(StoreError::Full));
     // Removing the file makes room for a packed item, and the other way.
     assert_eq!(
@@ -1429,10 +1395,7 @@ fn io_failures_answer_io_are_counted_and_do_not_stop_the_store() {
     fs::remove_dir(&shard).unwrap();
     fs::write(&shard, b"not a directory").unwrap();
 
-    let r = s.apply(StorageOp::Write {
-        key: victim.0,
-        item: victim.1.clone(),
-    });
+    let r = s.apply(write_op(&victim));
     assert_eq!(r, StorageResult::Failed(StoreError::Io));
     assert_eq!(
         s.apply(StorageOp::Read { key: victim.0 }),
@@ -1725,10 +1688,7 @@ fn a_group_keeps_to_the_capacity_and_counts_what_it_frees() {
         let (a, b, c, d) = (block(30, la), block(31, lb), block(32, la), block(33, lb));
         let (sa, sb) = (stored_size(&a), stored_size(&b));
         let mut s = open_with_capacity(tmp.path(), sa + sb + sa.min(sb) / 2);
-        let w = |x: &(Id, Item)| StorageOp::Write {
-            key: x.0,
-            item: x.1.clone(),
-        };
+        let w = write_op;
         // Three new items where two fit: the third is refused, alone.
         let r = s.apply_batch(vec![w(&a), w(&b), w(&c), StorageOp::Read { key: b.0 }]);
         assert_eq!(
@@ -1786,10 +1746,7 @@ fn untouched_reads_are_answered_first_and_the_rest_in_issue_order() {
     assert_eq!(place(&s, &a.0), Some(false));
     assert_eq!(place(&s, &b.0), Some(false));
     assert_eq!(place(&s, &e.0), Some(true));
-    let w = |x: &(Id, Item)| StorageOp::Write {
-        key: x.0,
-        item: x.1.clone(),
-    };
+    let w = write_op;
     let ops = vec![
         w(&c),
         StorageOp::Read { key: a.0 },

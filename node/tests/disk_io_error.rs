@@ -8,25 +8,15 @@
 
 #![cfg(target_os = "linux")]
 
-use peerstore_core::store::sha256;
-use peerstore_core::{Id, Item, StorageOp, StorageResult, StoreError, Tombstone};
+mod common;
+
+use common::{tombstone, write_op};
+use peerstore_core::{Id, Item, StorageResult, StoreError};
 use peerstore_node::disk::{DiskConfig, DiskStore};
 use tempfile::TempDir;
 
-fn tombstone(seed: u64) -> (Id, Item) {
-    let item = Item::Tombstone(Tombstone {
-        block: sha256(&seed.to_le_bytes()),
-        owner_key: vec![seed as u8; 40],
-        sig: vec![7; 64],
-    });
-    (item.position(), item)
-}
-
-fn write(s: &mut DiskStore, (key, item): &(Id, Item)) -> StorageResult {
-    s.apply(StorageOp::Write {
-        key: *key,
-        item: item.clone(),
-    })
+fn write(s: &mut DiskStore, it: &(Id, Item)) -> StorageResult {
+    s.apply(write_op(it))
 }
 
 fn file_size_limit(bytes: libc::rlim_t) -> libc::rlim_t {
