@@ -140,6 +140,11 @@ const IV_BYTES: usize = 16;
 const BLOCK_BYTES: usize = 16;
 const MAC_BYTES: usize = 32;
 const FRAME_HEADER_BYTES: usize = 2;
+/// Bytes of a frame before its plaintext: the header and the IV (see
+/// [`Session::seal_laid_out`]).
+pub const SEAL_HEAD: usize = FRAME_HEADER_BYTES + IV_BYTES;
+/// Bytes a frame adds after its plaintext at most: padding and the MAC.
+pub const SEAL_TAIL: usize = BLOCK_BYTES + MAC_BYTES;
 /// Shortest possible frame: header, IV, one block, MAC.
 const FRAME_MIN_BYTES: usize = FRAME_HEADER_BYTES + IV_BYTES + BLOCK_BYTES + MAC_BYTES;
 const MAX_SIG_BYTES: usize = MAX_KEY_BITS / 8;
@@ -1282,6 +1287,24 @@ impl Session {
         self.seal_kind(rng, FRAME_DATA, plaintext)
     }
 
+    /// [`Session::seal`] of a plaintext the caller laid out in `buf`: the
+    /// plaintext starts at `at + SEAL_HEAD`, where the frame will start at
+    /// `at`; the first `at` bytes are the caller's, kept as they are and
+    /// not part of the frame. The frame is built around the plaintext in
+    /// place (the same bytes [`Session::seal`] makes), so a 1 MiB block is
+    /// not copied to be sealed; with [`SEAL_TAIL`] bytes of spare capacity
+    /// after the plaintext nothing is reallocated either. Returns `buf`
+    /// holding the caller's bytes and then the frame. Panics if `buf` is
+    /// shorter than `at + SEAL_HEAD` (a caller bug).
+    pub fn seal_laid_out(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + ?Sized),
+        buf: Vec<u8>,
+        at: usize,
+    ) -> Result<Vec<u8>, SessionError> {
+        self.seal_kind_laid_out(rng, FRAME_DATA, buf, at)
+    }
+
     /// A close frame: tells the peer this direction ended cleanly. Sealing
     /// afterwards fails with [`SessionError::Closed`].
     pub fn seal_close(
@@ -1299,34 +1322,52 @@ impl Session {
         kind: u8,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, SessionError> {
+        let mut buf = Vec::with_capacity(frame_len(plaintext.len()));
+        buf.resize(SEAL_HEAD, 0);
+        buf.extend_from_slice(plaintext);
+        self.seal_kind_laid_out(rng, kind, buf, 0)
+    }
+
+    fn seal_kind_laid_out(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + ?Sized),
+        kind: u8,
+        mut buf: Vec<u8>,
+        at: usize,
+    ) -> Result<Vec<u8>, SessionError> {
+        let body_start = at + SEAL_HEAD;
+        assert!(
+            buf.len() >= body_start,
+            "a laid-out plaintext starts after the frame's header and IV"
+        );
         if self.dead || self.sent_close {
             return Err(SessionError::Closed);
         }
-        if plaintext.len() > self.max_plaintext {
+        let plain_len = buf.len() - body_start;
+        if plain_len > self.max_plaintext {
             return Err(SessionError::TooLarge);
         }
         if self.send.seq == u64::MAX {
             return Err(SessionError::Exhausted);
         }
-        let body_start = FRAME_HEADER_BYTES + IV_BYTES;
-        let total = frame_len(plaintext.len());
-        let mut frame = Vec::with_capacity(total);
-        frame.extend_from_slice(&[PROTOCOL_VERSION, kind]);
+        let total = at + frame_len(plain_len);
+        buf.reserve_exact(total - buf.len());
+        buf[at] = PROTOCOL_VERSION;
+        buf[at + 1] = kind;
         let mut iv = [0u8; IV_BYTES];
         rng.fill_bytes(&mut iv);
-        frame.extend_from_slice(&iv);
-        frame.extend_from_slice(plaintext);
-        frame.resize(total - MAC_BYTES, 0);
+        buf[at + FRAME_HEADER_BYTES..body_start].copy_from_slice(&iv);
+        buf.resize(total - MAC_BYTES, 0);
         let last = total - MAC_BYTES - BLOCK_BYTES;
-        Pkcs7::raw_pad(&mut frame[last..], body_start + plaintext.len() - last);
-        LaneCbc::new(&self.send.keys.enc).encrypt(&iv, &mut frame[body_start..]);
-        let (header, rest) = frame.split_at(FRAME_HEADER_BYTES);
+        Pkcs7::raw_pad(&mut buf[last..], body_start + plain_len - last);
+        LaneCbc::new(&self.send.keys.enc).encrypt(&iv, &mut buf[body_start..]);
+        let (header, rest) = buf[at..].split_at(FRAME_HEADER_BYTES);
         let (iv_part, ciphertext) = rest.split_at(IV_BYTES);
         let tag = self.send.mac(header, iv_part, ciphertext).finalize();
-        frame.extend_from_slice(&tag);
-        debug_assert_eq!(frame.len(), frame_len(plaintext.len()));
+        buf.extend_from_slice(&tag);
+        debug_assert_eq!(buf.len(), total);
         self.send.advance(self.rekey_after);
-        Ok(frame)
+        Ok(buf)
     }
 
     /// Authenticates and decrypts the next frame from the peer. Any failure
@@ -2237,6 +2278,52 @@ pub(crate) mod tests {
         assert_eq!(
             b.open(&vec![0; b.max_frame_bytes() + 16]),
             Err(SessionError::BadFrame)
+        );
+    }
+
+    #[test]
+    fn a_laid_out_plaintext_seals_to_the_frame_seal_makes_in_place() {
+        let c = SessionConfig {
+            max_frame_plaintext: 100_000,
+            ..cfg()
+        };
+        for (len, at) in [(0, 0), (1, 1), (15, 3), (16, 1), (1000, 1), (70_000, 1)] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            // The same session state and IV draw: the same frame.
+            let (mut a1, _) = pair(60, &c);
+            let (mut a2, mut b) = pair(60, &c);
+            let want = a1.seal(&mut rng(61), &plain).expect("seal");
+            let mut buf = Vec::with_capacity(at + SEAL_HEAD + len + SEAL_TAIL);
+            buf.extend((0..at).map(|i| 0xA0 + i as u8));
+            buf.resize(at + SEAL_HEAD, 0xEE);
+            buf.extend_from_slice(&plain);
+            let before = buf.as_ptr();
+            let got = a2
+                .seal_laid_out(&mut rng(61), buf, at)
+                .expect("seal laid out");
+            assert_eq!(got.as_ptr(), before, "len {len}: sealed where it lay");
+            assert!(
+                got[..at]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == 0xA0 + i as u8),
+                "len {len}: the caller's bytes are kept"
+            );
+            assert_eq!(&got[at..], &want[..], "len {len}");
+            assert_eq!(data(b.open(&got[at..])), plain, "len {len}");
+        }
+        // Sizes and a closed session are checked as for seal.
+        let (mut a, _) = pair(62, &c);
+        let mut big = vec![0; 1 + SEAL_HEAD];
+        big.resize(1 + SEAL_HEAD + c.max_frame_plaintext + 1, 1);
+        assert_eq!(
+            a.seal_laid_out(&mut rng(63), big, 1),
+            Err(SessionError::TooLarge)
+        );
+        a.seal_close(&mut rng(63)).expect("close");
+        assert_eq!(
+            a.seal_laid_out(&mut rng(63), vec![0; SEAL_HEAD], 0),
+            Err(SessionError::Closed)
         );
     }
 
