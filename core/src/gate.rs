@@ -126,7 +126,7 @@ impl ClientBody {
 
 /// The encoded body and the digest its signature covers.
 fn encode_body(node: Id, op: &ClientOp) -> (Vec<u8>, [u8; 32]) {
-    let encoded = postcard::to_allocvec(&ClientBodyRef { node, op })
+    let encoded = crate::wire::encode_after(0, &ClientBodyRef { node, op }, 0)
         .expect("postcard encoding into a Vec cannot fail");
     let digest = body_digest(node, op, &encoded);
     (encoded, digest)

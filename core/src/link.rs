@@ -338,31 +338,7 @@ const LAID_HEAD: usize = 1 + SEAL_HEAD;
 /// that was about a tenth of the nodes' CPU time. `None` if it does not
 /// encode.
 fn lay_out<T: Serialize + ?Sized>(value: &T) -> Option<Vec<u8>> {
-    let size = postcard::experimental::serialized_size(value).ok()?;
-    let mut buf = Vec::with_capacity(LAID_HEAD + size + SEAL_TAIL);
-    buf.resize(LAID_HEAD, 0);
-    postcard::serialize_with_flavor(value, VecFlavor(buf)).ok()
-}
-
-/// A postcard output appending to a vector with `extend_from_slice`.
-struct VecFlavor(Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for VecFlavor {
-    type Output = Vec<u8>;
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<Vec<u8>> {
-        Ok(self.0)
-    }
+    crate::wire::encode_after(LAID_HEAD, value, SEAL_TAIL).ok()
 }
 
 enum Outgoing {

@@ -7,6 +7,43 @@ use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+/// The postcard encoding of `value` after `head` zero bytes, in one
+/// allocation with room for `tail` more bytes after it: the size is taken
+/// first, so a 1 MiB block is copied once and the buffer never regrows (a
+/// growing vector copied it about once more, and a caller adding a header
+/// or trailer once again).
+pub(crate) fn encode_after<T: Serialize + ?Sized>(
+    head: usize,
+    value: &T,
+    tail: usize,
+) -> postcard::Result<Vec<u8>> {
+    let size = postcard::experimental::serialized_size(value)?;
+    let mut buf = Vec::with_capacity(head + size + tail);
+    buf.resize(head, 0);
+    postcard::serialize_with_flavor(value, VecFlavor(buf))
+}
+
+/// A postcard output appending to a vector with `extend_from_slice`.
+struct VecFlavor(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecFlavor {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 /// Where a node can be reached.
 ///
 /// On the wire an `Addr` is the plain enum of a slot number or a
