@@ -12,7 +12,7 @@ use crate::record::{self, Record, RecordError, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// SHA-256 of a block's stored (already encrypted) bytes.
 pub type BlockId = [u8; 32];
@@ -34,11 +34,14 @@ const RANGE_TAG: &[u8] = b"peerstore/range/v1";
 /// it again each time was most of a node's work. A block that arrives over
 /// the wire or from disk comes without an id and is hashed on first use, so
 /// every receipt is still checked against its bytes.
+///
+/// The bytes are shared between clones: a node storing a block on itself
+/// and sending it to two more replicas copied a whole 1 MiB for each.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Block {
     pub owner: UserId,
-    #[serde(with = "crate::session::wire_bytes")]
-    data: Vec<u8>,
+    #[serde(with = "shared_bytes")]
+    data: Arc<Vec<u8>>,
     #[serde(skip)]
     id: OnceLock<BlockId>,
 }
@@ -47,7 +50,7 @@ impl Block {
     pub fn new(owner: UserId, data: Vec<u8>) -> Block {
         Block {
             owner,
-            data,
+            data: Arc::new(data),
             id: OnceLock::new(),
         }
     }
@@ -59,7 +62,7 @@ impl Block {
         debug_assert_eq!(sha256(&data), id, "a block's id is the hash of its bytes");
         Block {
             owner,
-            data,
+            data: Arc::new(data),
             id: OnceLock::from(id),
         }
     }
@@ -68,8 +71,9 @@ impl Block {
         &self.data
     }
 
+    /// The bytes, copied only if a clone of this block still shares them.
     pub fn into_data(self) -> Vec<u8> {
-        self.data
+        Arc::try_unwrap(self.data).unwrap_or_else(|shared| (*shared).clone())
     }
 
     /// SHA-256 of the bytes.
@@ -78,12 +82,28 @@ impl Block {
     }
 
     /// Flips one bit of the bytes (the simulator's corruption in flight),
-    /// forgetting the id so that it is worked out from the new bytes.
+    /// forgetting the id so that it is worked out from the new bytes. Clones
+    /// sharing the bytes keep them as they were.
     pub fn flip_bit(&mut self, byte: usize, bit: u8) {
-        if let Some(b) = self.data.get_mut(byte) {
+        if let Some(b) = Arc::make_mut(&mut self.data).get_mut(byte) {
             *b ^= 1 << (bit % 8);
             self.id = OnceLock::new();
         }
+    }
+}
+
+/// Serde for a block's shared bytes: the same encoding as
+/// [`crate::session::wire_bytes`] (a plain byte string).
+mod shared_bytes {
+    use serde::{Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(bytes: &Arc<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        crate::session::wire_bytes::serialize(bytes, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<u8>>, D::Error> {
+        crate::session::wire_bytes::deserialize(d).map(Arc::new)
     }
 }
 
@@ -572,6 +592,32 @@ mod tests {
 
     fn id(v: u128) -> Id {
         Id::from_u128(v)
+    }
+
+    #[test]
+    fn clones_of_a_block_share_its_bytes_until_one_is_corrupted() {
+        let a = Block::new(id(1), vec![5; 4096]);
+        let want = a.id();
+        let mut b = a.clone();
+        assert!(std::ptr::eq(a.data().as_ptr(), b.data().as_ptr()), "shared");
+        assert_eq!(b.id(), want);
+        b.flip_bit(10, 3);
+        assert_eq!(a.data()[10], 5, "the original keeps its bytes");
+        assert_eq!(b.data()[10], 5 ^ 8);
+        assert_ne!(b.id(), want, "the corrupted copy's id follows its bytes");
+        assert_eq!(a.id(), want);
+        // Taking the bytes out copies them only while they are shared.
+        let c = a.clone();
+        let before = c.data().as_ptr();
+        drop(a);
+        let taken = c.into_data();
+        assert_eq!(taken.as_ptr(), before);
+        // Encoded as a plain byte string, as before.
+        let blk = Block::new(id(2), vec![1, 2, 3]);
+        let mut want = postcard::to_allocvec(&id(2)).unwrap();
+        want.extend_from_slice(&[3, 1, 2, 3]);
+        assert_eq!(postcard::to_allocvec(&blk).unwrap(), want);
+        assert_eq!(postcard::from_bytes::<Block>(&want).unwrap(), blk);
     }
 
     fn block(n: u8) -> Held {
