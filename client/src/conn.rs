@@ -119,6 +119,9 @@ pub struct NodeClient {
     answers: BTreeMap<u64, GateReply>,
     /// Copies the ring keeps of each key, as the entry said.
     replicas: usize,
+    /// Calls on the wire below which the queue is signed and sent
+    /// ([`NodeClient::set_low_water`]).
+    low_water: usize,
 }
 
 fn now_ms() -> u64 {
@@ -156,6 +159,7 @@ impl NodeClient {
             pending: BTreeMap::new(),
             answers: BTreeMap::new(),
             replicas: 1,
+            low_water: LOW_WATER,
         };
         // The first call opens the session and tells us the node's id.
         let st = c.status().await?;
@@ -374,9 +378,19 @@ impl NodeClient {
         self.send_batch()
     }
 
+    /// Sets how few calls on the wire make the queue go out: at least
+    /// [`LOW_WATER`], at most [`NODE_WINDOW`]; [`LOW_WATER`] again with
+    /// `None`. Eight small calls keep the nodes busy while the next batch
+    /// is signed; eight gets of 1 MiB blocks do not (the client spends
+    /// about a millisecond taking in each answer, and a node's turn on a
+    /// get is shorter than that), so a restore asks for more.
+    pub fn set_low_water(&mut self, calls: Option<usize>) {
+        self.low_water = calls.map_or(LOW_WATER, |n| n.clamp(LOW_WATER, NODE_WINDOW));
+    }
+
     /// Sends the queue if the calls on the wire ran low or it is full.
     fn send_low(&mut self) -> Result<()> {
-        if self.pending.len() < LOW_WATER || self.unsigned.len() >= BATCH {
+        if self.pending.len() < self.low_water || self.unsigned.len() >= BATCH {
             self.send_batch()?;
         }
         Ok(())

@@ -935,7 +935,8 @@ impl Files {
     /// time cost a round trip or more per file). At most
     /// [`RESTORE_CHUNKS_IN_FLIGHT`] chunks are asked for and not yet handed to the
     /// writer, and [`WRITE_QUEUE`] more wait for it. One result per file,
-    /// in order; an error of the connection ends it all.
+    /// in order; an error of the connection ends it all, once the files
+    /// written whole are in place.
     ///
     /// Decrypting, checking and writing run on a thread of their own
     /// ([`write_chunks`]): on this task they took more than half of a
@@ -952,6 +953,31 @@ impl Files {
         let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
         let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
         let writer = tokio::task::spawn_blocking(move || write_chunks(files, rx, news_tx));
+        self.c.set_low_water(Some(RESTORE_CHUNKS_IN_FLIGHT / 2));
+        let fetched = self.fetch_chunks(&seq, tx, &mut news, progress).await;
+        self.c.set_low_water(None);
+        let results = writer
+            .await
+            .map_err(|e| anyhow!("the restore's writer failed: {e}"))?;
+        // Files written whole go in place even if the connection failed
+        // (their temporary files were left behind before).
+        let results = commit_files(results);
+        fetched?;
+        while let Ok(n) = news.try_recv() {
+            progress.bytes(n);
+        }
+        Ok(results)
+    }
+
+    /// The network side of [`Files::restore_many`]: gets the chunks at
+    /// `seq` and hands them to the writer on `tx` in order.
+    async fn fetch_chunks(
+        &mut self,
+        seq: &[Id],
+        tx: tokio::sync::mpsc::Sender<Result<Vec<u8>>>,
+        news: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
         let mut by_call: HashMap<u64, usize> = HashMap::new();
         let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
         let (mut next_send, mut next_write) = (0usize, 0usize);
@@ -981,15 +1007,7 @@ impl Files {
                 progress.bytes(n);
             }
         }
-        drop(tx);
-        let results = writer
-            .await
-            .map_err(|e| anyhow!("the restore's writer failed: {e}"))?;
-        sent?;
-        while let Ok(n) = news.try_recv() {
-            progress.bytes(n);
-        }
-        Ok(commit_files(results))
+        sent
     }
 
     /// Fetches the manifests of a group of our files together and opens
