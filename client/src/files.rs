@@ -1388,75 +1388,154 @@ fn write_small(
 }
 
 /// A restore's writer: the chunks of `files` arrive on `chunks` in order
-/// (every chunk of the first file, then of the next); each is decrypted,
-/// checked and written to its file's temporary file. The plaintext bytes
-/// written go out on `news` as they are. One result per file; a file whose
-/// chunks never all came (the restore stopped) gets an error.
+/// (every chunk of the first file, then of the next); each is checked and
+/// decrypted here and written to its file's temporary file by a thread of
+/// its own ([`write_plain`]), so that the checks go on while a file's
+/// direct write waits for the device (2 to 3 ms a megabyte here: a
+/// restore of 1 MiB files, one write each, left the other core idle a
+/// fifth of the time). The plaintext bytes written go out on `news` as
+/// they are. One result per file; a file whose chunks never all came (the
+/// restore stopped) gets an error.
 fn write_chunks(
     files: Vec<(PathBuf, Opened)>,
     mut chunks: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
     news: tokio::sync::mpsc::UnboundedSender<u64>,
 ) -> Vec<Result<Finished>> {
-    let mut results = Vec::with_capacity(files.len());
-    // One buffer for every large file's direct writes, in turn.
-    let mut spare = Some(AlignedBuf::new());
-    for (target, (m, key, meta)) in &files {
-        let mut file: Option<(PathBuf, DirectWriter, Decryptor)> = None;
-        let mut outcome = None;
-        for j in 0..meta.chunks.len() {
-            let Some(data) = chunks.blocking_recv() else {
+    let targets: Vec<(PathBuf, FileMeta)> = files
+        .iter()
+        .map(|(t, (_, _, meta))| (t.clone(), meta.clone()))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(PLAIN_QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("restore-write".into())
+        .spawn(move || write_plain(&targets, rx, news));
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            let e = format!("cannot start the restore's writing thread: {e}");
+            return files.iter().map(|_| Err(anyhow!("{e}"))).collect();
+        }
+    };
+    let mut stopped = false;
+    for (at, (_, (m, key, meta))) in files.iter().enumerate() {
+        let mut dec = Some(Decryptor::for_meta(key, m.file_id, meta));
+        let mut verdict = Ok(());
+        for _ in 0..meta.chunks.len() {
+            let Some(data) = (!stopped).then(|| chunks.blocking_recv()).flatten() else {
+                stopped = true;
+                verdict = Err(anyhow!("no answer"));
                 break;
             };
-            if outcome.is_some() {
+            let Some(d) = dec.as_mut() else {
                 continue; // this file failed already: skip its other chunks
-            }
-            if j == 0 {
-                match partial_file(target) {
-                    Ok((tmp, out)) => {
-                        let buf = spare.take().unwrap_or_default();
-                        let out = DirectWriter::new(out, buf, true, meta.size);
-                        file = Some((tmp, out, Decryptor::for_meta(key, m.file_id, meta)))
-                    }
-                    Err(e) => {
-                        outcome = Some(Err(e));
-                        continue;
-                    }
-                }
-            }
-            let Some((_, out, dec)) = file.as_mut() else {
-                continue;
             };
-            let last = j + 1 == meta.chunks.len();
-            let mut written = data.and_then(|d| {
-                let plain = dec.push(&d).map_err(|e| anyhow!("{e}"))?;
-                out.write_all(&plain)?;
-                let _ = news.send(plain.len() as u64);
-                Ok(())
-            });
-            if written.is_err() || last {
-                let (tmp, out, dec) = file.take().expect("opened above");
-                if written.is_ok() {
-                    written = dec.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
+            match data.and_then(|sealed| d.push(&sealed).map_err(|e| anyhow!("{e}"))) {
+                Ok(plain) => {
+                    if tx.send(Piece::Plain(at, plain)).is_err() {
+                        break; // the writing thread stopped: its results say why
+                    }
                 }
-                outcome = Some(match out.finish() {
-                    Ok((out, buf, _)) => {
-                        spare = Some(buf);
-                        finish_file(tmp, out, target, meta, written)
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        written.and(Err(
-                            anyhow!(e).context(format!("cannot write {}", target.display()))
-                        ))
-                    }
-                });
+                Err(e) => {
+                    verdict = Err(e);
+                    dec = None;
+                }
             }
         }
-        if let Some((tmp, out, _)) = file.take() {
-            drop(out);
-            let _ = std::fs::remove_file(&tmp);
+        if let (Ok(()), Some(d)) = (&verdict, dec) {
+            verdict = d.finish().map(|_| ()).map_err(|e| anyhow!("{e}"));
         }
-        results.push(outcome.unwrap_or_else(|| Err(anyhow!("no answer"))));
+        if tx.send(Piece::End(at, verdict)).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let mut results = writer
+        .join()
+        .unwrap_or_else(|_| vec![Err(anyhow!("the restore's writing thread failed"))]);
+    // One result per file, whatever the thread managed.
+    results.truncate(files.len());
+    while results.len() < files.len() {
+        results.push(Err(anyhow!("the restore's writing thread stopped")));
+    }
+    results
+}
+
+/// What the restore's checking side hands its writing thread: a file's
+/// next plaintext, or the end of a file with the checks' verdict on it.
+enum Piece {
+    Plain(usize, Vec<u8>),
+    End(usize, Result<()>),
+}
+
+/// Decrypted chunks waiting for the restore's writing thread at most.
+const PLAIN_QUEUE: usize = 4;
+
+/// The writing side of [`write_chunks`]: writes each file's plaintext
+/// into a temporary file beside its target and finishes the file when its
+/// verdict is good; deletes it otherwise. One result per file, in order.
+fn write_plain(
+    targets: &[(PathBuf, FileMeta)],
+    pieces: std::sync::mpsc::Receiver<Piece>,
+    news: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Vec<Result<Finished>> {
+    let mut results: Vec<Result<Finished>> = Vec::with_capacity(targets.len());
+    // One buffer for every large file's direct writes, in turn.
+    let mut spare = Some(AlignedBuf::new());
+    // The file being written: its temporary file and writer, or the error
+    // that stopped it.
+    let mut open: Option<Result<(PathBuf, DirectWriter)>> = None;
+    for piece in pieces {
+        match piece {
+            Piece::Plain(at, plain) => {
+                let (target, meta) = &targets[at];
+                let file = open.get_or_insert_with(|| {
+                    partial_file(target).map(|(tmp, out)| {
+                        let buf = spare.take().unwrap_or_default();
+                        (tmp, DirectWriter::new(out, buf, true, meta.size))
+                    })
+                });
+                if let Ok((tmp, out)) = file {
+                    match out.write_all(&plain) {
+                        Ok(()) => {
+                            let _ = news.send(plain.len() as u64);
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&*tmp);
+                            *file =
+                                Err(anyhow!(e)
+                                    .context(format!("cannot write {}", target.display())));
+                        }
+                    }
+                }
+            }
+            Piece::End(at, verdict) => {
+                let (target, meta) = &targets[at];
+                let outcome = match (open.take(), verdict) {
+                    (Some(Err(e)), _) => Err(e),
+                    (None, Err(e)) => Err(e),
+                    // A file whose every chunk was empty (none is) or that
+                    // was never started: nothing to write.
+                    (None, Ok(())) => Err(anyhow!("no data for {}", target.display())),
+                    (Some(Ok((tmp, out))), verdict) => match out.finish() {
+                        Ok((out, buf, _)) => {
+                            spare = Some(buf);
+                            finish_file(tmp, out, target, meta, verdict)
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&tmp);
+                            verdict
+                                .and(Err(anyhow!(e)
+                                    .context(format!("cannot write {}", target.display()))))
+                        }
+                    },
+                };
+                results.push(outcome);
+            }
+        }
+    }
+    if let Some(Ok((tmp, out))) = open.take() {
+        drop(out);
+        let _ = std::fs::remove_file(&tmp);
     }
     results
 }
@@ -1786,6 +1865,35 @@ mod tests {
             sig: Vec::new(),
         };
         ((m, key, meta), chunks, plain)
+    }
+
+    #[test]
+    fn a_file_the_restore_cannot_create_fails_alone() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(dir.path().join("not-a-dir"), b"x").unwrap();
+        let (a, a_chunks, _) = sealed_file(CHUNK_BYTES + 3, 11);
+        let (b, b_chunks, b_plain) = sealed_file(CHUNK_BYTES + 5, 13);
+        let files = vec![
+            (dir.path().join("not-a-dir").join("a"), a),
+            (dir.path().join("b"), b),
+        ];
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (news_tx, _news) = tokio::sync::mpsc::unbounded_channel();
+        for chunk in a_chunks.into_iter().chain(b_chunks) {
+            tx.try_send(Ok(chunk)).unwrap();
+        }
+        drop(tx);
+        let r = commit_files(write_chunks(files, rx, news_tx));
+        let err = format!("{:#}", r[0].as_ref().unwrap_err());
+        assert!(err.contains("cannot create"), "{err}");
+        assert_eq!(*r[1].as_ref().unwrap(), b_plain.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b_plain);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "not-a-dir"]);
     }
 
     #[test]
