@@ -390,7 +390,7 @@ impl NodeClient {
 
     /// Sends the queue if the calls on the wire ran low or it is full.
     fn send_low(&mut self) -> Result<()> {
-        if self.pending.len() < self.low_water || self.unsigned.len() >= BATCH {
+        if self.pending.len() < self.low_water || batch_due(&self.unsigned) {
             self.send_batch()?;
         }
         Ok(())
@@ -564,10 +564,6 @@ impl NodeClient {
 /// A call waiting to be signed: (call id, node, operation).
 type Queued<T> = (u64, usize, T);
 
-/// Splits queued calls into one signed
-/// batch's worth (at most [`BATCH_MAX`], none to a node that would then
-/// have more than [`NODE_WINDOW`] on the wire, given `wire` calls on the
-/// wire to each node now) and the rest, both in the order queued.
 /// Whether the calls `queued` make a whole batch, to sign and send now:
 /// [`BATCH`] calls, or [`BATCH_BYTES`] of block data.
 fn batch_due(queued: &[Queued<ClientOp>]) -> bool {
@@ -581,6 +577,10 @@ fn batch_due(queued: &[Queued<ClientOp>]) -> bool {
     queued.len() >= BATCH || bytes >= BATCH_BYTES
 }
 
+/// Splits queued calls into one signed
+/// batch's worth (at most [`BATCH_MAX`], none to a node that would then
+/// have more than [`NODE_WINDOW`] on the wire, given `wire` calls on the
+/// wire to each node now) and the rest, both in the order queued.
 fn sendable<T>(queued: Vec<Queued<T>>, mut wire: Vec<usize>) -> (Vec<Queued<T>>, Vec<Queued<T>>) {
     let mut batch = Vec::new();
     let mut held = Vec::new();

@@ -938,7 +938,7 @@ impl Files {
     /// in order; an error of the connection ends it all, once the files
     /// written whole are in place.
     ///
-    /// Decrypting, checking and writing run on a thread of their own
+    /// Decrypting, checking and writing run on threads of their own
     /// ([`write_chunks`]): on this task they took more than half of a
     /// restore's time, during which no answer was read off the network.
     async fn restore_many(
@@ -1513,8 +1513,8 @@ fn write_plain(
                 let outcome = match (open.take(), verdict) {
                     (Some(Err(e)), _) => Err(e),
                     (None, Err(e)) => Err(e),
-                    // A file whose every chunk was empty (none is) or that
-                    // was never started: nothing to write.
+                    // Checked whole but never handed over (the checking
+                    // side stopped when this thread's queue broke).
                     (None, Ok(())) => Err(anyhow!("no data for {}", target.display())),
                     (Some(Ok((tmp, out))), verdict) => match out.finish() {
                         Ok((out, buf, _)) => {
@@ -1817,11 +1817,7 @@ mod tests {
             assert_eq!(m.permissions().mode() & 0o777, 0o640);
         }
         // Only the results are left: no temporary file, the directory untouched.
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let names = names_in(dir.path());
         assert_eq!(names, ["a", "b", "d"]);
         assert_eq!(
             std::fs::read(dir.path().join("d").join("x")).unwrap(),
@@ -1867,6 +1863,27 @@ mod tests {
         ((m, key, meta), chunks, plain)
     }
 
+    /// A closed queue holding `chunks`, as a restore's writer takes them.
+    fn chunk_queue(
+        chunks: impl Iterator<Item = Vec<u8>>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        for chunk in chunks {
+            tx.try_send(Ok(chunk)).unwrap();
+        }
+        rx
+    }
+
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn a_file_the_restore_cannot_create_fails_alone() {
         let dir = tempfile::TempDir::new().unwrap();
@@ -1877,23 +1894,14 @@ mod tests {
             (dir.path().join("not-a-dir").join("a"), a),
             (dir.path().join("b"), b),
         ];
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let rx = chunk_queue(a_chunks.into_iter().chain(b_chunks));
         let (news_tx, _news) = tokio::sync::mpsc::unbounded_channel();
-        for chunk in a_chunks.into_iter().chain(b_chunks) {
-            tx.try_send(Ok(chunk)).unwrap();
-        }
-        drop(tx);
         let r = commit_files(write_chunks(files, rx, news_tx));
         let err = format!("{:#}", r[0].as_ref().unwrap_err());
         assert!(err.contains("cannot create"), "{err}");
         assert_eq!(*r[1].as_ref().unwrap(), b_plain.len() as u64);
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b_plain);
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["b", "not-a-dir"]);
+        assert_eq!(names_in(dir.path()), ["b", "not-a-dir"]);
     }
 
     #[test]
@@ -1913,13 +1921,9 @@ mod tests {
             (target("c"), c),
             (target("d"), d),
         ];
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
         let all = a_chunks.into_iter().chain(b_chunks).chain(c_chunks);
-        for chunk in all.chain(d_chunks.into_iter().take(1)) {
-            tx.try_send(Ok(chunk)).unwrap();
-        }
-        drop(tx);
+        let rx = chunk_queue(all.chain(d_chunks.into_iter().take(1)));
+        let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
         let r = write_chunks(files, rx, news_tx);
         assert_eq!(r.len(), 4);
         let mut shown = 0;
@@ -1936,12 +1940,7 @@ mod tests {
         // Progress counted what was written, d's first chunk included.
         assert_eq!(shown, (a_plain.len() + 10 + CHUNK_BYTES) as u64);
         // Nothing else is left: no temporary files, no b, no d.
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["a", "c"]);
+        assert_eq!(names_in(dir.path()), ["a", "c"]);
     }
 
     #[test]

@@ -906,21 +906,20 @@ impl Links {
             .map(|(a, _)| *a)
             .take(KNOWN_MAX)
             .collect();
-        let plain = match postcard::to_allocvec(&PayloadRef::Endorsed {
+        let Some(laid) = lay_out(&PayloadRef::Endorsed {
             chain: &chain,
             known: &known,
-        }) {
-            Ok(p) => p,
-            Err(_) => return,
+        }) else {
+            return;
         };
         // Off probation: it is endorsed now.
         let Some(Incoming::Open(mut p) | Incoming::Probation(mut p)) = self.inc.remove(&from)
         else {
             return;
         };
-        match p.session.seal(&mut self.rng, &plain) {
-            Ok(frame) => {
-                self.push(from, FRAME_BACK, &frame);
+        match p.session.seal_laid_out(&mut self.rng, laid, 1) {
+            Ok(packet) => {
+                self.push_laid(from, FRAME_BACK, packet);
                 self.inc.insert(from, Incoming::Open(p));
             }
             Err(_) => self.stats.dropped += 1,
