@@ -150,6 +150,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Reuse freed chunk and frame buffers instead of faulting in new pages.
+    peerstore_net::memory::keep_freed_memory();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

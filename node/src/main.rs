@@ -88,6 +88,8 @@ fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn main() {
+    // Reuse freed block and frame buffers instead of faulting in new pages.
+    peerstore_net::memory::keep_freed_memory();
     if let Err(e) = real_main() {
         eprintln!("peerstore-node: error: {e:#}");
         std::process::exit(1);
