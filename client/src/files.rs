@@ -85,6 +85,12 @@ const ENTRY_PLAIN_MAX: usize = 3_000;
 /// Log entries written at once while a backup runs, so a long backup
 /// that is interrupted keeps what it finished.
 const LOG_FLUSH_OPS: usize = 256;
+/// Files of one to a few chunks staged to be sealed together, at most
+/// (their chunks' CBC chains run side by side: see
+/// [`Encryptor::push_each`])…
+const STAGE_FILES: usize = peerstore_core::lanes::LANES;
+/// … and at most this many bytes of them.
+const STAGE_BYTES: usize = 8 * CHUNK_BYTES;
 
 /// Chunks of a large file read and sealed at once: their CBC chains run side
 /// by side, and each is copied once instead of twice (client CPU for a
@@ -289,6 +295,24 @@ pub struct RestoreReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// A file being backed up: its place in [`Run::files`], its key and
+/// encryptor, and what its metadata will say.
+struct Backing {
+    at: usize,
+    key: FileKey,
+    enc: Encryptor,
+    path: String,
+    mtime_ms: i64,
+    mode: u32,
+}
+
+/// Records that `file` could not be backed up, and why.
+fn file_failed(run: &mut Run, file: Backing, e: anyhow::Error, progress: &dyn Progress) {
+    progress.note(&format!("failed {}: {e:#}", file.path));
+    run.report.failed.push((file.path, format!("{e:#}")));
+    run.files[file.at].failed = true;
+}
+
 /// A file being backed up.
 struct Pending {
     path: String,
@@ -486,8 +510,10 @@ impl Files {
         })?;
         let mut cat = self.catalog().await?;
         let mut run = Run::default();
-        let owner = self.id.user_id();
         let mut buf = vec![0u8; CHUNK_BYTES * READ_CHUNKS];
+        // Files read whole, waiting to be sealed together, and their bytes.
+        let mut staged: Vec<(Backing, Vec<u8>)> = Vec::new();
+        let mut staged_bytes = 0;
 
         for entry in walkdir::WalkDir::new(&root)
             .follow_links(false)
@@ -560,55 +586,59 @@ impl Files {
                 sealed: None,
                 failed: false,
             });
-            let mut enc = Encryptor::new(&key, file_id);
-            let mut read_total = 0u64;
-            let sealed_all = loop {
-                let n = match read_full(&mut f, &mut buf) {
-                    Ok(n) => n,
-                    Err(e) => break Err(anyhow!("reading {path}: {e}")),
-                };
-                read_total += n as u64;
-                let chunks = match enc.push(&mut OsRng, &buf[..n]) {
-                    Ok(c) => c,
-                    Err(e) => break Err(anyhow!("{path}: {e}")),
-                };
-                let ids = enc.chunk_ids();
-                let blocks: Vec<Block> = ids[ids.len() - chunks.len()..]
-                    .iter()
-                    .zip(chunks)
-                    .map(|(id, sealed)| Block::with_id(owner, sealed, *id))
-                    .collect();
-                for block in blocks {
-                    self.send_block(&mut run, at, block, progress).await?;
-                }
-                if n < buf.len() {
-                    break Ok(());
-                }
-            };
-            if let Err(e) = sealed_all {
-                progress.note(&format!("failed {path}: {e:#}"));
-                run.report.failed.push((path, format!("{e:#}")));
-                run.files[at].failed = true;
-                continue;
-            }
-            let fin = enc.finish(&mut OsRng);
-            let last_id = *fin.chunk_ids.last().expect("a file has a final chunk");
-            let last = Block::with_id(owner, fin.last_chunk, last_id);
-            let meta = FileMeta {
-                path: path.clone(),
-                size: read_total,
+            let mut file = Backing {
+                at,
+                enc: Encryptor::new(&key, file_id),
+                key,
+                path,
                 mtime_ms: mtime,
                 mode: mode_of(&meta),
-                chunks: fin.chunk_ids,
             };
-            run.files[at].size = read_total;
-            run.files[at].sealed = Some((key, meta));
-            self.send_block(&mut run, at, last, progress).await?;
-            if run.done_ops.len() >= LOG_FLUSH_OPS {
-                let ops = std::mem::take(&mut run.done_ops);
-                self.append(&mut cat, ops).await?;
+            let mut first = Vec::new();
+            // A file of one to a few chunks is read whole and sealed with
+            // others: each file has its own key, so alone its chunk's CBC
+            // chain would run one block after another.
+            if (CHUNK_BYTES as u64..buf.len() as u64).contains(&size) {
+                // One byte more than the size, to see a file that grew.
+                let mut data = vec![0u8; size as usize + 1];
+                match read_full(&mut f, &mut data) {
+                    Err(e) => {
+                        let e = anyhow!("reading {}: {e}", file.path);
+                        file_failed(&mut run, file, e, progress);
+                        continue;
+                    }
+                    Ok(n) if n as u64 <= size => {
+                        data.truncate(n);
+                        staged_bytes += n;
+                        staged.push((file, data));
+                        if staged.len() >= STAGE_FILES || staged_bytes >= STAGE_BYTES {
+                            staged_bytes = 0;
+                            self.seal_staged(&mut run, &mut cat, &mut staged, progress)
+                                .await?;
+                        }
+                        continue;
+                    }
+                    Ok(n) => {
+                        // It grew since its size was read: stream it,
+                        // starting with what was read.
+                        data.truncate(n);
+                        first = data;
+                    }
+                }
+            }
+            match self
+                .stream_file(&mut run, &mut file, &mut f, &first, &mut buf, progress)
+                .await?
+            {
+                Ok(total) => {
+                    self.file_sealed(&mut run, &mut cat, file, total, progress)
+                        .await?
+                }
+                Err(e) => file_failed(&mut run, file, e, progress),
             }
         }
+        self.seal_staged(&mut run, &mut cat, &mut staged, progress)
+            .await?;
         loop {
             while self.c.in_flight() > 0 {
                 let (id, r) = self.c.next_answer().await?;
@@ -622,6 +652,124 @@ impl Files {
         let ops = std::mem::take(&mut run.done_ops);
         self.append(&mut cat, ops).await?;
         Ok(run.report)
+    }
+
+    /// Seals and sends `first`, then the rest of `f` read through `buf`.
+    /// Returns the file's length, or why it could not be read or sealed;
+    /// the outer error is the connection's, which ends the backup.
+    async fn stream_file(
+        &mut self,
+        run: &mut Run,
+        file: &mut Backing,
+        f: &mut File,
+        first: &[u8],
+        buf: &mut [u8],
+        progress: &dyn Progress,
+    ) -> Result<Result<u64>> {
+        let mut total = 0u64;
+        let mut piece = first;
+        let mut at_end = false;
+        loop {
+            total += piece.len() as u64;
+            let chunks = match file.enc.push(&mut OsRng, piece) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(anyhow!("{}: {e}", file.path))),
+            };
+            self.send_chunks(run, file, chunks, progress).await?;
+            if at_end {
+                return Ok(Ok(total));
+            }
+            let n = match read_full(f, buf) {
+                Ok(n) => n,
+                Err(e) => return Ok(Err(anyhow!("reading {}: {e}", file.path))),
+            };
+            at_end = n < buf.len();
+            piece = &buf[..n];
+        }
+    }
+
+    /// Seals the files staged by [`FileStore::backup`] together
+    /// ([`Encryptor::push_each`]) and sends them.
+    async fn seal_staged(
+        &mut self,
+        run: &mut Run,
+        cat: &mut Catalog,
+        staged: &mut Vec<(Backing, Vec<u8>)>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let mut items: Vec<(&mut Encryptor, &[u8])> = staged
+            .iter_mut()
+            .map(|(file, data)| (&mut file.enc, data.as_slice()))
+            .collect();
+        let sealed = Encryptor::push_each(&mut OsRng, &mut items);
+        match sealed {
+            Ok(all) => {
+                for ((file, data), chunks) in staged.drain(..).zip(all) {
+                    let total = data.len() as u64;
+                    drop(data);
+                    self.send_chunks(run, &file, chunks, progress).await?;
+                    self.file_sealed(run, cat, file, total, progress).await?;
+                }
+            }
+            Err(e) => {
+                for (file, _) in staged.drain(..) {
+                    let e = anyhow!("{}: {e}", file.path);
+                    file_failed(run, file, e, progress);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the chunks `file`'s encryptor has just sealed.
+    async fn send_chunks(
+        &mut self,
+        run: &mut Run,
+        file: &Backing,
+        chunks: Vec<Vec<u8>>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let owner = self.id.user_id();
+        let ids = file.enc.chunk_ids();
+        let blocks: Vec<Block> = ids[ids.len() - chunks.len()..]
+            .iter()
+            .zip(chunks)
+            .map(|(id, sealed)| Block::with_id(owner, sealed, *id))
+            .collect();
+        for block in blocks {
+            self.send_block(run, file.at, block, progress).await?;
+        }
+        Ok(())
+    }
+
+    /// Seals `file`'s final chunk, sends it, and records what the file's
+    /// manifest will say once all its blocks are stored.
+    async fn file_sealed(
+        &mut self,
+        run: &mut Run,
+        cat: &mut Catalog,
+        file: Backing,
+        total: u64,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let fin = file.enc.finish(&mut OsRng);
+        let last_id = *fin.chunk_ids.last().expect("a file has a final chunk");
+        let last = Block::with_id(self.id.user_id(), fin.last_chunk, last_id);
+        let meta = FileMeta {
+            path: file.path,
+            size: total,
+            mtime_ms: file.mtime_ms,
+            mode: file.mode,
+            chunks: fin.chunk_ids,
+        };
+        run.files[file.at].size = total;
+        run.files[file.at].sealed = Some((file.key, meta));
+        self.send_block(run, file.at, last, progress).await?;
+        if run.done_ops.len() >= LOG_FLUSH_OPS {
+            let ops = std::mem::take(&mut run.done_ops);
+            self.append(cat, ops).await?;
+        }
+        Ok(())
     }
 
     async fn send_block(

@@ -368,32 +368,57 @@ fn seal_full_chunks(
     first: u64,
     whole: &[u8],
 ) -> Vec<Vec<u8>> {
-    debug_assert!(whole.len().is_multiple_of(CHUNK_BYTES));
-    let mut ivs: Vec<[u8; IV_BYTES]> = Vec::new();
-    let mut outs: Vec<Vec<u8>> = Vec::new();
-    for plain in whole.chunks_exact(CHUNK_BYTES) {
-        let mut iv = [0u8; IV_BYTES];
-        rng.fill_bytes(&mut iv);
-        let mut out = Vec::with_capacity(BLOCK_MAX);
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(plain);
-        // PKCS#7 of whole blocks: one block of 16s.
-        out.resize(BLOCK_MAX - MAC_BYTES, AES_BLOCK as u8);
-        ivs.push(iv);
-        outs.push(out);
-    }
-    let mut msgs: Vec<(&[u8; IV_BYTES], &mut [u8])> = ivs
-        .iter()
-        .zip(outs.iter_mut())
-        .map(|(iv, out)| (iv, &mut out[IV_BYTES..]))
+    let mut chunks = lay_out_full_chunks(rng, whole);
+    let mut msgs: Vec<(&[u8; IV_BYTES], &mut [u8])> = chunks
+        .iter_mut()
+        .map(|LaidOut { iv, out }| (&*iv, &mut out[IV_BYTES..]))
         .collect();
     crate::lanes::cbc_encrypt_each(&keys.enc, &mut msgs);
-    for (i, out) in outs.iter_mut().enumerate() {
-        let header = chunk_header(file_id, first + i as u64, false);
-        let tag = mac(keys, &header, &out[..IV_BYTES], &out[IV_BYTES..]).finalize();
-        out.extend_from_slice(&tag);
-    }
-    outs
+    mac_full_chunks(keys, file_id, first, chunks)
+}
+
+/// A whole chunk laid out for sealing: `IV || plaintext || padding`, to
+/// be encrypted after the IV in place and then MACed.
+struct LaidOut {
+    iv: [u8; IV_BYTES],
+    out: Vec<u8>,
+}
+
+/// Each [`CHUNK_BYTES`] of `whole` laid out for sealing, IVs drawn in order.
+fn lay_out_full_chunks(rng: &mut (impl CryptoRngCore + ?Sized), whole: &[u8]) -> Vec<LaidOut> {
+    debug_assert!(whole.len().is_multiple_of(CHUNK_BYTES));
+    whole
+        .chunks_exact(CHUNK_BYTES)
+        .map(|plain| {
+            let mut iv = [0u8; IV_BYTES];
+            rng.fill_bytes(&mut iv);
+            let mut out = Vec::with_capacity(BLOCK_MAX);
+            out.extend_from_slice(&iv);
+            out.extend_from_slice(plain);
+            // PKCS#7 of whole blocks: one block of 16s.
+            out.resize(BLOCK_MAX - MAC_BYTES, AES_BLOCK as u8);
+            LaidOut { iv, out }
+        })
+        .collect()
+}
+
+/// Appends the MAC to each encrypted chunk, chunk `first` onwards.
+fn mac_full_chunks(
+    keys: &Keys,
+    file_id: &FileId,
+    first: u64,
+    chunks: Vec<LaidOut>,
+) -> Vec<Vec<u8>> {
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, LaidOut { mut out, .. })| {
+            let header = chunk_header(file_id, first + i as u64, false);
+            let tag = mac(keys, &header, &out[..IV_BYTES], &out[IV_BYTES..]).finalize();
+            out.extend_from_slice(&tag);
+            out
+        })
+        .collect()
 }
 
 /// Checks the MAC (constant time) and only then decrypts. `None` for any
@@ -566,6 +591,64 @@ impl Encryptor {
         }
         debug_assert!(self.chunk_ids.len() < MAX_FILE_CHUNKS);
         Ok(out)
+    }
+
+    /// [`Encryptor::push`] of `items[i].1` to `items[i].0` for every `i`,
+    /// in order: the same chunks for the same random bytes, but the whole
+    /// chunks of all the files are encrypted together, a block of up to
+    /// [`crate::lanes::LANES`] chunks at a time
+    /// ([`crate::lanes::cbc_encrypt_keyed`]). A backup of many one-chunk
+    /// files (each under its own key, so one CBC chain each) would otherwise
+    /// wait on every block's predecessor. Returns each file's sealed
+    /// chunks. Refuses, consuming nothing from any file, if any would pass
+    /// [`MAX_FILE_BYTES`].
+    pub fn push_each(
+        rng: &mut (impl CryptoRngCore + ?Sized),
+        items: &mut [(&mut Encryptor, &[u8])],
+    ) -> Result<Vec<Vec<Vec<u8>>>, FileCryptError> {
+        if items
+            .iter()
+            .any(|(e, data)| e.size.saturating_add(data.len() as u64) > MAX_FILE_BYTES)
+        {
+            return Err(FileCryptError::FileTooLarge);
+        }
+        // Per file: its whole chunks laid out (IVs drawn in file order, as
+        // `push` would), or, after buffered bytes, what `push` sealed.
+        let mut laid: Vec<Vec<LaidOut>> = Vec::with_capacity(items.len());
+        let mut done: Vec<Vec<Vec<u8>>> = Vec::with_capacity(items.len());
+        for (enc, data) in items.iter_mut() {
+            if !enc.buf.is_empty() {
+                laid.push(Vec::new());
+                done.push(enc.push(rng, data)?);
+                continue;
+            }
+            let whole = data.len() / CHUNK_BYTES * CHUNK_BYTES;
+            laid.push(lay_out_full_chunks(rng, &data[..whole]));
+            done.push(Vec::new());
+            // The rest, less than a chunk, is buffered: nothing is sealed.
+            let rest = enc.push(rng, &data[whole..])?;
+            debug_assert!(rest.is_empty());
+            enc.size += whole as u64;
+        }
+        let mut msgs: Vec<(&[u8; 32], &[u8; IV_BYTES], &mut [u8])> = Vec::new();
+        for ((enc, _), chunks) in items.iter().zip(laid.iter_mut()) {
+            for LaidOut { iv, out } in chunks.iter_mut() {
+                msgs.push((&enc.keys.enc, iv, &mut out[IV_BYTES..]));
+            }
+        }
+        crate::lanes::cbc_encrypt_keyed(&mut msgs);
+        for (((enc, _), chunks), out) in items.iter_mut().zip(laid).zip(done.iter_mut()) {
+            if chunks.is_empty() {
+                continue;
+            }
+            let first = enc.chunk_ids.len() as u64;
+            for sealed in mac_full_chunks(&enc.keys, &enc.file_id, first, chunks) {
+                debug_assert_eq!(sealed.len(), BLOCK_MAX);
+                enc.chunk_ids.push(chunk_id(&sealed));
+                out.push(sealed);
+            }
+        }
+        Ok(done)
     }
 
     /// The ids of the chunks sealed so far, in order (those [`Encryptor::push`]
@@ -1442,6 +1525,111 @@ mod tests {
         // A file of exactly one chunk's worth ends with an empty final chunk.
         assert_eq!(chunk_count(C as u64), 2);
         assert_eq!(chunk_count(C as u64 - 1), 1);
+    }
+
+    /// Several files pushed together give exactly the chunks, ids and
+    /// final chunks that pushing each in turn gives (the same random bytes
+    /// drawn in the same order): files of no whole chunk, one, several,
+    /// more files than lanes, and a file with bytes already buffered.
+    #[test]
+    fn files_pushed_together_are_the_files_pushed_one_by_one() {
+        let sizes = [
+            0,
+            5,
+            C,
+            C + 64,
+            3 * C + 1,
+            2 * C,
+            77,
+            C - 1,
+            C + 1,
+            4 * C,
+            C,
+        ];
+        let plains: Vec<Vec<u8>> = (0..sizes.len()).map(|i| data(sizes[i], i as u8)).collect();
+        let file_id = |i: usize| [i as u8 + 40; 32];
+        // File 2 has 100 bytes buffered before the pushes compared.
+        let start = |r: &mut rand_chacha::ChaCha20Rng| -> Vec<Encryptor> {
+            (0..sizes.len())
+                .map(|i| {
+                    let mut e = Encryptor::new(&key(i as u64), file_id(i));
+                    if i == 2 {
+                        assert!(e.push(r, &[9; 100]).unwrap().is_empty());
+                    }
+                    e
+                })
+                .collect()
+        };
+        let finish = |encs: Vec<Encryptor>,
+                      r: &mut rand_chacha::ChaCha20Rng|
+         -> Vec<(Vec<u8>, Vec<BlockId>, u64)> {
+            encs.into_iter()
+                .map(|e| {
+                    let f = e.finish(r);
+                    (f.last_chunk, f.chunk_ids, f.size)
+                })
+                .collect()
+        };
+
+        let mut r = rng(91);
+        let mut encs = start(&mut r);
+        let one_by_one: Vec<Vec<Vec<u8>>> = encs
+            .iter_mut()
+            .zip(&plains)
+            .map(|(e, p)| e.push(&mut r, p).unwrap())
+            .collect();
+        let one_by_one_fin = finish(encs, &mut r);
+
+        let mut r = rng(91);
+        let mut encs = start(&mut r);
+        let mut items: Vec<(&mut Encryptor, &[u8])> = encs
+            .iter_mut()
+            .zip(&plains)
+            .map(|(e, p)| (e, p.as_slice()))
+            .collect();
+        let together = Encryptor::push_each(&mut r, &mut items).unwrap();
+        let together_fin = finish(encs, &mut r);
+
+        assert_eq!(together.len(), sizes.len());
+        for (i, (a, b)) in one_by_one.iter().zip(&together).enumerate() {
+            assert_eq!(a.len(), b.len(), "file {i}: chunk count");
+            assert!(a == b, "file {i}: chunks differ");
+        }
+        assert!(
+            one_by_one_fin == together_fin,
+            "final chunks, ids or sizes differ"
+        );
+        // And they open: file 4 (three whole chunks and a byte).
+        let mut chunks = together[4].clone();
+        chunks.push(together_fin[4].0.clone());
+        let dec = Decryptor::new(&key(4), file_id(4));
+        assert!(decrypt(dec, &chunks).unwrap() == plains[4]);
+    }
+
+    #[test]
+    fn files_pushed_together_are_refused_whole_if_one_is_too_large() {
+        let mut r = rng(5);
+        let mut small = Encryptor::new(&key(1), FILE);
+        let mut full = Encryptor::new(&key(2), FILE);
+        full.size = MAX_FILE_BYTES - 10;
+        let piece = data(C + 3, 1);
+        let mut items: Vec<(&mut Encryptor, &[u8])> =
+            vec![(&mut small, piece.as_slice()), (&mut full, &piece[..11])];
+        assert_eq!(
+            Encryptor::push_each(&mut r, &mut items).unwrap_err(),
+            FileCryptError::FileTooLarge
+        );
+        assert_eq!(
+            (small.size, small.chunk_ids.len()),
+            (0, 0),
+            "nothing consumed"
+        );
+        assert_eq!(full.size, MAX_FILE_BYTES - 10);
+        let mut items: Vec<(&mut Encryptor, &[u8])> =
+            vec![(&mut small, piece.as_slice()), (&mut full, &piece[..10])];
+        let out = Encryptor::push_each(&mut r, &mut items).unwrap();
+        assert_eq!((out[0].len(), out[1].len()), (1, 0));
+        assert_eq!(full.size, MAX_FILE_BYTES);
     }
 
     #[test]

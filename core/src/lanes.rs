@@ -168,6 +168,75 @@ pub fn cbc_encrypt_each(key: &[u8; 32], msgs: &mut [(&[u8; BLOCK], &mut [u8])]) 
     }
 }
 
+/// [`cbc_encrypt_each`] for messages under different keys: message `i`
+/// is ordinary AES-256-CBC (whole blocks, no padding) under `msgs[i].0`
+/// and IV `msgs[i].1`, in place. For the one-chunk files of a backup, each
+/// under its own file key. Up to [`LANES`] messages go through the cipher
+/// a block of each at a time, each block its own AES-NI call; inlined into
+/// one loop those calls overlap in the AES unit (3.3 GB/s for 4 to 8
+/// messages on the benchmark machine, against 650 MB/s for one chain).
+/// Panics if a message is not whole blocks (a caller bug).
+pub fn cbc_encrypt_keyed(msgs: &mut [(&[u8; 32], &[u8; BLOCK], &mut [u8])]) {
+    assert!(
+        msgs.iter().all(|(_, _, m)| m.len().is_multiple_of(BLOCK)),
+        "CBC without padding needs whole blocks"
+    );
+    for group in msgs.chunks_mut(LANES) {
+        let ciphers: Vec<Aes256> = group
+            .iter()
+            .map(|(k, _, _)| Aes256::new((*k).into()))
+            .collect();
+        let mut prev = [Block::default(); LANES];
+        for (p, (_, iv, _)) in prev.iter_mut().zip(group.iter()) {
+            p.copy_from_slice(&iv[..]);
+        }
+        let mut chains: Vec<&mut [u8]> = group.iter_mut().map(|(_, _, m)| &mut **m).collect();
+        keyed_chains(&ciphers, &mut prev, &mut chains);
+    }
+}
+
+/// The CBC chains of [`cbc_encrypt_keyed`]: `msgs[i]` under `ciphers[i]`,
+/// chained from `prev[i]`. Compiled for AES-NI where the CPU has it: the
+/// `aes` crate checks for it on every call otherwise, and the calls, not
+/// inlined, cannot overlap.
+fn keyed_chains(ciphers: &[Aes256], prev: &mut [Block; LANES], msgs: &mut [&mut [u8]]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if std::arch::is_x86_feature_detected!("aes") {
+        // SAFETY: the CPU has AES-NI, checked just above, the one feature
+        // `keyed_chains_aesni` is compiled to use.
+        unsafe { keyed_chains_aesni(ciphers, prev, msgs) };
+        return;
+    }
+    keyed_chains_body(ciphers, prev, msgs);
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "aes")]
+fn keyed_chains_aesni(ciphers: &[Aes256], prev: &mut [Block; LANES], msgs: &mut [&mut [u8]]) {
+    keyed_chains_body(ciphers, prev, msgs);
+}
+
+#[inline(always)]
+fn keyed_chains_body(ciphers: &[Aes256], prev: &mut [Block; LANES], msgs: &mut [&mut [u8]]) {
+    let longest = msgs.iter().map(|m| m.len()).max().unwrap_or(0);
+    for at in (0..longest).step_by(BLOCK) {
+        for ((cipher, chain), m) in ciphers.iter().zip(prev.iter_mut()).zip(msgs.iter_mut()) {
+            if let Some(b) = m.get_mut(at..at + BLOCK) {
+                xor_in_place(chain, b);
+                cipher.encrypt_block(chain);
+                b.copy_from_slice(chain);
+            }
+        }
+    }
+}
+
+/// `dst ^= src`.
+fn xor_in_place(dst: &mut Block, src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d ^= s;
+    }
+}
+
 fn xor_into(dst: &mut [u8], a: &[u8], b: &[u8]) {
     for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
         *d = x ^ y;
@@ -233,6 +302,42 @@ mod tests {
                 assert_eq!(ct, &want, "{count} messages");
             }
         }
+    }
+
+    /// Messages under different keys give exactly what the `cbc` crate
+    /// gives for each alone, whatever their number and lengths, keys
+    /// repeated or not.
+    #[test]
+    fn cbc_of_each_message_under_its_own_key_is_plain_cbc() {
+        for count in [0, 1, 2, 5, LANES, LANES + 3, 2 * LANES + 1] {
+            let keys: Vec<[u8; 32]> = (0..count).map(|i| [0x30 ^ (i % 6) as u8; 32]).collect();
+            let plains: Vec<Vec<u8>> = (0..count)
+                .map(|i| bytes(BLOCK * ((i * 7) % 13), i as u8))
+                .collect();
+            let ivs: Vec<[u8; BLOCK]> = (0..count).map(|i| [0x51 ^ i as u8; BLOCK]).collect();
+            let mut cts = plains.clone();
+            let mut msgs: Vec<(&[u8; 32], &[u8; BLOCK], &mut [u8])> = keys
+                .iter()
+                .zip(&ivs)
+                .zip(cts.iter_mut())
+                .map(|((k, iv), m)| (k, iv, m.as_mut_slice()))
+                .collect();
+            cbc_encrypt_keyed(&mut msgs);
+            for (((p, k), iv), ct) in plains.iter().zip(&keys).zip(&ivs).zip(&cts) {
+                let mut want = p.clone();
+                cbc::Encryptor::<Aes256>::new(k.into(), iv.into())
+                    .encrypt_padded_mut::<NoPadding>(&mut want, p.len())
+                    .expect("whole blocks");
+                assert_eq!(ct, &want, "{count} messages");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "whole blocks")]
+    fn keyed_cbc_refuses_a_partial_block() {
+        let mut m = vec![0u8; BLOCK + 1];
+        cbc_encrypt_keyed(&mut [(&[1; 32], &[2; BLOCK], m.as_mut_slice())]);
     }
 
     /// Each lane is exactly AES-256-CBC (the `cbc` crate's) under its IV

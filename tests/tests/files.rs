@@ -587,6 +587,60 @@ fn many_small_files_through_a_lone_node_are_never_refused_as_busy() {
     assert_same(&want, &out.join("many"), "300 small files through one node");
 }
 
+/// Files of one to four chunks are read whole and sealed several at a
+/// time (eight files or 8 MiB at most a group); files around them take the
+/// streaming path. Twenty of them, in sizes on either side of the limits,
+/// restore byte for byte, and a second backup finds all unchanged.
+#[test]
+fn files_of_a_few_chunks_sealed_in_groups_restore_exactly() {
+    const CHUNK: usize = (1 << 20) - 64;
+    let c = lone_node("grouped-files");
+    let data = c.dir().join("grouped");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let sizes = [
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        1 << 20,
+        2 * CHUNK + 17,
+        3 * CHUNK,
+        4 * CHUNK - 1,
+        4 * CHUNK,
+        10,
+    ];
+    let mut want = BTreeMap::new();
+    for i in 0..20u64 {
+        let name = PathBuf::from(format!("g{i:02}"));
+        let body = bytes(sizes[i as usize % sizes.len()], i + 300);
+        std::fs::write(data.join(&name), &body).expect("write a file");
+        want.insert(name, body);
+    }
+    let data = data.canonicalize().expect("canonical");
+    let alice = c.user_key().to_path_buf();
+    let r = ok(cli(&c, &alice, 0, &["backup", &path_str(&data)]), "backup");
+    assert!(r.stdout.contains("stored 20 files"), "{}", r.describe());
+    let out = c.dir().join("grouped-restored");
+    ok(
+        cli(
+            &c,
+            &alice,
+            0,
+            &["restore", &path_str(&data), "--to", &path_str(&out)],
+        ),
+        "restore",
+    );
+    assert_same(&want, &out.join("grouped"), "files sealed in groups");
+    let again = ok(
+        cli(&c, &alice, 0, &["backup", &path_str(&data)]),
+        "second backup",
+    );
+    assert!(
+        again.stdout.contains("20 unchanged"),
+        "{}",
+        again.describe()
+    );
+}
+
 /// A restore stopped with Ctrl-C (SIGINT) part-way through a large file
 /// deletes the file it was writing and exits with 130, as shells expect.
 #[test]
