@@ -874,22 +874,24 @@ async fn read_frame<R: AsyncRead + Unpin>(
         if len > max_bytes {
             return Err(Close::Oversized(len));
         }
-        let mut bytes = Vec::new();
-        let mut filled = 0;
-        while filled < len {
-            if filled == bytes.len() {
+        // Room grows with what arrives (a peer that claims a large frame
+        // and sends nothing holds little), doubling; the bytes are read
+        // straight into the spare room, never zeroed first.
+        let mut bytes: Vec<u8> = Vec::new();
+        while bytes.len() < len {
+            if bytes.len() == bytes.capacity() {
                 let grown = (bytes.len() * 2).clamp(READ_CHUNK_BYTES.min(len), len);
                 bytes.reserve_exact(grown - bytes.len());
-                bytes.resize(grown, 0);
             }
-            let n = read
-                .read(&mut bytes[filled..])
+            let want = (bytes.capacity().min(len) - bytes.len()) as u64;
+            let n = (&mut *read)
+                .take(want)
+                .read_buf(&mut bytes)
                 .await
                 .map_err(|e| Close::Io(e.kind()))?;
             if n == 0 {
                 return Err(Close::Io(io::ErrorKind::UnexpectedEof));
             }
-            filled += n;
         }
         Ok(bytes)
     };
