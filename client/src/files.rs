@@ -513,7 +513,6 @@ impl Files {
         let mut buf = vec![0u8; CHUNK_BYTES * READ_CHUNKS];
         // Files read whole, waiting to be sealed together, and their bytes.
         let mut staged: Vec<(Backing, Vec<u8>)> = Vec::new();
-        let mut staged_bytes = 0;
 
         for entry in walkdir::WalkDir::new(&root)
             .follow_links(false)
@@ -609,10 +608,9 @@ impl Files {
                     }
                     Ok(n) if n as u64 <= size => {
                         data.truncate(n);
-                        staged_bytes += n;
                         staged.push((file, data));
+                        let staged_bytes: usize = staged.iter().map(|(_, d)| d.len()).sum();
                         if staged.len() >= STAGE_FILES || staged_bytes >= STAGE_BYTES {
-                            staged_bytes = 0;
                             self.seal_staged(&mut run, &mut cat, &mut staged, progress)
                                 .await?;
                         }
@@ -688,7 +686,7 @@ impl Files {
         }
     }
 
-    /// Seals the files staged by [`FileStore::backup`] together
+    /// Seals the files staged by [`Files::backup`] together
     /// ([`Encryptor::push_each`]) and sends them.
     async fn seal_staged(
         &mut self,

@@ -561,30 +561,43 @@ fn lone_node(name: &str) -> Cluster {
 #[test]
 fn many_small_files_through_a_lone_node_are_never_refused_as_busy() {
     let c = lone_node("one-node-window");
-    let data = c.dir().join("many");
+    let files = (0..300u64).map(|i| (format!("f{i:03}"), bytes(100 + i as usize, i + 7)));
+    round_trip(&c, "many", files, "300 small files through one node");
+}
+
+/// Writes `files` into a directory `name` of the cluster's, backs it up as
+/// the cluster's user (all of them stored) and restores it byte for byte.
+/// Returns the directory's canonical path.
+fn round_trip(
+    c: &Cluster,
+    name: &str,
+    files: impl Iterator<Item = (String, Vec<u8>)>,
+    what: &str,
+) -> PathBuf {
+    let data = c.dir().join(name);
     std::fs::create_dir_all(&data).expect("data dir");
     let mut want = BTreeMap::new();
-    for i in 0..300u64 {
-        let name = PathBuf::from(format!("f{i:03}"));
-        let body = bytes(100 + i as usize, i + 7);
-        std::fs::write(data.join(&name), &body).expect("write a file");
-        want.insert(name, body);
+    for (file, body) in files {
+        std::fs::write(data.join(&file), &body).expect("write a file");
+        want.insert(PathBuf::from(file), body);
     }
     let data = data.canonicalize().expect("canonical");
     let alice = c.user_key().to_path_buf();
-    let r = ok(cli(&c, &alice, 0, &["backup", &path_str(&data)]), "backup");
-    assert!(r.stdout.contains("stored 300 files"), "{}", r.describe());
-    let out = c.dir().join("many-restored");
+    let r = ok(cli(c, &alice, 0, &["backup", &path_str(&data)]), "backup");
+    let stored = format!("stored {} files", want.len());
+    assert!(r.stdout.contains(&stored), "{}", r.describe());
+    let out = c.dir().join(format!("{name}-restored"));
     ok(
         cli(
-            &c,
+            c,
             &alice,
             0,
             &["restore", &path_str(&data), "--to", &path_str(&out)],
         ),
         "restore",
     );
-    assert_same(&want, &out.join("many"), "300 small files through one node");
+    assert_same(&want, &out.join(name), what);
+    data
 }
 
 /// Files of one to four chunks are read whole and sealed several at a
@@ -595,8 +608,6 @@ fn many_small_files_through_a_lone_node_are_never_refused_as_busy() {
 fn files_of_a_few_chunks_sealed_in_groups_restore_exactly() {
     const CHUNK: usize = (1 << 20) - 64;
     let c = lone_node("grouped-files");
-    let data = c.dir().join("grouped");
-    std::fs::create_dir_all(&data).expect("data dir");
     let sizes = [
         CHUNK - 1,
         CHUNK,
@@ -608,28 +619,12 @@ fn files_of_a_few_chunks_sealed_in_groups_restore_exactly() {
         4 * CHUNK,
         10,
     ];
-    let mut want = BTreeMap::new();
-    for i in 0..20u64 {
-        let name = PathBuf::from(format!("g{i:02}"));
+    let files = (0..20u64).map(|i| {
         let body = bytes(sizes[i as usize % sizes.len()], i + 300);
-        std::fs::write(data.join(&name), &body).expect("write a file");
-        want.insert(name, body);
-    }
-    let data = data.canonicalize().expect("canonical");
+        (format!("g{i:02}"), body)
+    });
+    let data = round_trip(&c, "grouped", files, "files sealed in groups");
     let alice = c.user_key().to_path_buf();
-    let r = ok(cli(&c, &alice, 0, &["backup", &path_str(&data)]), "backup");
-    assert!(r.stdout.contains("stored 20 files"), "{}", r.describe());
-    let out = c.dir().join("grouped-restored");
-    ok(
-        cli(
-            &c,
-            &alice,
-            0,
-            &["restore", &path_str(&data), "--to", &path_str(&out)],
-        ),
-        "restore",
-    );
-    assert_same(&want, &out.join("grouped"), "files sealed in groups");
     let again = ok(
         cli(&c, &alice, 0, &["backup", &path_str(&data)]),
         "second backup",
