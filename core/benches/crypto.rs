@@ -166,6 +166,20 @@ fn main() {
         "  sha2 crate, SHA-256 only, 1 MiB: {:.0} MB/s",
         chunk.len() as f64 / sha / 1e6
     );
+    let two = time_per_call(budget, 3, || {
+        let (mut a, mut b) = (
+            peerstore_core::hash::Sha256::new(),
+            peerstore_core::hash::Sha256::new(),
+        );
+        peerstore_core::hash::update_two(&mut a, &chunk, &mut b, &chunk);
+        black_box((a.finalize(), b.finalize()));
+    });
+    println!(
+        "  two SHA-256 side by side (hash::update_two{}), 1 MiB each: {:.0} MB/s hashed, {:.2}x one alone",
+        if peerstore_core::hash::two_at_once() { ", SHA extensions" } else { ", one after the other here" },
+        2.0 * chunk.len() as f64 / two / 1e6,
+        2.0 * sha / two
+    );
     let (seal, open) = at_rest_mb_s(&mut rng, budget);
     println!("  file chunks (AES-256-CBC + HMAC-SHA256; seal also hashes the block id), 1 MiB: seal {seal:.0} MB/s, open {open:.0} MB/s");
     let secs = if quick { 1 } else { 3 };

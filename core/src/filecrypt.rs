@@ -338,6 +338,25 @@ fn seal(
     header: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
+    let mut out = encrypt(rng, keys, plaintext);
+    let tag = mac(keys, header, &out[..IV_BYTES], &out[IV_BYTES..]).finalize();
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// [`seal`], and the sealed chunk's id, hashed beside its MAC.
+fn seal_with_id(
+    rng: &mut (impl CryptoRngCore + ?Sized),
+    keys: &Keys,
+    header: &[u8],
+    plaintext: &[u8],
+) -> (Vec<u8>, BlockId) {
+    let out = encrypt(rng, keys, plaintext);
+    append_mac_and_id(keys, header, out)
+}
+
+/// `IV || CBC(plaintext)`, with room for the MAC.
+fn encrypt(rng: &mut (impl CryptoRngCore + ?Sized), keys: &Keys, plaintext: &[u8]) -> Vec<u8> {
     let mut iv = [0u8; IV_BYTES];
     rng.fill_bytes(&mut iv);
     let total = sealed_len(plaintext.len());
@@ -350,10 +369,31 @@ fn seal(
         .expect("buffer sized for PKCS#7 padding")
         .len();
     debug_assert_eq!(IV_BYTES + ct_len, total - MAC_BYTES);
-    let tag = mac(keys, header, &iv, &out[IV_BYTES..]).finalize();
-    out.extend_from_slice(&tag);
-    debug_assert_eq!(out.len(), total);
     out
+}
+
+/// The MAC of `IV || ciphertext` under `header` and, hashed beside it
+/// over the same bytes ([`crate::hash::update_two`]), the start of the
+/// sealed chunk's id: SHA-256 of `IV || ciphertext` so far, the MAC to
+/// follow.
+fn mac_beside_id(
+    keys: &Keys,
+    header: &[u8],
+    iv_and_ciphertext: &[u8],
+) -> ([u8; 32], crate::hash::Sha256) {
+    let mut mac = HmacSha256::new(&*keys.mac);
+    mac.update(header);
+    let mut id = crate::hash::Sha256::new();
+    crate::hash::update_two(&mut mac, iv_and_ciphertext, &mut id, iv_and_ciphertext);
+    (mac.finalize(), id)
+}
+
+/// Appends the MAC to `IV || ciphertext`: the sealed chunk and its id.
+fn append_mac_and_id(keys: &Keys, header: &[u8], mut out: Vec<u8>) -> (Vec<u8>, BlockId) {
+    let (tag, mut id) = mac_beside_id(keys, header, &out);
+    out.extend_from_slice(&tag);
+    id.update(tag);
+    (out, id.finalize())
 }
 
 /// [`seal`] of each [`CHUNK_BYTES`] of `whole` as the non-final chunks
@@ -367,7 +407,7 @@ fn seal_full_chunks(
     file_id: &FileId,
     first: u64,
     whole: &[u8],
-) -> Vec<Vec<u8>> {
+) -> Vec<(Vec<u8>, BlockId)> {
     let mut chunks = lay_out_full_chunks(rng, whole);
     let mut msgs: Vec<(&[u8; IV_BYTES], &mut [u8])> = chunks
         .iter_mut()
@@ -402,21 +442,19 @@ fn lay_out_full_chunks(rng: &mut (impl CryptoRngCore + ?Sized), whole: &[u8]) ->
         .collect()
 }
 
-/// Appends the MAC to each encrypted chunk, chunk `first` onwards.
+/// Appends the MAC to each encrypted chunk, chunk `first` onwards: the
+/// sealed chunks and their ids.
 fn mac_full_chunks(
     keys: &Keys,
     file_id: &FileId,
     first: u64,
     chunks: Vec<LaidOut>,
-) -> Vec<Vec<u8>> {
+) -> Vec<(Vec<u8>, BlockId)> {
     chunks
         .into_iter()
         .enumerate()
-        .map(|(i, LaidOut { mut out, .. })| {
-            let header = chunk_header(file_id, first + i as u64, false);
-            let tag = mac(keys, &header, &out[..IV_BYTES], &out[IV_BYTES..]).finalize();
-            out.extend_from_slice(&tag);
-            out
+        .map(|(i, LaidOut { out, .. })| {
+            append_mac_and_id(keys, &chunk_header(file_id, first + i as u64, false), out)
         })
         .collect()
 }
@@ -424,6 +462,47 @@ fn mac_full_chunks(
 /// Checks the MAC (constant time) and only then decrypts. `None` for any
 /// failure, whatever it was.
 fn open(keys: &Keys, header: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let (iv, ciphertext, tag) = split_sealed(sealed)?;
+    mac(keys, header, iv, ciphertext).verify(tag).ok()?;
+    decrypt(keys, iv, ciphertext)
+}
+
+/// What [`open_with_id`] found.
+enum Opening {
+    /// The sealed chunk is not the one with the expected id.
+    WrongId,
+    /// Its id is right (or was not asked for) but the MAC under this
+    /// header is not.
+    WrongMac,
+    Open(Zeroizing<Vec<u8>>),
+}
+
+/// [`open`] of a chunk that must have the id `id`, checked (constant time)
+/// beside the MAC ([`mac_beside_id`]), before anything is decrypted.
+fn open_with_id(keys: &Keys, header: &[u8], sealed: &[u8], id: &BlockId) -> Opening {
+    let Some((iv, ciphertext, tag)) = split_sealed(sealed) else {
+        return if bool::from(chunk_id(sealed).ct_eq(id)) {
+            Opening::WrongMac
+        } else {
+            Opening::WrongId
+        };
+    };
+    let (mac, mut hash) = mac_beside_id(keys, header, &sealed[..sealed.len() - MAC_BYTES]);
+    hash.update(tag);
+    if !bool::from(hash.finalize().ct_eq(id)) {
+        return Opening::WrongId;
+    }
+    if !bool::from(mac.ct_eq(tag)) {
+        return Opening::WrongMac;
+    }
+    match decrypt(keys, iv, ciphertext) {
+        Some(plain) => Opening::Open(plain),
+        None => Opening::WrongMac,
+    }
+}
+
+/// `IV`, ciphertext and MAC of a sealed chunk of a possible length.
+fn split_sealed(sealed: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     if sealed.len() < IV_BYTES + AES_BLOCK + MAC_BYTES {
         return None;
     }
@@ -433,7 +512,11 @@ fn open(keys: &Keys, header: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>>
     }
     let (iv, rest) = sealed.split_at(IV_BYTES);
     let (ciphertext, tag) = rest.split_at(rest.len() - MAC_BYTES);
-    mac(keys, header, iv, ciphertext).verify(tag).ok()?;
+    Some((iv, ciphertext, tag))
+}
+
+/// CBC decryption and PKCS#7 removal, after the MAC was checked.
+fn decrypt(keys: &Keys, iv: &[u8], ciphertext: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(ciphertext.to_vec());
     let len = cbc::Decryptor::<Aes256>::new((&*keys.enc).into(), iv.into())
         .decrypt_padded_mut::<Pkcs7>(&mut buf)
@@ -561,9 +644,9 @@ impl Encryptor {
             let n = (data.len() / CHUNK_BYTES).min(crate::lanes::LANES);
             let (whole, rest) = data.split_at(n * CHUNK_BYTES);
             let first = self.chunk_ids.len() as u64;
-            for sealed in seal_full_chunks(rng, &self.keys, &self.file_id, first, whole) {
+            for (sealed, id) in seal_full_chunks(rng, &self.keys, &self.file_id, first, whole) {
                 debug_assert_eq!(sealed.len(), BLOCK_MAX);
-                self.chunk_ids.push(chunk_id(&sealed));
+                self.chunk_ids.push(id);
                 out.push(sealed);
             }
             data = rest;
@@ -577,14 +660,14 @@ impl Encryptor {
             if self.buf.len() == CHUNK_BYTES {
                 // Never the final chunk: the final chunk is never full.
                 let index = self.chunk_ids.len() as u64;
-                let sealed = seal(
+                let (sealed, id) = seal_with_id(
                     rng,
                     &self.keys,
                     &chunk_header(&self.file_id, index, false),
                     &self.buf,
                 );
                 debug_assert_eq!(sealed.len(), BLOCK_MAX);
-                self.chunk_ids.push(chunk_id(&sealed));
+                self.chunk_ids.push(id);
                 out.push(sealed);
                 self.buf.clear();
             }
@@ -642,9 +725,9 @@ impl Encryptor {
                 continue;
             }
             let first = enc.chunk_ids.len() as u64;
-            for sealed in mac_full_chunks(&enc.keys, &enc.file_id, first, chunks) {
+            for (sealed, id) in mac_full_chunks(&enc.keys, &enc.file_id, first, chunks) {
                 debug_assert_eq!(sealed.len(), BLOCK_MAX);
-                enc.chunk_ids.push(chunk_id(&sealed));
+                enc.chunk_ids.push(id);
                 out.push(sealed);
             }
         }
@@ -663,13 +746,13 @@ impl Encryptor {
         make_room(&mut self.buf, padded);
         pad(&mut self.buf, padded);
         let index = self.chunk_ids.len() as u64;
-        let last_chunk = seal(
+        let (last_chunk, id) = seal_with_id(
             rng,
             &self.keys,
             &chunk_header(&self.file_id, index, true),
             &self.buf,
         );
-        self.chunk_ids.push(chunk_id(&last_chunk));
+        self.chunk_ids.push(id);
         debug_assert_eq!(self.chunk_ids.len() as u64, chunk_count(self.size));
         Finished {
             last_chunk,
@@ -773,19 +856,22 @@ impl Decryptor {
         if index >= MAX_FILE_CHUNKS as u64 || sealed.len() > BLOCK_MAX {
             return None;
         }
-        if let Some((ids, _)) = &self.expect {
-            let id = ids.get(index as usize)?;
-            if !bool::from(chunk_id(sealed).ct_eq(id)) {
-                return None;
-            }
-        }
+        let expected = match &self.expect {
+            Some((ids, _)) => Some(*ids.get(index as usize)?),
+            None => None,
+        };
         // Only a full-size block can be a non-final chunk.
         if sealed.len() == BLOCK_MAX {
-            if let Some(mut plain) = open(
-                &self.keys,
-                &chunk_header(&self.file_id, index, false),
-                sealed,
-            ) {
+            let header = chunk_header(&self.file_id, index, false);
+            let opened = match &expected {
+                Some(id) => match open_with_id(&self.keys, &header, sealed, id) {
+                    Opening::WrongId => return None,
+                    Opening::WrongMac => None,
+                    Opening::Open(plain) => Some(plain),
+                },
+                None => open(&self.keys, &header, sealed),
+            };
+            if let Some(mut plain) = opened {
                 if plain.len() != CHUNK_BYTES {
                     return None;
                 }
@@ -799,11 +885,17 @@ impl Decryptor {
                 return Some(std::mem::take(&mut *plain));
             }
         }
-        let mut plain = open(
-            &self.keys,
-            &chunk_header(&self.file_id, index, true),
-            sealed,
-        )?;
+        let header = chunk_header(&self.file_id, index, true);
+        let mut plain = match &expected {
+            Some(id) if sealed.len() != BLOCK_MAX => {
+                match open_with_id(&self.keys, &header, sealed, id) {
+                    Opening::Open(plain) => plain,
+                    Opening::WrongId | Opening::WrongMac => return None,
+                }
+            }
+            // A full-size block's id was checked above.
+            _ => open(&self.keys, &header, sealed)?,
+        };
         let len = unpadded_len(&plain)?;
         // Canonical padding only, so one file has one final chunk form.
         if len >= CHUNK_BYTES || plain.len() != final_padded_len(len) {
@@ -1778,6 +1870,13 @@ mod tests {
         let meta = meta_for("f", plain.len() as u64, s.ids.clone());
         assert_eq!(
             decrypt(Decryptor::for_meta(&key(0), FILE, &meta), mixed),
+            Err(FileCryptError::BadChunk)
+        );
+        // The final chunk too (its id is checked beside its MAC as well).
+        let last_swapped = [&s.chunks[0], &s.chunks[1], &again.chunks[2]];
+        assert!(decrypt(dec(), last_swapped).is_ok());
+        assert_eq!(
+            decrypt(Decryptor::for_meta(&key(0), FILE, &meta), last_swapped),
             Err(FileCryptError::BadChunk)
         );
         assert!(decrypt(Decryptor::for_meta(&key(0), FILE, &meta), &s.chunks).is_ok());
