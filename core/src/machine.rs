@@ -33,7 +33,7 @@ use crate::node::{
 };
 use crate::node::{StorageOp, StorageResult};
 use crate::reqauth::GuardConfig;
-use crate::store::{Index, Item};
+use crate::store::{Block, Index, Item};
 use crate::wire::{Addr, Peer};
 
 /// Settings of a machine.
@@ -265,25 +265,60 @@ impl Machine {
 
     /// A packet arrived from `from`.
     pub fn receive(&mut self, now_ms: u64, from: Addr, bytes: &[u8]) {
+        self.receive_all(now_ms, &[(from, bytes)]);
+    }
+
+    /// Packets that arrived together, oldest first: what [`Machine::receive`]
+    /// of each in turn does, except that all are opened before the first
+    /// is handled, so the ids of the blocks they carry are hashed two at a
+    /// time ([`Block::hash_ids`]). A node is slowest at hashing the blocks
+    /// it is sent, one after the other otherwise.
+    pub fn receive_all(&mut self, now_ms: u64, packets: &[(Addr, &[u8])]) {
         self.now_ms = now_ms;
-        for d in self.links.receive(now_ms, from, bytes) {
-            if d.to == self.node.me().id {
-                self.node.handle(
-                    now_ms,
-                    Input::Message {
-                        from: d.from,
-                        msg: d.msg,
-                    },
-                );
+        let opened: Vec<_> = packets
+            .iter()
+            .map(|(from, bytes)| {
+                let deliveries = self.links.receive(now_ms, *from, bytes);
+                let events: Vec<_> = std::iter::from_fn(|| self.links.poll_event()).collect();
+                let calls: Vec<_> = std::iter::from_fn(|| self.links.poll_call()).collect();
+                (deliveries, events, calls)
+            })
+            .collect();
+        if packets.len() > 1 {
+            let blocks: Vec<&Block> = opened
+                .iter()
+                .flat_map(|(deliveries, _, _)| deliveries.iter().filter_map(|d| d.msg.block()))
+                .collect();
+            Block::hash_ids(&blocks);
+        }
+        for (deliveries, events, calls) in opened {
+            for d in deliveries {
+                if d.to == self.node.me().id {
+                    self.node.handle(
+                        now_ms,
+                        Input::Message {
+                            from: d.from,
+                            msg: d.msg,
+                        },
+                    );
+                }
             }
+            // Then, as `receive` always did, whatever handling those
+            // raised, until none is left.
+            for e in events {
+                self.on_link_event(e);
+            }
+            while let Some(e) = self.links.poll_event() {
+                self.on_link_event(e);
+            }
+            for call in calls {
+                self.on_call(call);
+            }
+            while let Some(call) = self.links.poll_call() {
+                self.on_call(call);
+            }
+            self.drain();
         }
-        while let Some(e) = self.links.poll_event() {
-            self.on_link_event(e);
-        }
-        while let Some(call) = self.links.poll_call() {
-            self.on_call(call);
-        }
-        self.drain();
     }
 
     /// The connection to or from `peer` broke: its sessions are gone.
@@ -632,6 +667,13 @@ mod tests {
         answers: Vec<(u64, GateReply)>,
         storage: Vec<BTreeMap<Id, Item>>,
         events: Vec<(usize, MachineEvent)>,
+        /// Packets to a machine wait for the end of each round and go in
+        /// together ([`Machine::receive_all`]), as a busy daemon takes them.
+        batched: bool,
+        /// Those waiting, per machine.
+        queued: Vec<Vec<(Addr, Vec<u8>)>>,
+        /// The most packets one `receive_all` took.
+        largest_batch: usize,
     }
 
     impl Net {
@@ -643,6 +685,9 @@ mod tests {
                 answers: Vec::new(),
                 storage: vec![BTreeMap::new(); n],
                 events: Vec::new(),
+                batched: false,
+                queued: vec![Vec::new(); n],
+                largest_batch: 0,
             }
         }
 
@@ -687,6 +732,16 @@ mod tests {
                 while let Some((_, id, r)) = self.client.poll_answer() {
                     self.answers.push((id, r));
                 }
+                for t in 0..self.ms.len() {
+                    let packets = std::mem::take(&mut self.queued[t]);
+                    if !packets.is_empty() {
+                        moved = true;
+                        self.largest_batch = self.largest_batch.max(packets.len());
+                        let refs: Vec<(Addr, &[u8])> =
+                            packets.iter().map(|(f, b)| (*f, &b[..])).collect();
+                        self.ms[t].receive_all(self.now, &refs);
+                    }
+                }
                 if !moved {
                     return;
                 }
@@ -699,6 +754,8 @@ mod tests {
             let t = t as usize;
             if t == self.ms.len() {
                 self.client.receive(self.now, from, &p.bytes);
+            } else if self.batched {
+                self.queued[t].push((from, p.bytes));
             } else {
                 self.ms[t].receive(self.now, from, &p.bytes);
             }
@@ -753,7 +810,13 @@ mod tests {
     /// `n` machines: 0 creates the ring and admits the others, which
     /// register and join through it one by one; then `settle_ms` more.
     fn formed_ring(n: usize, settle_ms: u64) -> Net {
+        formed_ring_with(n, settle_ms, false)
+    }
+
+    /// [`formed_ring`], the packets to machines batched or not.
+    fn formed_ring_with(n: usize, settle_ms: u64, batched: bool) -> Net {
         let mut net = Net::new(n);
+        net.batched = batched;
         net.ms[0].create(net.now);
         for i in 1..n {
             net.ms[0].admit(key_sha256(key(i).public_der()));
@@ -806,7 +869,18 @@ mod tests {
 
     #[test]
     fn machines_register_join_and_serve_a_client_over_sessions() {
-        let mut net = formed_ring(4, 60_000);
+        serve_a_client(false);
+    }
+
+    /// The same when every machine takes what arrived in a round at once.
+    #[test]
+    fn machines_taking_packets_in_batches_serve_a_client_the_same() {
+        let net = serve_a_client(true);
+        assert!(net.largest_batch > 1, "packets did go in together");
+    }
+
+    fn serve_a_client(batched: bool) -> Net {
+        let mut net = formed_ring_with(4, 60_000, batched);
         for m in &net.ms[1..] {
             assert!(m.links().endorsed(), "registered before joining");
         }
@@ -842,6 +916,42 @@ mod tests {
         );
         let copies = net.storage.iter().filter(|s| s.contains_key(&at)).count();
         assert_eq!(copies, 3, "R = 3 replicas");
+        // Several blocks at once, through one node: with batching, the
+        // replicas take them in together and hash their ids in pairs.
+        let blocks: Vec<Item> = (0..5u8)
+            .map(|i| Item::Block(Block::new(key(5).user_id(), vec![i; 5000 + usize::from(i)])))
+            .collect();
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let node = net.ms[0].node().me().id;
+        for (i, b) in blocks.iter().enumerate() {
+            let req = crate::gate::ClientRequest::new(
+                key(5),
+                node,
+                ClientOp::Put(b.clone()),
+                net.now,
+                &mut rng,
+            );
+            net.client.call(net.now, addr(0), 10 + i as u64, &req);
+        }
+        net.run_for(2_000);
+        for (i, b) in blocks.iter().enumerate() {
+            let at = b.position();
+            assert!(
+                net.answers
+                    .contains(&(10 + i as u64, GateReply::Put(Ok(())))),
+                "block {i} stored"
+            );
+            let held: Vec<&Item> = net.storage.iter().filter_map(|s| s.get(&at)).collect();
+            assert_eq!(held.len(), 3, "block {i}: R = 3 replicas");
+            for item in held {
+                let Item::Block(h) = item else {
+                    panic!("a block")
+                };
+                assert_eq!(h.id(), crate::hash::sha256(h.data()), "block {i}'s id");
+                assert_eq!(item, b);
+            }
+        }
+        net
     }
 
     /// The page of keys machine 2 answers a client's call `id` with.

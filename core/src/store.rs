@@ -81,6 +81,30 @@ impl Block {
         *self.id.get_or_init(|| sha256(&self.data))
     }
 
+    /// Works out the ids of `blocks` not yet known, two at a time
+    /// ([`crate::hash::update_two`]): about as fast as one alone where the
+    /// CPU has the SHA extensions. Each is what [`Block::id`] would give.
+    pub fn hash_ids(blocks: &[&Block]) {
+        let mut todo = blocks.iter().filter(|b| b.id.get().is_none());
+        while let Some(a) = todo.next() {
+            let Some(b) = todo.next() else {
+                a.id();
+                break;
+            };
+            if Arc::ptr_eq(&a.data, &b.data) {
+                // The same bytes twice: one hash (the other lock may be a
+                // copy of the first, or the very same block).
+                let id = a.id();
+                let _ = b.id.set(id);
+                continue;
+            }
+            let (mut ha, mut hb) = (Sha256::new(), Sha256::new());
+            crate::hash::update_two(&mut ha, &a.data, &mut hb, &b.data);
+            let _ = a.id.set(ha.finalize());
+            let _ = b.id.set(hb.finalize());
+        }
+    }
+
     /// Flips one bit of the bytes (the simulator's corruption in flight),
     /// forgetting the id so that it is worked out from the new bytes. Clones
     /// sharing the bytes keep them as they were.
@@ -592,6 +616,32 @@ mod tests {
 
     fn id(v: u128) -> Id {
         Id::from_u128(v)
+    }
+
+    #[test]
+    fn ids_hashed_in_pairs_are_each_blocks_own() {
+        let known = Block::new(id(1), vec![9; 70]);
+        let _ = known.id();
+        let shared = Block::new(id(1), vec![4; 3000]);
+        let blocks: Vec<Block> = vec![
+            Block::new(id(1), vec![1; 5000]),
+            Block::new(id(1), vec![2; 64]),
+            known.clone(),
+            Block::new(id(1), Vec::new()),
+            shared.clone(),
+            shared.clone(),
+            Block::new(id(1), (0..100_000u32).map(|i| i as u8).collect()),
+        ];
+        let refs: Vec<&Block> = blocks.iter().chain([&shared]).collect();
+        Block::hash_ids(&refs);
+        for (i, b) in refs.iter().enumerate() {
+            assert_eq!(b.id.get(), Some(&sha256(b.data())), "block {i}");
+        }
+        // Nothing to do, or one alone.
+        Block::hash_ids(&[]);
+        let one = Block::new(id(1), vec![3; 10]);
+        Block::hash_ids(&[&one]);
+        assert_eq!(one.id.get(), Some(&sha256(&[3; 10])));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! message body is untrusted and sanitised by the receiver before use.
 
 use crate::id::{Id, NodeId};
-use crate::store::{Digest, Item, RangeSummary, StoreError};
+use crate::store::{Block, Digest, Item, RangeSummary, StoreError};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -298,6 +298,22 @@ pub enum SyncAnswer {
 }
 
 impl Message {
+    /// The block the message carries, if it carries one (a put of a
+    /// block, or a block found).
+    pub fn block(&self) -> Option<&Block> {
+        match self {
+            Message::Put {
+                item: Item::Block(b),
+                ..
+            }
+            | Message::Got {
+                result: Ok(Some(Item::Block(b))),
+                ..
+            } => Some(b),
+            _ => None,
+        }
+    }
+
     /// A short name for traces and counters.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -851,7 +851,8 @@ impl Shared {
 
 /// Reads one frame whose first length byte may already have been read,
 /// all of it by `deadline`. The body buffer grows as bytes arrive, never
-/// ahead of them by more than it already holds (or one chunk).
+/// ahead of them by more than three times what it already holds (or one
+/// chunk).
 async fn read_frame<R: AsyncRead + Unpin>(
     read: &mut R,
     first: Option<u8>,
@@ -875,12 +876,15 @@ async fn read_frame<R: AsyncRead + Unpin>(
             return Err(Close::Oversized(len));
         }
         // Room grows with what arrives (a peer that claims a large frame
-        // and sends nothing holds little), doubling; the bytes are read
-        // straight into the spare room, never zeroed first.
+        // and sends nothing holds little), four times over each time it
+        // fills: a 1 MiB frame is moved twice (64 KiB, then 256 KiB) on
+        // its way in, where doubling moved it four times; a peer holds at
+        // most four times what it sent. The bytes are read straight into
+        // the spare room, never zeroed first.
         let mut bytes: Vec<u8> = Vec::new();
         while bytes.len() < len {
             if bytes.len() == bytes.capacity() {
-                let grown = (bytes.len() * 2).clamp(READ_CHUNK_BYTES.min(len), len);
+                let grown = (bytes.len() * 4).clamp(READ_CHUNK_BYTES.min(len), len);
                 bytes.reserve_exact(grown - bytes.len());
             }
             let want = (bytes.capacity().min(len) - bytes.len()) as u64;

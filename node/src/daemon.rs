@@ -32,6 +32,9 @@ use peerstore_core::record::MIN_KEY_BITS_DEFAULT;
 use peerstore_core::session::{Responder, SessionConfig};
 use peerstore_core::vnode::vnode_id;
 use peerstore_core::{Addr, IoId, Peer, Signer, StorageOp, StorageResult};
+
+/// Most packets the node takes in at once ([`Machine::receive_all`]).
+const RECEIVE_BATCH: usize = 8;
 pub use peerstore_net::keyfile::fingerprint;
 use peerstore_net::keyfile::{self, public_pem, read_public};
 use peerstore_net::transport::{NetEvent, Transport, TransportConfig};
@@ -424,7 +427,31 @@ pub async fn run(opts: Options) -> Result<()> {
         };
         tokio::select! {
             ev = net_rx.recv() => match ev {
-                Some(NetEvent::Packet { from, bytes }) => machine.receive(clock.now(), from, &bytes),
+                Some(NetEvent::Packet { from, bytes }) => {
+                    // Whatever else has arrived meanwhile goes in with it
+                    // (a bounded number), so blocks' ids can be hashed two at
+                    // a time; anything but a packet waits its turn after.
+                    let mut packets = vec![(from, bytes)];
+                    let mut after = None;
+                    while packets.len() < RECEIVE_BATCH {
+                        match net_rx.try_recv() {
+                            Ok(NetEvent::Packet { from, bytes }) => packets.push((from, bytes)),
+                            Ok(other) => {
+                                after = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let now = clock.now();
+                    let refs: Vec<(Addr, &[u8])> = packets.iter().map(|(f, b)| (*f, &b[..])).collect();
+                    machine.receive_all(now, &refs);
+                    match after {
+                        Some(NetEvent::Closed { peer }) => machine.disconnected(peer),
+                        Some(NetEvent::Packet { from, bytes }) => machine.receive(now, from, &bytes),
+                        None => {}
+                    }
+                }
                 Some(NetEvent::Closed { peer }) => machine.disconnected(peer),
                 None => bail!("the transport stopped"),
             },
