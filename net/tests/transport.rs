@@ -238,7 +238,9 @@ async fn a_silent_peer_is_cut_after_the_preamble_timeout() {
     assert_eq!(b.stats().preamble_timeouts, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// On one thread, as peerstore-node runs: nothing here may rely on a
+// second thread to keep serving.
+#[tokio::test(flavor = "current_thread")]
 async fn a_thousand_idle_connections_do_not_slow_a_normal_peer() {
     const IDLE: usize = 1000;
     let cfg = TransportConfig {
@@ -311,7 +313,9 @@ async fn connections_over_the_limit_are_refused() {
     assert_eq!(got, vec![10, 11, 12]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// On one thread, as peerstore-node runs: nothing here may rely on a
+// second thread to keep serving.
+#[tokio::test(flavor = "current_thread")]
 async fn a_slowloris_peer_is_cut_while_others_are_served() {
     let frame_read_timeout = Duration::from_millis(300);
     let cfg = TransportConfig {
