@@ -3,20 +3,23 @@
 //!
 //! Every byte of a file is hashed several times on its way to three replicas
 //! (its chunk MAC, its block id, a frame MAC per hop, its request digest), so
-//! SHA-256 is most of what a client and a node spend their CPU on. These
-//! run on `ring`'s assembly (AVX2 or SHA extensions where the CPU has them),
-//! about twice the speed of the portable `sha2` code on the machines we
-//! measured. The results are the same functions, checked against `sha2` and
-//! `hmac` and the RFC 4231 vectors in the tests below; small, rare hashes
-//! (handshake transcripts, signatures' digests) stay on `sha2`, which the
-//! RSA code needs anyway.
+//! SHA-256 is most of what a client and a node spend their CPU on. On a
+//! CPU with the x86 SHA extensions these run on them (through `sha2`'s
+//! block function, and for two at once our own loop, `shani`); elsewhere
+//! on `ring`'s assembly (AVX2 where the CPU has it), about twice the speed
+//! of the portable `sha2` code on the machines we measured. The results
+//! are the same functions, checked against `sha2` and `hmac` and the RFC
+//! 4231 vectors in the tests below; small, rare hashes (handshake
+//! transcripts, signatures' digests) stay on `sha2`, which the RSA code
+//! needs anyway.
 //!
-//! Two hashes can run side by side ([`update_two`]): on a CPU with the x86
-//! SHA extensions one message leaves the SHA unit idle between dependent
-//! rounds, and a second independent message fills the gaps, so the pair
-//! costs little more than one. A frame's MAC over its two halves
-//! ([`crate::session`]), or a chunk's MAC and its block id over the same
-//! bytes ([`crate::filecrypt`]), use that. Where the CPU lacks the
+//! Two hashes can run side by side ([`update_two`]): on the SHA extensions
+//! one message leaves the SHA unit idle between dependent rounds, and a
+//! second independent message fills the gaps, so the pair costs little
+//! more than one. A frame's MAC over its two halves ([`crate::session`]),
+//! a chunk's MAC and its block id over the same bytes
+//! ([`crate::filecrypt`]), and blocks that arrive together
+//! ([`crate::store::Block::hash_ids`]) use that. Where the CPU lacks the
 //! extensions the hashes run one after the other on `ring`; the results
 //! are the same either way.
 
