@@ -9,7 +9,7 @@
 //! ([`Machine::storage_done`]). Outputs ([`Machine::poll`]): packets to
 //! put on the wire, disk work to carry out, and events worth logging.
 //!
-//! A machine holds one ring position (its id is [`vnode_id`] of its key,
+//! A machine holds one ring position (its id is [`vnode_id`](crate::vnode::vnode_id) of its key,
 //! index 0). Everything a peer sends arrives through [`Links`], so only
 //! endorsed machines reach the node and only clients' signed requests
 //! reach the gate. A client's [`ClientOp::Status`] and

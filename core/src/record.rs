@@ -269,7 +269,7 @@ impl Signer {
     /// the messages, the tree's size and root signed as
     /// `(tag "peerstore/signature-batch/v1", size u32, root)`, and each
     /// message's signature that root signature with the message's index
-    /// and inclusion proof ([`BatchSig`]). [`verify`] accepts either form
+    /// and inclusion proof (`BatchSig`). [`verify`] accepts either form
     /// wherever a signature goes; a verifier that has seen the root
     /// signature once checks the next message of the batch with a few
     /// hashes. A lone message gets a plain signature.
