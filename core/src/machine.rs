@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::config::Config;
 use crate::gate::{ClientBody, ClientOp, Gate, GateCmd, GateOutput, GateReply, RingStatus};
 use crate::id::Id;
-use crate::link::{Call, LinkConfig, LinkEvent, Links, Packet};
+use crate::link::{Call, Delivery, LinkConfig, LinkEvent, Links, Packet};
 use crate::node::{
     CmdId, CmdResult, Command, Event, Input, IoId, Node, Output, StateAnswer, Status,
 };
@@ -269,25 +269,45 @@ impl Machine {
     }
 
     /// Packets that arrived together, oldest first: what [`Machine::receive`]
-    /// of each in turn does, except that all are opened before the first
-    /// is handled, so the ids of the blocks they carry are hashed two at a
-    /// time ([`Block::hash_ids`]). A node is slowest at hashing the blocks
-    /// it is sent, one after the other otherwise.
+    /// of each in turn does, except that packets are opened ahead of
+    /// handling, so the ids of the blocks they carry for this node are
+    /// hashed two at a time ([`Block::hash_ids`]). A node is slowest at
+    /// hashing the blocks it is sent, one after the other otherwise.
+    ///
+    /// Looking ahead is safe for messages and calls: the node and the
+    /// gate see them in the same order, and what they send goes out after
+    /// (a later packet that resets a peer drops a reply that the reset
+    /// would have made useless anyway). It is not for link events, which
+    /// read the links' state as their packet left it (a registration
+    /// answered, then a reset from the same peer, would find the session
+    /// gone); so a packet that raises one is handled, with everything
+    /// opened before it, before the next is opened.
     pub fn receive_all(&mut self, now_ms: u64, packets: &[(Addr, &[u8])]) {
         self.now_ms = now_ms;
-        let opened: Vec<_> = packets
-            .iter()
-            .map(|(from, bytes)| {
-                let deliveries = self.links.receive(now_ms, *from, bytes);
-                let events: Vec<_> = std::iter::from_fn(|| self.links.poll_event()).collect();
-                let calls: Vec<_> = std::iter::from_fn(|| self.links.poll_call()).collect();
-                (deliveries, events, calls)
-            })
-            .collect();
-        if packets.len() > 1 {
+        let mut opened = Vec::with_capacity(packets.len());
+        for (from, bytes) in packets {
+            let deliveries = self.links.receive(now_ms, *from, bytes);
+            let events: Vec<_> = std::iter::from_fn(|| self.links.poll_event()).collect();
+            let calls: Vec<_> = std::iter::from_fn(|| self.links.poll_call()).collect();
+            let raised = !events.is_empty();
+            opened.push((deliveries, events, calls));
+            if raised {
+                self.handle_opened(now_ms, std::mem::take(&mut opened));
+            }
+        }
+        self.handle_opened(now_ms, opened);
+    }
+
+    /// Handles opened packets in order, as [`Machine::receive`] would have
+    /// right after opening each.
+    fn handle_opened(&mut self, now_ms: u64, opened: Vec<Opened>) {
+        if opened.len() > 1 {
+            let me = self.node.me().id;
             let blocks: Vec<&Block> = opened
                 .iter()
-                .flat_map(|(deliveries, _, _)| deliveries.iter().filter_map(|d| d.msg.block()))
+                .flat_map(|(deliveries, _, _)| deliveries.iter())
+                .filter(|d| d.to == me)
+                .filter_map(|d| d.msg.block())
                 .collect();
             Block::hash_ids(&blocks);
         }
@@ -516,6 +536,10 @@ impl Machine {
 fn keys_page(index: &Index, after: Option<Id>, max: usize) -> Vec<Id> {
     index.keys_after(after).take(max).copied().collect()
 }
+
+/// What opening one packet gave: the messages it carried, the link
+/// events and the client calls it raised.
+type Opened = (Vec<Delivery>, Vec<LinkEvent>, Vec<Call>);
 
 /// The start of an encoded [`ClientBody`]: the node, then which
 /// operation (postcard writes an enum's variant index as a varint `u32`),

@@ -69,7 +69,8 @@
 //!
 //! Memory is therefore bounded by about
 //! `max_connections × (max_frame_bytes + send_queue_bytes)` plus
-//! `incoming_queue_packets × max_frame_bytes`, and is much less unless
+//! `incoming_queue_packets × max_frame_bytes` (plus what the caller
+//! holds after taking packets off the queue), and is much less unless
 //! peers actually send that much data.
 
 use std::collections::{HashMap, HashSet, VecDeque};

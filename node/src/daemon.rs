@@ -33,8 +33,11 @@ use peerstore_core::session::{Responder, SessionConfig};
 use peerstore_core::vnode::vnode_id;
 use peerstore_core::{Addr, IoId, Peer, Signer, StorageOp, StorageResult};
 
-/// Most packets the node takes in at once ([`Machine::receive_all`]).
-const RECEIVE_BATCH: usize = 8;
+/// Most packets the node takes in at once ([`Machine::receive_all`]). Two
+/// are enough to pair blocks' ids; each one held costs up to a frame and
+/// its decrypted copy on top of the transport's own bound (its incoming
+/// queue), so few.
+const RECEIVE_BATCH: usize = 4;
 pub use peerstore_net::keyfile::fingerprint;
 use peerstore_net::keyfile::{self, public_pem, read_public};
 use peerstore_net::transport::{NetEvent, Transport, TransportConfig};

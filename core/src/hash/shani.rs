@@ -49,36 +49,31 @@ pub(super) fn compress_two(a: &mut [u32; 8], da: &[u8], b: &mut [u32; 8], db: &[
     unsafe { two([a, b], [da, db]) }
 }
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
 fn rounds4(abef: &mut [__m128i; 2], cdgh: &mut [__m128i; 2], w: &[__m128i; 2], kv: __m128i) {
     for l in 0..2 {
-        // SAFETY (all intrinsics here): only reached from `two`, compiled
-        // with the SHA extensions the caller checked for.
-        unsafe {
-            let t1 = _mm_add_epi32(w[l], kv);
-            cdgh[l] = _mm_sha256rnds2_epu32(cdgh[l], abef[l], t1);
-            let t2 = _mm_shuffle_epi32(t1, 0x0E);
-            abef[l] = _mm_sha256rnds2_epu32(abef[l], cdgh[l], t2);
-        }
+        let t1 = _mm_add_epi32(w[l], kv);
+        cdgh[l] = _mm_sha256rnds2_epu32(cdgh[l], abef[l], t1);
+        let t2 = _mm_shuffle_epi32(t1, 0x0E);
+        abef[l] = _mm_sha256rnds2_epu32(abef[l], cdgh[l], t2);
     }
 }
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
 fn schedule(
     w0: &[__m128i; 2],
     w1: &[__m128i; 2],
     w2: &[__m128i; 2],
     w3: &[__m128i; 2],
 ) -> [__m128i; 2] {
-    // SAFETY: as in `rounds4`.
-    unsafe {
-        let one = |l: usize| {
-            let t1 = _mm_sha256msg1_epu32(w0[l], w1[l]);
-            let t2 = _mm_alignr_epi8(w3[l], w2[l], 4);
-            _mm_sha256msg2_epu32(_mm_add_epi32(t1, t2), w3[l])
-        };
-        [one(0), one(1)]
-    }
+    let one = |l: usize| {
+        let t1 = _mm_sha256msg1_epu32(w0[l], w1[l]);
+        let t2 = _mm_alignr_epi8(w3[l], w2[l], 4);
+        _mm_sha256msg2_epu32(_mm_add_epi32(t1, t2), w3[l])
+    };
+    [one(0), one(1)]
 }
 
 /// # Safety
