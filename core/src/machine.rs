@@ -698,6 +698,12 @@ mod tests {
         queued: Vec<Vec<(Addr, Vec<u8>)>>,
         /// The most packets one `receive_all` took.
         largest_batch: usize,
+        /// `(to, from)`: while machine `to` is not yet registered, every
+        /// batch it takes that holds an answer on its own session from
+        /// machine `from` (its registration's, the first there is) ends
+        /// with a reset from `from` (counted in `resets`).
+        reset_after: Option<(usize, usize)>,
+        resets: usize,
     }
 
     impl Net {
@@ -712,6 +718,8 @@ mod tests {
                 batched: false,
                 queued: vec![Vec::new(); n],
                 largest_batch: 0,
+                reset_after: None,
+                resets: 0,
             }
         }
 
@@ -757,7 +765,18 @@ mod tests {
                     self.answers.push((id, r));
                 }
                 for t in 0..self.ms.len() {
-                    let packets = std::mem::take(&mut self.queued[t]);
+                    let mut packets = std::mem::take(&mut self.queued[t]);
+                    if let Some((to, from)) = self.reset_after {
+                        if t == to
+                            && !self.ms[t].links().endorsed()
+                            && packets.iter().any(|(f, b)| {
+                                *f == addr(from) && b.first() == Some(&FRAME_BACK_KIND)
+                            })
+                        {
+                            packets.push((addr(from), vec![RESET_KIND]));
+                            self.resets += 1;
+                        }
+                    }
                     if !packets.is_empty() {
                         moved = true;
                         self.largest_batch = self.largest_batch.max(packets.len());
@@ -976,6 +995,31 @@ mod tests {
             }
         }
         net
+    }
+
+    /// A link packet of kind "reset" (no body): the sender has no session
+    /// for us; we drop ours to it.
+    const RESET_KIND: u8 = 5;
+    /// A link packet carrying a frame back on the receiver's own session
+    /// (an answer to its call).
+    const FRAME_BACK_KIND: u8 = 6;
+
+    /// A registration answered and then a reset from the same entry, both
+    /// taken in one batch: the joiner still asks to join (the answer's
+    /// event is handled before the reset is opened).
+    #[test]
+    fn a_reset_right_after_the_registration_answer_does_not_lose_the_join() {
+        let mut net = Net::new(2);
+        net.batched = true;
+        net.reset_after = Some((1, 0));
+        net.ms[0].create(net.now);
+        net.ms[0].admit(key_sha256(key(1).public_der()));
+        let now = net.now;
+        net.ms[1].join(now, addr(0), "slot:1");
+        net.run_for(30_000);
+        assert!(net.resets > 0, "a reset went in behind the answer");
+        assert!(net.ms[1].links().endorsed());
+        assert!(ring_ok(&net), "the joiner joined");
     }
 
     /// The page of keys machine 2 answers a client's call `id` with.
