@@ -1141,31 +1141,32 @@ impl Half {
     /// ciphertext, computed side by side ([`crate::hash::update_two`]), and
     /// an HMAC of the two.
     fn tag(&self, header: &[u8], iv: &[u8], ciphertext: &[u8]) -> [u8; MAC_BYTES] {
-        if ciphertext.len() < MAC_HALVES_FROM {
-            let mut m = hmac(&self.keys.mac);
-            m.update(TAG_FRAME);
+        let keyed = hmac(&self.keys.mac);
+        // A domain tag, then the frame's context.
+        let context = |tag: &[u8]| {
+            let mut m = keyed.clone();
+            m.update(tag);
             m.update(header);
             m.update(&[self.direction]);
             m.update(&self.seq.to_be_bytes());
             m.update(iv);
+            m
+        };
+        if ciphertext.len() < MAC_HALVES_FROM {
+            let mut m = context(TAG_FRAME);
             m.update(ciphertext);
             return m.finalize();
         }
         let (first, second) = ciphertext.split_at(ciphertext.len() / 2 / BLOCK_BYTES * BLOCK_BYTES);
         let half = |index: u8| {
-            let mut m = hmac(&self.keys.mac);
-            m.update(TAG_FRAME_HALF);
-            m.update(header);
-            m.update(&[self.direction]);
-            m.update(&self.seq.to_be_bytes());
-            m.update(iv);
+            let mut m = context(TAG_FRAME_HALF);
             m.update(&(ciphertext.len() as u64).to_be_bytes());
             m.update(&[index]);
             m
         };
         let (mut m0, mut m1) = (half(0), half(1));
         crate::hash::update_two(&mut m0, first, &mut m1, second);
-        let mut m = hmac(&self.keys.mac);
+        let mut m = keyed;
         m.update(TAG_FRAME_HALVES);
         m.update(&m0.finalize());
         m.update(&m1.finalize());
